@@ -1,0 +1,5 @@
+import sys
+
+from nextbest.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""The event record shared by the API, the event log, the stream and the batch.
+
+`Event` is the wire shape of DESIGN.md. `ts` accepts ISO 8601 or epoch seconds and
+is normalised to an aware UTC datetime; a missing `event_id` is assigned so that
+downstream sinks can deduplicate on it.
+"""
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class EventContext(BaseModel):
+    """Request context; known keys are typed, anything else is kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    session_id: str | None = None
+    geo: str | None = None
+    device: str | None = None
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=128)
+    type: str = Field(min_length=1, max_length=64)
+    user_id: str | None = Field(default=None, min_length=1, max_length=256)
+    anonymous_id: str | None = Field(default=None, min_length=1, max_length=256)
+    item_id: str | None = Field(default=None, min_length=1, max_length=256)
+    ts: datetime
+    value: float | None = None
+    context: EventContext = Field(default_factory=EventContext)
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _parse_ts(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("ts must be ISO 8601 or epoch seconds")
+        if isinstance(v, int | float):
+            return datetime.fromtimestamp(float(v), tz=UTC)
+        return v
+
+    @field_validator("ts")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            return v.replace(tzinfo=UTC)
+        return v.astimezone(UTC)
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and (v != v or v in (float("inf"), float("-inf"))):
+            raise ValueError("value must be a finite number")
+        return v
+
+    @model_validator(mode="after")
+    def _who(self) -> "Event":
+        if self.user_id is None and self.anonymous_id is None:
+            raise ValueError("an event needs user_id or anonymous_id")
+        return self
+
+    @property
+    def actor(self) -> str:
+        """The key the event is routed and partitioned by (user id, else anonymous id)."""
+        return self.user_id if self.user_id is not None else f"anon:{self.anonymous_id}"
+
+    @property
+    def ts_ms(self) -> int:
+        return int(self.ts.timestamp() * 1000)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "Event":
+        return cls.model_validate_json(data)
+
+    def to_row(self) -> dict[str, Any]:
+        """Flat row for columnar stores: nested maps become JSON strings."""
+        return {
+            "event_id": self.event_id,
+            "type": self.type,
+            "user_id": self.user_id,
+            "anonymous_id": self.anonymous_id,
+            "item_id": self.item_id,
+            "ts": self.ts,
+            "value": self.value,
+            "session_id": self.context.session_id,
+            "context": json.dumps(self.context.model_dump(exclude_none=True), sort_keys=True),
+            "properties": json.dumps(self.properties, sort_keys=True, default=str),
+        }
