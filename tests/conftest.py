@@ -13,6 +13,8 @@ import pytest
 
 from nextbest.settings import Settings
 
+pytest_plugins = ["tests.broker"]
+
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get(
     "NEXTBEST_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -1,0 +1,133 @@
+"""Check raw events against the spec, one by one, with a reason for each rejection.
+
+The API uses it to accept the valid events of a batch and reject the rest; the stream
+uses it again on what it reads, so an event that bypassed the API (a file, a Kafka
+producer of the user's) goes to the dead-letter table instead of crashing the flow.
+PII properties declared in the spec are replaced by a keyed hash before any store
+sees them.
+"""
+
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from nextbest.events import Event
+from nextbest.spec import Spec
+
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "list": (list,),
+    "object": (dict,),
+}
+
+
+class EventRejected(ValueError):
+    """An event that does not fit the spec; the message says why."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    index: int
+    reason: str
+    event_id: str | None = None
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind in ("int", "float") and isinstance(value, bool):
+        return False
+    return isinstance(value, _PY_TYPES[kind])
+
+
+def validate_event(raw: Any, spec: Spec) -> Event:
+    """One raw JSON object -> an `Event` that fits the spec, or `EventRejected`."""
+    if not isinstance(raw, Mapping):
+        raise EventRejected("an event must be a JSON object")
+    try:
+        event = Event.model_validate(raw)
+    except ValidationError as exc:
+        raise EventRejected(_first_error(exc)) from None
+    declared = spec.events.get(event.type)
+    if declared is None:
+        known = ", ".join(sorted(spec.events))
+        raise EventRejected(f"unknown event type {event.type!r}; declared types: {known}")
+    if declared.identify and (event.anonymous_id is None or event.user_id is None):
+        raise EventRejected(f"{event.type!r} links identities: it needs anonymous_id and user_id")
+    if declared.entity == "item" and event.item_id is None:
+        raise EventRejected(f"{event.type!r} events need item_id")
+    if declared.value == "required" and event.value is None:
+        raise EventRejected(f"{event.type!r} events need a numeric value")
+    if declared.value == "none" and event.value is not None:
+        raise EventRejected(f"{event.type!r} events take no value")
+    for name, prop in declared.properties.items():
+        if name not in event.properties:
+            if prop.required:
+                raise EventRejected(f"property {name!r} is required for {event.type!r}")
+            continue
+        value = event.properties[name]
+        if value is not None and not _type_ok(prop.type, value):
+            raise EventRejected(
+                f"property {name!r} of {event.type!r} must be {prop.type}, "
+                f"got {type(value).__name__}"
+            )
+    unknown = sorted(set(event.properties) - set(declared.properties))
+    if unknown:
+        raise EventRejected(
+            f"undeclared properties {unknown} for {event.type!r}; declare them in the spec"
+        )
+    return event
+
+
+def validate_batch(
+    raws: Sequence[Any], spec: Spec, *, key: bytes | None = None
+) -> tuple[list[Event], list[Rejection]]:
+    """Split a batch into accepted events (pseudonymized when `key` is given) and
+    rejections with their index; one bad event never sinks its neighbours."""
+    accepted: list[Event] = []
+    rejected: list[Rejection] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raws):
+        try:
+            event = validate_event(raw, spec)
+        except EventRejected as exc:
+            event_id = raw.get("event_id") if isinstance(raw, Mapping) else None
+            rejected.append(Rejection(i, str(exc), event_id if isinstance(event_id, str) else None))
+            continue
+        if event.event_id in seen:
+            rejected.append(Rejection(i, "event_id repeated within the batch", event.event_id))
+            continue
+        seen.add(event.event_id)
+        accepted.append(pseudonymize(event, spec, key) if key else event)
+    return accepted, rejected
+
+
+def pseudonymize(event: Event, spec: Spec, key: bytes) -> Event:
+    """Replace the spec's PII properties by a keyed hash (HMAC-SHA256, hex)."""
+    declared = spec.events.get(event.type)
+    if declared is None:
+        return event
+    pii = [n for n, p in declared.properties.items() if p.pii and n in event.properties]
+    if not pii:
+        return event
+    props = dict(event.properties)
+    for name in pii:
+        if props[name] is not None:
+            props[name] = keyed_hash(key, str(props[name]))
+    return event.model_copy(update={"properties": props})
+
+
+def keyed_hash(key: bytes, value: str) -> str:
+    return "h:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
