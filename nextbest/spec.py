@@ -241,7 +241,7 @@ class Model(_Model):
     kind: Literal["ease", "item_knn"] = "ease"
     l2: float = Field(default=200.0, gt=0)
     neighbours: int = Field(default=200, ge=1)
-    max_dense_items: int = Field(default=20000, ge=1)
+    max_dense_items: int = Field(default=10000, ge=1)
     dim: int = Field(default=64, ge=2, le=1024)
     half_life: DurationText = Field(default=Duration("30d"))
 

@@ -33,6 +33,7 @@ from storage.delta_schemas import (
     dead_letters_to_table,
     decisions_to_table,
     events_to_table,
+    feedback_to_table,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "dead_letters_to_table",
     "decisions_to_table",
     "events_to_table",
+    "feedback_to_table",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*(/[A-Za-z0-9_][A-Za-z0-9_\-]*)*$")
@@ -302,6 +304,36 @@ class DeltaStore:
 
     def file_count(self, table: str) -> int:
         return len(self._open(table).file_uris())
+
+    def schema(self, table: str) -> pa.Schema:
+        """The table's current Arrow schema (for schema checks)."""
+        return self._open(table).to_pyarrow_dataset().schema
+
+    def merge(self, table: str, data: pa.Table, *, key: str) -> dict[str, Any]:
+        """Upsert `data` by `key` (update matches, insert the rest); creates the table
+        on first use. For small keyed tables such as the item catalog; duplicate keys in
+        `data` must be removed by the caller (a merge rejects them)."""
+        data = self._prepare(table, data)
+        if not self.exists(table):
+            self.write(table, data, mode="overwrite")
+            return {"num_target_rows_inserted": data.num_rows}
+        for attempt in range(self.max_attempts):
+            try:
+                merger = self._open(table).merge(
+                    data,
+                    predicate=f"t.{key} = s.{key}",
+                    source_alias="s",
+                    target_alias="t",
+                    merge_schema=True,
+                )
+                return dict(
+                    merger.when_matched_update_all().when_not_matched_insert_all().execute()
+                )
+            except CommitFailedError:
+                if attempt + 1 == self.max_attempts:
+                    raise
+                self._sleep(attempt)
+        raise AssertionError("unreachable")
 
     # -- maintenance -------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from nextbest.events import Event
 
-TableName = Literal["events", "dead_letters", "decisions"]
+TableName = Literal["events", "dead_letters", "decisions", "feedback"]
 """Tables with a fixed schema; derived (silver/gold) tables may use other names."""
 
 TS = pa.timestamp("us", tz="UTC")
@@ -61,6 +61,19 @@ DECISIONS_SCHEMA = pa.schema(
         pa.field("actions", pa.string()),
         pa.field("candidates", pa.string()),
         pa.field("features", pa.string()),
+        pa.field("event_date", pa.string(), nullable=False),
+    ]
+)
+
+FEEDBACK_SCHEMA = pa.schema(
+    [
+        pa.field("decision_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string()),
+        pa.field("outcome", pa.string(), nullable=False),
+        pa.field("action_id", pa.string()),
+        pa.field("item_id", pa.string()),
+        pa.field("ts", TS, nullable=False),
+        pa.field("value", pa.float64()),
         pa.field("event_date", pa.string(), nullable=False),
     ]
 )
@@ -110,6 +123,12 @@ TABLES: dict[str, TableSpec] = {
         DECISIONS_SCHEMA,
         partition_by=("event_date",),
         stats_columns=("decision_id", "ts", "served_from", "model_version"),
+    ),
+    "feedback": TableSpec(
+        "feedback",
+        FEEDBACK_SCHEMA,
+        partition_by=("event_date",),
+        stats_columns=("decision_id", "outcome", "ts"),
     ),
 }
 
@@ -218,3 +237,25 @@ def decisions_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
             }
         )
     return pa.Table.from_pylist(out, schema=DECISIONS_SCHEMA)
+
+
+def feedback_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Feedback rows (outcome of a served decision: impression, click, conversion)."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        ts = row["ts"]
+        if not isinstance(ts, datetime):
+            raise TypeError(f"feedback ts must be a datetime, got {type(ts).__name__}")
+        out.append(
+            {
+                "decision_id": row["decision_id"],
+                "user_id": row.get("user_id"),
+                "outcome": row["outcome"],
+                "action_id": row.get("action_id"),
+                "item_id": row.get("item_id"),
+                "ts": ts,
+                "value": row.get("value"),
+                "event_date": row.get("event_date") or utc_date(ts),
+            }
+        )
+    return pa.Table.from_pylist(out, schema=FEEDBACK_SCHEMA)

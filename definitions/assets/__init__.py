@@ -1,0 +1,52 @@
+"""The asset graph, one small module per asset:
+
+bronze_events -> silver_sessions (daily partitions)
+bronze_events -> gold_interactions -> item_model -> model_evaluation -> model_registry
+model_registry -> item_vectors (LanceDB), cached_decisions (online store)
+bronze_events -> user_features, training_set
+"""
+
+from definitions.assets.bronze import bronze_events
+from definitions.assets.decisions import cached_decisions
+from definitions.assets.evaluation import model_evaluation
+from definitions.assets.features import user_features
+from definitions.assets.interactions import gold_interactions
+from definitions.assets.model import item_model
+from definitions.assets.registry import model_registry
+from definitions.assets.sessions import silver_sessions
+from definitions.assets.training import training_set
+from definitions.assets.vectors import item_vectors
+
+RETRAIN_ASSETS = [
+    bronze_events,
+    gold_interactions,
+    user_features,
+    training_set,
+    item_model,
+    model_evaluation,
+    model_registry,
+    item_vectors,
+    cached_decisions,
+]
+"""Unpartitioned: the full retrain, one run."""
+
+PARTITIONED_ASSETS = [silver_sessions]
+"""Day-partitioned history: backfilled by ranges of days."""
+
+ALL_ASSETS = [*RETRAIN_ASSETS, *PARTITIONED_ASSETS]
+
+__all__ = [
+    "ALL_ASSETS",
+    "PARTITIONED_ASSETS",
+    "RETRAIN_ASSETS",
+    "bronze_events",
+    "cached_decisions",
+    "gold_interactions",
+    "item_model",
+    "item_vectors",
+    "model_evaluation",
+    "model_registry",
+    "silver_sessions",
+    "training_set",
+    "user_features",
+]

@@ -1,0 +1,62 @@
+"""Gold: the spec's window features recomputed from the whole history."""
+
+import time
+
+import dagster as dg
+import pyarrow as pa
+
+from definitions.assets.bronze import bronze_events
+from definitions.history import (
+    EVENT_COLUMNS,
+    FEATURES_TABLE,
+    item_catalog,
+    read_events,
+    rows_to_events,
+)
+from definitions.partitions import IO_RETRY
+from definitions.resources import NextbestResource
+from nextbest.features import batch_window_values, identity_links
+
+ALL_COLUMNS = [*EVENT_COLUMNS, "context", "properties"]
+
+
+@dg.asset(deps=[bronze_events], group_name="gold", kinds={"deltalake"}, retry_policy=IO_RETRY)
+def user_features(nextbest: NextbestResource) -> dg.MaterializeResult:
+    """Every window feature of the spec backfilled from Delta (`gold/user_features`) with
+    `nextbest.features.batch_window_values`, the code the stream folds events with, so
+    a batch value equals the online value at the same offset. Item-entity features are
+    keyed `item:<item_id>` as online. The online store is not touched: the stream owns it."""
+    spec, store = nextbest.load_spec(), nextbest.delta()
+    store.ensure_tables()
+    version = store.version("events")
+    events = rows_to_events(read_events(store, columns=ALL_COLUMNS, version=version))
+    aliases = identity_links(spec, events)
+    catalog = item_catalog(store, spec)
+    computed_at = int(time.time() * 1000)
+    rows: dict[str, list] = {k: [] for k in ("entity_id", "feature", "group_key", "value")}
+    per_feature: dict[str, int] = {}
+    for name, feature in spec.window_features().items():
+        values = batch_window_values(spec, name, events, catalog, aliases=aliases)
+        per_feature[name] = len(values)
+        for entity, groups in values.items():
+            entity_id = f"item:{entity}" if feature.entity == "item" else entity
+            for group, value in groups.items():
+                rows["entity_id"].append(entity_id)
+                rows["feature"].append(name)
+                rows["group_key"].append(group)
+                rows["value"].append(value)
+    n = len(rows["value"])
+    table = pa.table(
+        {
+            "entity_id": pa.array(rows["entity_id"], pa.string()),
+            "feature": pa.array(rows["feature"], pa.string()),
+            "group_key": pa.array(rows["group_key"], pa.string()),
+            "value": pa.array(rows["value"], pa.float64()),
+            "events_version": pa.array([version] * n, pa.int64()),
+            "computed_at_ms": pa.array([computed_at] * n, pa.int64()),
+        }
+    )
+    store.write(FEATURES_TABLE, table, mode="overwrite", schema_mode="overwrite")
+    return dg.MaterializeResult(
+        metadata={"rows": n, "events_version": version, "entities_per_feature": per_feature}
+    )
