@@ -1,0 +1,376 @@
+"""The next-best-action decision: blend candidates, apply the spec's rules, rank, explain.
+
+Pure and synchronous: everything it needs (model, item attributes, trending counts,
+the user's online view) is passed in, so the API calls it on data it holds in memory
+and the tests call it without HTTP or stores.
+
+Blending: each source's raw scores are divided by that source's best score (so a
+source contributes at most its policy weight) and summed per item. An action's
+`source` is the source that contributed most; `reasons` say why it was chosen.
+
+`served_from` is `realtime` when the user has fresh online state and a real-time
+source (item model or vectors) produced candidates, `cached` when the batch side's
+precomputed decision carried it, and `fallback` for popular-in-context answers
+(unknown users, empty pools, a degraded path).
+"""
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from nextbest import rules
+from nextbest.candidates import (
+    DEFAULT_HALF_LIFE_MS,
+    HistoryScores,
+    UserView,
+    VectorSearch,
+    cached_candidates,
+    half_life_ms,
+    history_scores,
+    popular_in_context,
+    top_indices,
+    vector_dense,
+    vector_search_candidates,
+)
+from nextbest.model import ItemModel
+from nextbest.offers import Action, decide_offers, policy_for_surface
+from nextbest.pool import Pool, Pooled
+from nextbest.spec import Policy, Spec
+
+__all__ = [
+    "Action",
+    "Assets",
+    "DecisionRequest",
+    "Outcome",
+    "ServedFrom",
+    "decide",
+    "policy_for_surface",
+]
+
+ServedFrom = Literal["realtime", "cached", "fallback"]
+REALTIME_SOURCES = frozenset({"item_model", "vector"})
+LOGGED_CANDIDATES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Assets:
+    """What the API keeps in memory between model reloads. `masks` holds, per item
+    action, which model items pass the action's static `item.*` rules (e.g. in stock),
+    and `groups` each model item's value of every policy's `group_by` attribute."""
+
+    model: ItemModel | None = None
+    attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    popular: list[tuple[str, float]] = field(default_factory=list)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    half_life_ms: float = DEFAULT_HALF_LIFE_MS
+
+    @classmethod
+    def build(
+        cls,
+        model: ItemModel | None,
+        attributes: Mapping[str, Mapping[str, Any]],
+        *,
+        spec: Spec | None = None,
+        popular_limit: int = 2000,
+    ) -> "Assets":
+        """Precompute popularity order and eligibility masks once per model load."""
+        attrs = {k: dict(v) for k, v in attributes.items()}
+        if model is not None and model.n_items:
+            popular = model.popular(k=popular_limit)
+        else:
+            popular = [(item, 0.0) for item in list(attrs)[:popular_limit]]
+        masks: dict[str, np.ndarray] = {}
+        if model is not None and spec is not None and attrs:
+            for name, action in spec.actions.items():
+                where = rules.item_rules(action.eligibility.where)
+                if action.kind == "item" and where:
+                    masks[name] = np.fromiter(
+                        (_item_ok(attrs.get(i), where) for i in model.item_ids),
+                        dtype=bool,
+                        count=model.n_items,
+                    )
+        half_life = half_life_ms(spec) if spec is not None else DEFAULT_HALF_LIFE_MS
+        return cls(model, attrs, popular, masks, half_life)
+
+
+def _item_ok(attrs: Mapping[str, Any] | None, where: list[Any]) -> bool:
+    return attrs is not None and all(
+        rules.compare(c.op, attrs.get(c.attr[5:]), c.value) for c in where
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRequest:
+    surface: str
+    k: int = 10
+    context: Mapping[str, Any] = field(default_factory=dict)
+    exclude: frozenset[str] = frozenset()
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    actions: list[Action]
+    served_from: ServedFrom
+    pool: Pool
+    sources: list[str]
+    degraded: list[str]
+
+    def candidates(self, n: int = LOGGED_CANDIDATES) -> dict[str, Any]:
+        """The best candidates considered, for the decision log. Deferred: the API
+        calls it on the log's writer thread, off the request path."""
+        return self.pool.top(n)
+
+
+def decide(
+    spec: Spec,
+    policy: Policy,
+    request: DecisionRequest,
+    user: UserView,
+    assets: Assets,
+    *,
+    trending: Sequence[tuple[str, float]] = (),
+    vector_search: VectorSearch | None = None,
+    realtime: bool = True,
+) -> Outcome:
+    """Decide the policy's actions for one user. `realtime=False` skips the model and
+    vector sources (the degraded path: cached, then popular-in-context)."""
+    item_actions = [a for a in policy.actions if spec.actions[a].kind == "item"]
+    other_actions = [a for a in policy.actions if spec.actions[a].kind != "item"]
+    degraded: list[str] = []
+    items: list[Action] = []
+    pool = Pool(assets.model)
+    sources: list[str] = []
+    if item_actions:
+        sources, scored = _gather(
+            spec, policy, user, assets, pool, trending, vector_search, realtime, degraded
+        )
+        items = _rank_items(
+            spec, policy, request, user, assets, item_actions[0], pool, scored, degraded
+        )
+    offers = decide_offers(spec, policy, request.surface, request.context, user, other_actions)
+    if offers and any(s.source == "cached" for s in offers):
+        sources.append("cached")
+    actions = sorted([*items, *offers], key=lambda a: -a.score)[: request.k]
+    return Outcome(
+        actions=actions,
+        served_from=_served_from(user, items, offers, sources),
+        pool=pool,
+        sources=sorted(set(sources)),
+        degraded=degraded,
+    )
+
+
+def _served_from(
+    user: UserView, items: list[Action], offers: list[Action], sources: list[str]
+) -> ServedFrom:
+    if items:
+        if user.fresh and REALTIME_SOURCES & set(sources):
+            return "realtime"
+        return "cached" if any(a.source == "cached" for a in items) else "fallback"
+    if offers:
+        if user.features:
+            return "realtime"
+        return "cached" if "cached" in sources else "fallback"
+    # Nothing eligible: still a real-time answer when it was decided on fresh state.
+    return "realtime" if user.fresh or user.features else "fallback"
+
+
+def _gather(
+    spec: Spec,
+    policy: Policy,
+    user: UserView,
+    assets: Assets,
+    pool: Pool,
+    trending: Sequence[tuple[str, float]],
+    vector_search: VectorSearch | None,
+    realtime: bool,
+    degraded: list[str],
+) -> tuple[list[str], HistoryScores | None]:
+    used: list[str] = []
+    scored: HistoryScores | None = None
+    model = assets.model
+    for cand in policy.candidates:
+        added = False
+        if cand.source == "item_model" and realtime:
+            if model is None:
+                degraded.append("item_model: no promoted model loaded")
+                continue
+            scored = history_scores(model, user.history)
+            if scored is not None:
+                found = top_indices(scored.scores, cand.limit)
+                added = pool.add_dense(cand.source, cand.weight, *found)
+        elif cand.source == "vector" and realtime:
+            try:
+                if model is not None:
+                    hit = vector_dense(model, user, limit=cand.limit, half_life=assets.half_life_ms)
+                    if hit is not None:
+                        added = pool.add_dense(cand.source, cand.weight, *hit)
+                elif vector_search is not None:
+                    hits = vector_search_candidates(user, limit=cand.limit, search=vector_search)
+                    added = pool.add(cand.source, cand.weight, hits)
+            except Exception as exc:  # a vector store outage must not fail the decision
+                degraded.append(f"vector: {type(exc).__name__}")
+        elif cand.source == "trending":
+            added = pool.add(cand.source, cand.weight, list(trending[: cand.limit]))
+        elif cand.source == "cached":
+            found_cached = cached_candidates(user, limit=cand.limit)
+            added = pool.add(cand.source, cand.weight, found_cached)
+        elif cand.source == "popular":
+            added = pool.add(cand.source, cand.weight, list(assets.popular[: cand.limit]))
+        if added:
+            used.append(cand.source)
+    return used, scored
+
+
+def _exclusions(spec: Spec, action_name: str, request: DecisionRequest, user: UserView) -> set[str]:
+    out = set(request.exclude)
+    for kind in spec.actions[action_name].eligibility.exclude_seen:
+        out.update(user.seen.get(kind, ()))
+    return out
+
+
+def _rank_items(
+    spec: Spec,
+    policy: Policy,
+    request: DecisionRequest,
+    user: UserView,
+    assets: Assets,
+    action_name: str,
+    pool: Pool,
+    scored: HistoryScores | None,
+    degraded: list[str],
+) -> list[Action]:
+    action = spec.actions[action_name]
+    where = action.eligibility.where
+    ok, _ = rules.check(
+        spec, rules.request_rules(where), item=None, user=user.features, context=request.context
+    )
+    if not ok:
+        return []
+    item_where = rules.item_rules(where)
+    if item_where and not assets.attributes:
+        degraded.append("catalog: no item attributes loaded; item rules skipped")
+        item_where = []
+    mask = assets.masks.get(action_name) if item_where else None
+    banned = _exclusions(spec, action_name, request, user)
+    index = assets.model.index if assets.model is not None else {}
+
+    def eligible(item: str, j: int | None) -> bool:
+        if item in banned:
+            return False
+        if mask is not None and j is not None:
+            return bool(mask[j])
+        return not item_where or _item_ok(assets.attributes.get(item), item_where)
+
+    def from_pool() -> Iterator[tuple[str, int | None, float]]:
+        for score, item, j in pool.ordered(mask=mask, banned=banned):
+            if j is not None or eligible(item, None):
+                yield item, j, score
+
+    def with_popular() -> Iterator[tuple[str, int | None, float]]:
+        floor = 1.0
+        for item, j, score in from_pool():
+            floor = score
+            yield item, j, score
+        if "popular" not in policy.fallbacks:
+            return
+        extra = popular_in_context(
+            assets.popular,
+            assets.attributes,
+            request.context,
+            attribute_names=list(spec.entities.item.attributes),
+            limit=len(assets.popular),
+        )
+        best = max((s for _, s in extra), default=0.0)
+        for rank, (item, raw) in enumerate(extra):
+            j = index.get(item)
+            if pool.contains(item, j) or not eligible(item, j):
+                continue
+            value = floor * 0.5 * (raw / best if best > 0 else 1.0 / (rank + 1))
+            pool.add_extra(item, "popular", value, raw)
+            yield item, j, value
+
+    stream = with_popular()
+    chosen = _explore(policy, request, _diverse(policy, assets, stream, request.k), stream)
+    because = (
+        scored.because(assets.model, [i for i, _, _ in chosen])
+        if assets.model is not None and scored is not None
+        else {}
+    )
+    actions = []
+    for item, j, score in chosen:
+        p = pool.explain(item, j) if j != _EXPLORED else Pooled(score, {"exploration": 1.0})
+        actions.append(
+            Action(
+                action_id=action_name,
+                item_id=item,
+                score=round(p.score, 6),
+                source=max(p.parts, key=lambda s: p.parts[s]) if p.parts else "popular",
+                reasons=_item_reasons(p, because.get(item, [])),
+            )
+        )
+    return actions
+
+
+Ranked = tuple[str, int | None, float]
+_EXPLORED = -1
+
+
+def _diverse(policy: Policy, assets: Assets, ranked: Iterator[Ranked], k: int) -> list[Ranked]:
+    """Top k keeping at most `max_per_group` items per `group_by` attribute value."""
+    out: list[Ranked] = []
+    if k <= 0:
+        return out
+    limit = policy.max_per_group if policy.group_by is not None else None
+    counts: dict[Any, int] = {}
+    for entry in ranked:
+        if limit is not None:
+            group = (assets.attributes.get(entry[0]) or {}).get(policy.group_by or "")
+            if counts.get(group, 0) >= limit:
+                continue
+            counts[group] = counts.get(group, 0) + 1
+        out.append(entry)
+        if len(out) == k:
+            break
+    return out
+
+
+def _explore(
+    policy: Policy, request: DecisionRequest, chosen: list[Ranked], rest: Iterator[Ranked]
+) -> list[Ranked]:
+    """Epsilon-greedy: each slot after the first is, with probability epsilon, an
+    eligible candidate from outside the top k (seeded by the decision id)."""
+    if policy.exploration.strategy != "epsilon_greedy" or len(chosen) < 2:
+        return chosen
+    rng = random.Random(request.seed)
+    spare = [c for _, c in zip(range(200), rest, strict=False)]
+    out = list(chosen)
+    for slot in range(1, len(out)):
+        if spare and rng.random() < policy.exploration.epsilon:
+            item, _, _ = spare.pop(rng.randrange(len(spare)))
+            out[slot] = (item, _EXPLORED, out[slot][2])
+    return out
+
+
+def _item_reasons(p: Pooled, because: list[str]) -> list[str]:
+    reasons: list[str] = []
+    for source, contribution in sorted(p.parts.items(), key=lambda kv: -kv[1]):
+        raw = p.raw.get(source, 0.0)
+        if source == "item_model":
+            tail = f" because of {', '.join(because)}" if because else ""
+            reasons.append(f"item_model: {raw:.3f}{tail}")
+        elif source == "vector":
+            reasons.append(f"vector: similarity {raw:.3f} to the current session")
+        elif source == "trending":
+            reasons.append(f"trending: {raw:g} recent interactions")
+        elif source == "cached":
+            reasons.append(f"cached: precomputed score {raw:.3f}")
+        elif source == "popular":
+            reasons.append(f"popular: {raw:g} users")
+        else:
+            reasons.append(f"{source}: {contribution:.3f}")
+    return reasons

@@ -1,0 +1,1 @@
+"""One controller per domain; each route names the API-key scope it needs in `opt`."""

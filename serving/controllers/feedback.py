@@ -1,0 +1,65 @@
+"""POST /v1/feedback: the outcome of a decision, appended to the log for the stream."""
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated
+
+from litestar import Controller, post
+from litestar.exceptions import ServiceUnavailableException
+from litestar.openapi import ResponseSpec
+from litestar.params import Body
+
+from serving import examples
+from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
+from serving.runtime import ServingRuntime
+from serving.schemas import FeedbackIn, FeedbackOut
+
+
+class FeedbackController(Controller):
+    path = "/v1/feedback"
+    tags = ["decisions"]
+    security = SECURITY
+
+    @post(
+        "/",
+        operation_id="recordFeedback",
+        summary="Record an impression, click or conversion for a decision",
+        description=(
+            "Appends a `record: feedback` entry (key = user_id) to the event log; the "
+            "stream writes it to the Delta feedback table where it joins the decision "
+            "log on decision_id. 202 once durable."
+        ),
+        status_code=202,
+        sync_to_thread=True,
+        opt={"scope": "decide"},
+        raises=AUTH_AND_UNAVAILABLE,
+        responses={
+            202: ResponseSpec(FeedbackOut, description="Recorded", examples=examples.FEEDBACK_OUT)
+        },
+    )
+    def feedback(
+        self,
+        data: Annotated[FeedbackIn, Body(examples=examples.FEEDBACK_IN)],
+        runtime: ServingRuntime,
+    ) -> FeedbackOut:
+        ts = data.ts or datetime.now(UTC)
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+        record = {
+            "record": "feedback",
+            "decision_id": data.decision_id,
+            "user_id": data.user_id,
+            "outcome": data.outcome,
+            "action_id": data.action_id,
+            "item_id": data.item_id,
+            "ts": ts.astimezone(UTC).isoformat(),
+            "value": data.value,
+        }
+        try:
+            runtime.sink.append([(data.user_id, json.dumps(record).encode())])
+        except Exception as exc:
+            raise ServiceUnavailableException(
+                f"the event log did not accept the feedback ({type(exc).__name__}); retry"
+            ) from exc
+        runtime.metrics.feedback.labels(data.outcome).inc()
+        return FeedbackOut(accepted=True, decision_id=data.decision_id)

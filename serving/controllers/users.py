@@ -1,0 +1,128 @@
+"""Per-user reads and erasure: online features with their ages, erasure jobs."""
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from litestar import Controller, delete, get
+from litestar.exceptions import NotFoundException
+from litestar.openapi import ResponseSpec
+from litestar.params import Parameter
+
+from serving import examples
+from serving.controllers.common import AUTH_ERRORS, SECURITY
+from serving.erasure import start_erasure, subject_of
+from serving.runtime import ServingRuntime
+from serving.schemas import ErasureOut, FeatureOut, StateOut, UserFeaturesOut
+from storage.online_models import now_ms
+from storage.online_serving import ErasureJob
+
+UserId = Annotated[str, Parameter(min_length=1, max_length=256, description="User id or anon:<id>")]
+
+
+def _dt(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _erasure_out(job: ErasureJob, user_id: str) -> ErasureOut:
+    status = job.status if job.status in ("running", "pending", "done", "failed") else "pending"
+    return ErasureOut(
+        job_id=job.job_id,
+        user_id=user_id,
+        status=status,  # type: ignore[arg-type]
+        stores=job.stores,
+        created_at=datetime.fromtimestamp(job.created_at_ms / 1000, tz=UTC),
+        updated_at=datetime.fromtimestamp(job.updated_at_ms / 1000, tz=UTC),
+    )
+
+
+class UsersController(Controller):
+    path = "/v1/users"
+    tags = ["users"]
+    security = SECURITY
+
+    @get(
+        "/{user_id:str}/features",
+        operation_id="getUserFeatures",
+        summary="A user's online features with event time, write time and age",
+        description=(
+            "Reads what the stream wrote for the user (anonymous ids resolve to the "
+            "linked user): every window feature value with `event_ts` (newest event in "
+            "it), `updated_at` (when the stream wrote it) and `age_ms` (now - event_ts), "
+            "plus the session state. 404 when the online store knows nothing of them."
+        ),
+        sync_to_thread=True,
+        opt={"scope": "decide"},
+        raises=[*AUTH_ERRORS, NotFoundException],
+        responses={
+            200: ResponseSpec(
+                UserFeaturesOut, description="Features", examples=examples.FEATURES_OUT
+            )
+        },
+    )
+    def features(self, user_id: UserId, runtime: ServingRuntime) -> UserFeaturesOut:
+        resolved = runtime.serving.resolve(user_id)
+        rows = runtime.online.get_features(resolved)
+        state = runtime.online.get_state(resolved)
+        if not rows and state is None:
+            raise NotFoundException(f"no online features for user {user_id!r}")
+        now = now_ms()
+        features = [
+            FeatureOut(
+                feature=r.feature,
+                group=r.group_key,
+                value=r.value,
+                value_json=r.value_json,
+                event_ts=datetime.fromtimestamp(r.event_ts_ms / 1000, tz=UTC),
+                updated_at=_dt(r.updated_at_ms),
+                age_ms=max(0, now - r.event_ts_ms),
+            )
+            for r in rows
+        ]
+        state_out = None
+        if state is not None:
+            session_id = state.session.get("session_id")
+            state_out = StateOut(
+                recent_items=list(state.recent_items),
+                session_id=session_id if isinstance(session_id, str) else None,
+                has_session_vector=state.session_vector is not None,
+                event_ts=datetime.fromtimestamp(state.event_ts_ms / 1000, tz=UTC),
+                updated_at=_dt(state.updated_at_ms),
+                age_ms=max(0, now - state.event_ts_ms),
+            )
+        return UserFeaturesOut(user_id, resolved, features, state_out)
+
+    @delete(
+        "/{user_id:str}",
+        operation_id="eraseUser",
+        summary="Erase a user (starts an erasure job)",
+        description=(
+            "Removes the user from the online store, cached decisions and the API's "
+            "memory at once and, with the embedded event log, rewrites the log without "
+            "their records in the background. Stores owned by the stream or Dagster are "
+            "reported as pending until their owners erase them. Poll GET .../erasure."
+        ),
+        status_code=202,
+        sync_to_thread=True,
+        opt={"scope": "admin"},
+        raises=AUTH_ERRORS,
+        responses={
+            202: ResponseSpec(ErasureOut, description="Job started", examples=examples.ERASURE_OUT)
+        },
+    )
+    def erase(self, user_id: UserId, runtime: ServingRuntime) -> ErasureOut:
+        return _erasure_out(start_erasure(runtime, user_id), user_id)
+
+    @get(
+        "/{user_id:str}/erasure",
+        operation_id="getErasureStatus",
+        summary="Status of the latest erasure job for a user, per store",
+        sync_to_thread=True,
+        opt={"scope": "admin"},
+        raises=[*AUTH_ERRORS, NotFoundException],
+        responses={200: ResponseSpec(ErasureOut, description="Job", examples=examples.ERASURE_OUT)},
+    )
+    def erasure_status(self, user_id: UserId, runtime: ServingRuntime) -> ErasureOut:
+        job = runtime.serving.latest_erasure_job(subject_of(runtime, user_id))
+        if job is None:
+            raise NotFoundException(f"no erasure job for user {user_id!r}")
+        return _erasure_out(job, user_id)

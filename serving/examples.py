@@ -1,0 +1,180 @@
+"""OpenAPI examples, one place, so controllers stay about behaviour."""
+
+from litestar.openapi.spec import Example
+
+EVENT = {
+    "event_id": "e-1001",
+    "type": "view",
+    "user_id": "u42",
+    "item_id": "i17",
+    "ts": "2025-01-06T12:00:00Z",
+    "context": {"session_id": "s9", "device": "mobile"},
+    "properties": {"referrer": "search"},
+}
+
+EVENTS_IN = [
+    Example(
+        summary="Two events, one of them invalid",
+        value={"events": [EVENT, {"type": "view", "user_id": "u42"}]},
+    )
+]
+EVENTS_OUT = [
+    Example(
+        summary="One accepted, one rejected",
+        value={
+            "accepted": 1,
+            "rejected": [{"index": 1, "reason": "'view' events need item_id", "event_id": None}],
+            "event_ids": ["e-1001"],
+        },
+    )
+]
+EVENTS_NONE = [
+    Example(
+        summary="Nothing valid",
+        value={
+            "accepted": 0,
+            "rejected": [
+                {"index": 0, "reason": "an event must be a JSON object", "event_id": None}
+            ],
+            "event_ids": [],
+        },
+    )
+]
+
+DECIDE_IN = [
+    Example(
+        summary="Home page, five items",
+        value={"user_id": "u42", "k": 5, "context": {"device": "mobile"}, "exclude": ["i3"]},
+    ),
+    Example(
+        summary="Checkout offers",
+        value={"user_id": "u42", "k": 2, "surface": "checkout", "context": {"device": "desktop"}},
+    ),
+]
+DECIDE_OUT = [
+    Example(
+        summary="Real-time decision",
+        value={
+            "decision_id": "3f2b8c1e9a7d4e0f8b6a5c4d3e2f1a0b",
+            "user_id": "u42",
+            "surface": "default",
+            "actions": [
+                {
+                    "action_id": "recommend",
+                    "item_id": "i18",
+                    "score": 1.62,
+                    "source": "item_model",
+                    "reasons": ["item_model: 0.412 because of i17", "vector: similarity 0.871"],
+                    "title": None,
+                }
+            ],
+            "served_from": "realtime",
+            "model_version": "m-20250106",
+            "feature_age_ms": 850,
+            "degraded": [],
+        },
+    )
+]
+
+FEEDBACK_IN = [
+    Example(
+        summary="A click on a recommended item",
+        value={
+            "decision_id": "3f2b8c1e9a7d4e0f8b6a5c4d3e2f1a0b",
+            "user_id": "u42",
+            "outcome": "click",
+            "action_id": "recommend",
+            "item_id": "i18",
+        },
+    )
+]
+FEEDBACK_OUT = [
+    Example(
+        summary="Recorded",
+        value={"accepted": True, "decision_id": "3f2b8c1e9a7d4e0f8b6a5c4d3e2f1a0b"},
+    )
+]
+
+FEATURES_OUT = [
+    Example(
+        summary="Online features with their ages",
+        value={
+            "user_id": "u42",
+            "resolved_user_id": "u42",
+            "features": [
+                {
+                    "feature": "views_1h",
+                    "group": "",
+                    "value": 3.0,
+                    "value_json": None,
+                    "event_ts": "2025-01-06T12:00:00Z",
+                    "updated_at": "2025-01-06T12:00:00.120000Z",
+                    "age_ms": 1200,
+                }
+            ],
+            "state": {
+                "recent_items": ["i17", "i4"],
+                "session_id": "s9",
+                "has_session_vector": True,
+                "event_ts": "2025-01-06T12:00:00Z",
+                "updated_at": "2025-01-06T12:00:00.120000Z",
+                "age_ms": 1200,
+            },
+        },
+    )
+]
+
+ERASURE_OUT = [
+    Example(
+        summary="Online part done, the rest owned by the stream and Dagster",
+        value={
+            "job_id": "9c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f",
+            "user_id": "u42",
+            "status": "pending",
+            "stores": {
+                "online_store": "done: 14 rows",
+                "event_log": "done: 120 records",
+                "vector_users": "pending: stream",
+                "delta": "pending: stream",
+            },
+            "created_at": "2025-01-06T12:00:00Z",
+            "updated_at": "2025-01-06T12:00:00.200000Z",
+        },
+    )
+]
+
+HEALTH_OUT = [Example(summary="Alive", value={"status": "ok"})]
+READY_OUT = [
+    Example(
+        summary="Ready",
+        value={
+            "ready": True,
+            "checks": {
+                "online_store": "ok",
+                "event_log": "ok",
+                "vector_store": "ok",
+                "model": "ok",
+            },
+            "model_version": "m-20250106",
+        },
+    ),
+    Example(
+        summary="Not ready",
+        value={
+            "ready": False,
+            "checks": {
+                "online_store": "ok",
+                "event_log": "ok",
+                "vector_store": "ok",
+                "model": "no promoted model in the registry",
+            },
+            "model_version": None,
+        },
+    ),
+]
+METRICS_OUT = [
+    Example(
+        summary="Prometheus text",
+        value='nextbest_decisions_total{served_from="realtime",surface="default"} 42.0\n',
+    )
+]

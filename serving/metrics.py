@@ -1,0 +1,105 @@
+"""Prometheus metrics on a per-app registry (two apps in one process never collide).
+
+Request latency is recorded by a small ASGI middleware labelled with the route's path
+template, so `/v1/users/{user_id}/features` is one series however many users call it.
+The event-to-online lag is observed at decide time from the state row the decision
+read (`updated_at_ms - event_ts_ms`: how long the stream took to make the user's newest
+event visible), once per state version, so repeated decisions do not over-count it.
+"""
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+_LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_latency = Histogram(
+            "nextbest_http_request_duration_seconds",
+            "HTTP request latency by route and status.",
+            ["method", "route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.events_accepted = Counter(
+            "nextbest_events_accepted", "Events accepted and durable in the log.", registry=r
+        )
+        self.events_rejected = Counter(
+            "nextbest_events_rejected", "Events rejected by validation.", registry=r
+        )
+        self.decisions = Counter(
+            "nextbest_decisions", "Decisions by origin.", ["served_from", "surface"], registry=r
+        )
+        self.degraded = Counter(
+            "nextbest_decisions_degraded", "Decision paths that degraded.", ["reason"], registry=r
+        )
+        self.decision_log_dropped = Counter(
+            "nextbest_decision_log_dropped", "Decision records not logged.", registry=r
+        )
+        self.feedback = Counter("nextbest_feedback", "Feedback records.", ["outcome"], registry=r)
+        self.online_lag = Histogram(
+            "nextbest_event_to_online_lag_seconds",
+            "Event time to online-store write time of the state read at decide time.",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.model_loaded = Gauge(
+            "nextbest_model_loaded_timestamp_seconds",
+            "When the promoted model was loaded.",
+            ["version"],
+            registry=r,
+        )
+        self._lag_seen: OrderedDict[str, int] = OrderedDict()
+
+    def observe_lag(self, user_id: str, event_ts_ms: int, updated_at_ms: int | None) -> None:
+        if updated_at_ms is None or self._lag_seen.get(user_id) == updated_at_ms:
+            return
+        self._lag_seen[user_id] = updated_at_ms
+        self._lag_seen.move_to_end(user_id)
+        if len(self._lag_seen) > 100_000:
+            self._lag_seen.popitem(last=False)
+        self.online_lag.observe(max(0, updated_at_ms - event_ts_ms) / 1000)
+
+    def forget(self, user_id: str) -> None:
+        self._lag_seen.pop(user_id, None)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Times every routed request; unrouted 404s never reach route middleware."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route: Any = scope.get("path_template") or "unmatched"
+            self.metrics.request_latency.labels(scope["method"], route, str(status[0])).observe(
+                time.perf_counter() - start
+            )

@@ -1,0 +1,89 @@
+"""Snapshot reads for /v1/decide, coalesced onto a few dedicated threads.
+
+Why not `anyio.to_thread.run_sync` per request: a thread round trip costs more CPU
+than the read itself (~0.1 ms bare on the 2-core machine, ~0.5 ms measured inside the
+app once GIL hand-offs between the loop, the pool thread and the decision-log thread
+are counted), and the process is bound by one core's worth of GIL. Here each reader
+thread takes every request queued while it was busy, reads them one after the other
+(~50 us each on SQLite) and hands all results back with a single
+`call_soon_threadsafe`: under load one wake-up serves a batch; when idle a request
+still gets its own thread immediately. The event loop never runs a store call.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from storage.online_serving import ServingStore, Snapshot
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+class SnapshotReader:
+    def __init__(self, store: ServingStore, *, threads: int = 2, max_batch: int = 64) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"snapshot-reader-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    async def read(self, actor: str, *, surface: str, caps: Mapping[str, int]) -> Snapshot:
+        """The user's snapshot; cancel the await to abandon it (the read is discarded)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Snapshot] = loop.create_future()
+        self._queue.put((loop, future, actor, surface, caps))
+        return await future
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for t in self._threads:
+            t.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    self._queue.put(_STOP)  # let this thread finish the batch first
+                    break
+                batch.append(item)
+            done: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
+            for loop, future, actor, surface, caps in batch:
+                if future.cancelled():
+                    continue
+                try:
+                    result, ok = self.store.snapshot(actor, surface=surface, caps=caps), True
+                except Exception as exc:  # handed to the awaiting request
+                    result, ok = exc, False
+                done.setdefault(loop, []).append((future, result, ok))
+            for loop, results in done.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve, results)
+                except RuntimeError:  # loop closed during shutdown
+                    log.debug("event loop closed; %d reads dropped", len(results))
+
+
+def _resolve(results: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
+    for future, result, ok in results:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(result)
+        else:
+            future.set_exception(result)

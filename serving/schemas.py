@@ -1,0 +1,127 @@
+"""Request and response bodies of the HTTP API (msgspec structs: strict and fast).
+
+Inputs forbid unknown fields so a misspelled key is a 400 with a message rather than
+a silently ignored option. Events are the exception on purpose: `events` is a list of
+arbitrary JSON values so each one is validated against the spec on its own and a bad
+event is rejected with its index instead of failing the whole batch.
+"""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta, Struct
+
+Id = Annotated[str, Meta(min_length=1, max_length=256)]
+SurfaceName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+DecisionId = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
+Scalar = str | int | float | bool | None
+ServedFrom = Literal["realtime", "cached", "fallback"]
+Outcome = Literal["impression", "click", "conversion"]
+Scope = Literal["ingest", "decide", "admin"]
+MAX_EVENTS_PER_BATCH = 10_000
+
+
+class EventsIn(Struct, forbid_unknown_fields=True):
+    events: Annotated[list[Any], Meta(min_length=1, max_length=MAX_EVENTS_PER_BATCH)]
+
+
+class RejectedEvent(Struct):
+    index: int
+    reason: str
+    event_id: str | None = None
+
+
+class EventsOut(Struct):
+    accepted: int
+    rejected: list[RejectedEvent]
+    event_ids: list[str]
+
+
+class DecideIn(Struct, forbid_unknown_fields=True):
+    """`user_id` is a known user id or `anon:<anonymous_id>` for a visitor."""
+
+    user_id: Id
+    k: Annotated[int, Meta(ge=1, le=100)] = 10
+    surface: SurfaceName | None = None
+    context: dict[Annotated[str, Meta(max_length=64)], Scalar] = {}
+    exclude: Annotated[list[Id], Meta(max_length=1000)] = []
+
+
+class ActionOut(Struct):
+    action_id: str
+    item_id: str | None
+    score: float
+    source: str
+    reasons: list[str]
+    title: str | None = None
+
+
+class DecideOut(Struct):
+    decision_id: str
+    user_id: str
+    surface: str
+    actions: list[ActionOut]
+    served_from: ServedFrom
+    model_version: str | None
+    feature_age_ms: int | None
+    degraded: list[str] = []
+
+
+class FeedbackIn(Struct, forbid_unknown_fields=True):
+    decision_id: DecisionId
+    user_id: Id
+    outcome: Outcome
+    action_id: Id | None = None
+    item_id: Id | None = None
+    ts: datetime | None = None
+    value: float | None = None
+
+
+class FeedbackOut(Struct):
+    accepted: bool
+    decision_id: str
+
+
+class FeatureOut(Struct):
+    feature: str
+    group: str
+    value: float | None
+    value_json: Any
+    event_ts: datetime
+    updated_at: datetime | None
+    age_ms: int
+
+
+class StateOut(Struct):
+    recent_items: list[Any]
+    session_id: str | None
+    has_session_vector: bool
+    event_ts: datetime
+    updated_at: datetime | None
+    age_ms: int
+
+
+class UserFeaturesOut(Struct):
+    user_id: str
+    resolved_user_id: str
+    features: list[FeatureOut]
+    state: StateOut | None
+
+
+class ErasureOut(Struct):
+    job_id: str
+    user_id: str
+    status: Literal["running", "pending", "done", "failed"]
+    stores: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+
+
+class HealthOut(Struct):
+    status: Literal["ok"]
+
+
+class ReadyOut(Struct):
+    ready: bool
+    checks: dict[str, str]
+    model_version: str | None

@@ -1,0 +1,258 @@
+"""The pure decision logic (`nextbest.decide`, `nextbest.candidates`, `nextbest.rules`)
+on a model trained on the demo shop: no HTTP, no stores."""
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nextbest import rules
+from nextbest.candidates import UserView, history_scores, user_view
+from nextbest.decide import Assets, DecisionRequest, Outcome, decide, policy_for_surface
+from nextbest.demo import DemoConfig, generate_items, iter_events
+from nextbest.model import ItemModel, fit, interaction_matrix
+from nextbest.spec import Condition, Spec
+from nextbest.spec_loader import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def spec() -> Spec:
+    return load_spec(ROOT / "nextbest.yaml")
+
+
+@pytest.fixture(scope="module")
+def items() -> list[dict[str, Any]]:
+    return generate_items(DemoConfig.small())
+
+
+@pytest.fixture(scope="module")
+def model(spec: Spec, items: list[dict[str, Any]]) -> ItemModel:
+    ids = [i["item_id"] for i in items]
+    events = [
+        e for e in iter_events(DemoConfig.small()) if e.item_id and spec.events[e.type].weight
+    ]
+    x, _ = interaction_matrix(
+        [e.actor for e in events],
+        [e.item_id or "" for e in events],
+        [spec.events[e.type].weight for e in events],
+        item_ids=ids,
+    )
+    groups = [i["category"] for i in items]
+    return fit(x, item_ids=ids, groups=groups, params=spec.model, version="t1")
+
+
+@pytest.fixture(scope="module")
+def assets(spec: Spec, model: ItemModel, items: list[dict[str, Any]]) -> Assets:
+    return Assets.build(model, {i["item_id"]: i for i in items}, spec=spec)
+
+
+def _category(items: list[dict[str, Any]], name: str) -> list[str]:
+    return [i["item_id"] for i in items if i["category"] == name and i["in_stock"]]
+
+
+def _viewer(spec: Spec, actor: str, viewed: Sequence[str], **kw: Any) -> UserView:
+    history = [[item, "view", 1_000_000 - n * 1000] for n, item in enumerate(viewed)]
+    session = {"history": history, "seen": {"view": list(viewed)}, **kw.pop("session", {})}
+    return user_view(spec, actor, recent_items=list(viewed), session=session, **kw)
+
+
+def _run(spec: Spec, assets: Assets, user: UserView, **kw: Any) -> Outcome:
+    surface, _, policy, _ = policy_for_surface(spec, kw.pop("surface", None))
+    request = DecisionRequest(surface=surface, **kw)
+    return decide(spec, policy, request, user, assets)
+
+
+def test_user_view_sums_event_weights_and_keeps_newest_first(spec: Spec) -> None:
+    view = user_view(
+        spec,
+        "u1",
+        session={
+            "history": [["a", "purchase", 30], ["b", "view", 20], ["a", "view", 10], ["x"]],
+            "seen": {"purchase": ["a"], "view": ["b", "a"]},
+        },
+    )
+    assert view.history == {"a": 6.0, "b": 1.0}  # purchase 5 + view 1
+    assert view.recent == [("a", 30), ("b", 20)]
+    assert view.seen["purchase"] == ["a"] and view.fresh
+
+
+def test_history_scores_equal_the_models_dense_score(model: ItemModel, items: list) -> None:
+    history = {items[0]["item_id"]: 3.0, items[5]["item_id"]: 1.0, "unknown": 2.0}
+    fast = history_scores(model, history)
+    assert fast is not None
+    np.testing.assert_allclose(fast.scores, model.score(history), rtol=1e-5, atol=1e-6)
+    assert history_scores(model, {"unknown": 1.0}) is None
+
+
+def test_viewing_one_category_brings_that_category(spec: Spec, assets: Assets, items: list) -> None:
+    for category in ("hiking", "books"):
+        viewed = _category(items, category)[:5]
+        out = _run(spec, assets, _viewer(spec, "u1", viewed), k=4)
+        assert out.served_from == "realtime"
+        cats = [
+            next(i["category"] for i in items if i["item_id"] == a.item_id) for a in out.actions
+        ]
+        assert cats.count(category) >= 3, cats
+        assert {"item_model", "vector"} <= set(out.sources)
+        assert all(a.reasons and a.action_id == "recommend" for a in out.actions)
+
+
+def test_candidates_for_the_log_cover_the_chosen_items(
+    spec: Spec, assets: Assets, items: list
+) -> None:
+    hot = [("not-in-model", 99.0)]
+    user = _viewer(spec, "u1", _category(items, "toys")[:4])
+    surface, _, policy, _ = policy_for_surface(spec, None)
+    out = decide(spec, policy, DecisionRequest(surface, k=5), user, assets, trending=hot)
+    assert len(out.candidates()["item_id"]) == 50
+    logged = out.candidates(1000)
+    n = len(logged["item_id"])
+    assert n > 50 and len(logged["score"]) == n
+    assert logged["score"] == sorted(logged["score"], reverse=True)
+    assert {a.item_id for a in out.actions} <= set(logged["item_id"])
+    assert all(len(v) == n for v in logged["sources"].values())
+    row = logged["item_id"].index("not-in-model")
+    assert logged["sources"]["trending"][row] > 0 and logged["sources"]["item_model"][row] == 0
+
+
+def test_purchased_excluded_and_out_of_stock_never_returned(
+    spec: Spec, assets: Assets, items: list
+) -> None:
+    viewed = _category(items, "hiking")[:6]
+    bought = viewed[:3]
+    user = _viewer(spec, "u1", viewed, session={"seen": {"purchase": bought, "view": viewed}})
+    out = _run(spec, assets, user, k=20, exclude=frozenset({viewed[3]}))
+    chosen = [a.item_id for a in out.actions]
+    assert chosen and not set(bought) & set(chosen) and viewed[3] not in chosen
+    stock = {i["item_id"]: i["in_stock"] for i in items}
+    assert all(stock[i] for i in chosen if i is not None)
+
+
+def test_diversity_caps_items_per_category(spec: Spec, assets: Assets, items: list) -> None:
+    out = _run(spec, assets, _viewer(spec, "u1", _category(items, "music")[:8]), k=12)
+    cats = [next(i["category"] for i in items if i["item_id"] == a.item_id) for a in out.actions]
+    assert len(out.actions) == 12
+    assert max(cats.count(c) for c in set(cats)) <= 4  # policy max_per_group
+
+
+def test_unknown_user_gets_popular_fallback(spec: Spec, assets: Assets) -> None:
+    out = _run(spec, assets, UserView(actor="nobody"), k=5)
+    assert out.served_from == "fallback" and len(out.actions) == 5
+    assert all(a.source == "popular" for a in out.actions)
+
+
+def test_popular_in_context_follows_an_item_attribute(
+    spec: Spec, assets: Assets, items: list
+) -> None:
+    out = _run(spec, assets, UserView(actor="nobody"), k=3, context={"category": "books"})
+    assert [a.item_id for a in out.actions]
+    assert all(a.item_id in _category(items, "books") for a in out.actions)
+
+
+def test_cached_decision_serves_a_user_without_fresh_state(
+    spec: Spec, assets: Assets, items: list
+) -> None:
+    picks = _category(items, "garden")[:3]
+    user = UserView(
+        actor="u2", cached=[{"item_id": i, "score": 3.0 - n} for n, i in enumerate(picks)]
+    )
+    out = _run(spec, assets, user, k=3)
+    assert out.served_from == "cached"
+    assert [a.item_id for a in out.actions] == picks
+    assert all(a.source == "cached" for a in out.actions)
+
+
+def test_degraded_path_skips_realtime_sources(spec: Spec, assets: Assets, items: list) -> None:
+    user = _viewer(spec, "u1", _category(items, "hiking")[:5])
+    surface, _, policy, _ = policy_for_surface(spec, None)
+    out = decide(spec, policy, DecisionRequest(surface, k=5), user, assets, realtime=False)
+    assert out.served_from == "fallback" and not {"item_model", "vector"} & set(out.sources)
+
+
+def test_no_model_still_answers_with_trending(spec: Spec, items: list) -> None:
+    bare = Assets.build(None, {i["item_id"]: i for i in items})
+    hot = [(i["item_id"], float(50 - n)) for n, i in enumerate(items[:30]) if i["in_stock"]]
+    surface, _, policy, _ = policy_for_surface(spec, None)
+    user = _viewer(spec, "u1", _category(items, "hiking")[:3])
+    out = decide(spec, policy, DecisionRequest(surface, k=4), user, bare, trending=hot)
+    assert "item_model: no promoted model loaded" in out.degraded
+    assert [a.item_id for a in out.actions] == [i for i, _ in hot[:4]]
+    assert out.served_from == "fallback" and out.actions[0].source == "trending"
+
+
+def test_a_failing_vector_search_degrades_instead_of_failing(spec: Spec, items: list) -> None:
+    bare = Assets.build(None, {i["item_id"]: i for i in items})
+
+    def broken(vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        raise ConnectionError("lance unreachable")
+
+    user = user_view(spec, "u1", session_vector=[0.1] * spec.model.dim)
+    surface, _, policy, _ = policy_for_surface(spec, None)
+    out = decide(spec, policy, DecisionRequest(surface, k=3), user, bare, vector_search=broken)
+    assert "vector: ConnectionError" in out.degraded and len(out.actions) == 3
+
+
+def test_checkout_offers_follow_rules_and_caps(spec: Spec, assets: Assets) -> None:
+    features: dict[str, float | None] = {"cart_adds_1h": 2.0, "spend_30d": 10.0, "views_1h": 6.0}
+    user = UserView(actor="u3", features=features)
+    out = _run(spec, assets, user, surface="checkout", k=5, context={"device": "mobile"})
+    assert [a.action_id for a in out.actions] == ["free_shipping", "ten_percent_off"]
+    assert all(a.item_id is None and a.title for a in out.actions)
+    assert out.served_from == "realtime"
+    capped = UserView(actor="u3", features=features, cap_counts={"free_shipping": 1})
+    out = _run(spec, assets, capped, surface="checkout", k=5, context={"device": "tv"})
+    assert out.actions == []  # free shipping capped, 10% off needs mobile/desktop
+    out = _run(spec, assets, UserView(actor="u4"), surface="checkout", k=5)
+    assert out.actions == [] and out.served_from == "fallback"
+
+
+def test_cached_offer_gets_the_cached_weight(spec: Spec, assets: Assets) -> None:
+    user = UserView(
+        actor="u3",
+        features={"cart_adds_1h": 1.0, "views_1h": 9.0},
+        cached=[{"action_id": "ten_percent_off"}],
+    )
+    out = _run(spec, assets, user, surface="checkout", k=2, context={"device": "desktop"})
+    assert [a.action_id for a in out.actions] == ["ten_percent_off", "free_shipping"]
+    assert out.actions[0].source == "cached" and math.isclose(out.actions[0].score, 1.3)
+
+
+def test_unknown_surface_falls_back_to_the_default_policy(spec: Spec) -> None:
+    assert policy_for_surface(spec, "nope")[:2] == ("default", "default")
+    assert policy_for_surface(spec, "nope")[3] is False
+    assert policy_for_surface(spec, "checkout")[:2] == ("checkout", "checkout")
+
+
+@pytest.mark.parametrize(
+    ("op", "left", "right", "expected"),
+    [
+        ("eq", True, True, True),
+        ("ne", None, 1, True),
+        ("lt", None, 1, False),
+        ("gte", 5.0, 5, True),
+        ("lt", "a", 1, False),
+        ("in", "mobile", ["mobile", "desktop"], True),
+        ("not_in", None, ["mobile"], True),
+        ("in", None, ["mobile"], False),
+    ],
+)
+def test_compare(op: str, left: Any, right: Any, expected: bool) -> None:
+    assert rules.compare(op, left, right) is expected
+
+
+def test_missing_counting_feature_is_zero_and_others_none(spec: Spec) -> None:
+    assert rules.user_value(spec, "cart_adds_1h", {}) == 0.0
+    assert rules.user_value(spec, "mean_rating_30d", {}) is None
+    ok, reasons = rules.check(
+        spec,
+        [Condition(attr="user.spend_30d", op="lt", value=50)],
+        item=None,
+        user={},
+        context={},
+    )
+    assert ok and reasons == ["user.spend_30d lt 50 (is 0.0)"]
