@@ -25,6 +25,7 @@ from nextbest.spec import Spec
 from nextbest.spec_loader import load_spec
 from serving.controllers.common import provide_runtime
 from serving.controllers.decide import DecideController
+from serving.controllers.docs import docs_page
 from serving.controllers.events import EventsController
 from serving.controllers.feedback import FeedbackController
 from serving.controllers.ops import OpsController
@@ -110,6 +111,7 @@ def create_app(
             FeedbackController,
             UsersController,
             OpsController,
+            docs_page,
         ],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         middleware=[DefineMiddleware(MetricsMiddleware, metrics=metrics), KeyMiddleware],

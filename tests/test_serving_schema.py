@@ -67,3 +67,27 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case, target: Target) -> 
             checks.content_type_conformance,
         ],
     )
+
+
+def test_docs_page_lists_every_operation_without_a_key(tmp_path) -> None:
+    """The offline docs page is rendered on the server from the OpenAPI schema."""
+    from litestar.testing import TestClient
+
+    from nextbest.settings import Settings
+    from serving.app import create_app
+    from tests.conftest import ROOT
+
+    settings = Settings(home=tmp_path / "home", spec=ROOT / "nextbest.yaml", _env_file=None)  # type: ignore[call-arg]
+    with TestClient(app=create_app(settings)) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        ops = [
+            op.operation_id
+            for item in client.app.openapi_schema.paths.values()  # type: ignore[union-attr]
+            for op in (item.get, item.post, item.delete)
+            if op is not None
+        ]
+        assert len(ops) >= 9
+        for operation_id in ops:
+            assert f"<code>{operation_id}</code>" in page.text
