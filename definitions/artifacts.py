@@ -50,3 +50,12 @@ def read_metrics(models_dir: Path, version: str) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"model {version} has no metrics; materialize model_evaluation")
     return json.loads(path.read_text())
+
+
+def write_json_file(path: Path, data: dict[str, Any]) -> None:
+    """Atomically replace a JSON side file (uplift pointer, OPE report)."""
+    _write_json(path, data)
+
+
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = {
     "bronze_events", "silver_sessions", "gold_interactions", "user_features", "training_set",
     "item_model", "model_evaluation", "model_registry", "item_vectors", "cached_decisions",
+    "offer_uplift", "policy_evaluation",
 }  # fmt: skip
 CHECKS = {
     "bronze_events_schema", "bronze_events_not_empty", "bronze_events_unique_ids",

@@ -4,6 +4,7 @@ bronze_events -> silver_sessions (daily partitions)
 bronze_events -> gold_interactions -> item_model -> model_evaluation -> model_registry
 model_registry -> item_vectors (LanceDB), cached_decisions (online store)
 bronze_events -> user_features, training_set
+decisions + feedback (Delta) -> offer_uplift -> policy_evaluation
 """
 
 from definitions.assets.bronze import bronze_events
@@ -12,6 +13,8 @@ from definitions.assets.evaluation import model_evaluation
 from definitions.assets.features import user_features
 from definitions.assets.interactions import gold_interactions
 from definitions.assets.model import item_model
+from definitions.assets.offer_uplift import offer_uplift
+from definitions.assets.policy_evaluation import policy_evaluation
 from definitions.assets.registry import model_registry
 from definitions.assets.sessions import silver_sessions
 from definitions.assets.training import training_set
@@ -27,8 +30,11 @@ RETRAIN_ASSETS = [
     model_registry,
     item_vectors,
     cached_decisions,
+    offer_uplift,
+    policy_evaluation,
 ]
-"""Unpartitioned: the full retrain, one run."""
+"""Unpartitioned: the full retrain, one run (offer models and OPE over the decision
+log included: they succeed with "no data yet" until decisions are logged)."""
 
 PARTITIONED_ASSETS = [silver_sessions]
 """Day-partitioned history: backfilled by ranges of days."""
@@ -46,6 +52,8 @@ __all__ = [
     "item_vectors",
     "model_evaluation",
     "model_registry",
+    "offer_uplift",
+    "policy_evaluation",
     "silver_sessions",
     "training_set",
     "user_features",
