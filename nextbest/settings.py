@@ -45,10 +45,18 @@ class Settings(BaseSettings):
     dagster_port: int = 3000
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
+    api_key: SecretStr | None = Field(
+        default=None, description="Key that client commands (replay, simulate) send to the API."
+    )
     pseudonymization_key: SecretStr = Field(
         default=SecretStr("nextbest-local-development-key"),
         description="Keyed hash for PII properties; set a real secret in production.",
     )
+
+    @property
+    def api_url(self) -> str:
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
+        return f"http://{host}:{self.api_port}"
 
     @property
     def home_dir(self) -> Path:

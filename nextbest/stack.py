@@ -1,0 +1,159 @@
+"""The order of `nextbest up`: stores, a local key, stream and API, the demo history on
+first run (through the API, so the stream builds online state from it), the first
+training, then Dagster and the optional simulator, and a live status line."""
+
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+from pydantic import SecretStr
+
+from nextbest.client import read_jsonl, send_events
+from nextbest.settings import Settings
+from nextbest.spec import Spec
+from nextbest.supervisor import (
+    Component,
+    Supervisor,
+    _install_signals,
+    dagster_commands,
+    nextbest_argv,
+    run_step,
+    status,
+)
+
+_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$")
+
+
+def ensure_local_key(settings: Settings) -> str:
+    """One admin key per data home, kept in `api_key` (mode 0600) and printed."""
+    path = settings.home_dir / "api_key"
+    if path.exists():
+        return path.read_text().strip()
+    import subprocess
+
+    from nextbest.supervisor import ROOT, child_env
+
+    out = subprocess.run(
+        nextbest_argv("keys", "create", "--scope", "ingest,decide,admin"),
+        env=child_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = out.stdout.strip().splitlines()[-1]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+def load_demo(settings: Settings, sup: Supervisor) -> None:
+    """First run: the demo shop's catalog into Delta, its history through the API."""
+    demo = settings.home_dir / "demo"
+    run_step(settings, "demo", "--out", str(demo), "--size", "small")
+    run_step(settings, "import", "items", str(demo / "items.jsonl"))
+    report = send_events(settings, read_jsonl(demo / "events.jsonl"), rate=5000, batch_size=200)
+    print(f"demo history: {report.line()}", flush=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not sup.stopping.is_set():
+        if int(str(status(settings).get("delta_events") or 0)) >= report.accepted:
+            break
+        sup.stopping.wait(1.0)
+    print("training the first model (nextbest materialize) ...", flush=True)
+    run_step(settings, "materialize")
+    (settings.home_dir / ".demo_loaded").write_text("ok\n")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sum Prometheus samples by metric name (labels folded)."""
+    totals: dict[str, float] = {}
+    try:
+        text = httpx.get(url, timeout=2).text
+    except httpx.HTTPError:
+        return totals
+    for line in text.splitlines():
+        match = _METRIC.match(line.strip())
+        if match:
+            totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(3))
+    return totals
+
+
+def status_line(previous: dict[str, float], current: dict[str, float], seconds: float) -> str:
+    def rate(name: str) -> float:
+        return max(0.0, current.get(name, 0.0) - previous.get(name, 0.0)) / max(seconds, 1e-9)
+
+    lag_sum, lag_count = (
+        current.get("nextbest_feature_age_seconds_sum"),
+        current.get("nextbest_feature_age_seconds_count"),
+    )
+    lag = f"{1000 * lag_sum / lag_count:.0f} ms" if lag_sum and lag_count else "n/a"
+    return (
+        f"events/s {rate('nextbest_events_accepted_total'):7.1f} | "
+        f"decisions/s {rate('nextbest_decisions_total'):7.1f} | mean feature age {lag}"
+    )
+
+
+def bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> int:
+    sup = Supervisor(settings)
+    _install_signals(sup)
+    print(f"nextbest up: spec {spec.name}, data home {settings.home_dir}", flush=True)
+    try:
+        run_step(settings, "init")
+        key = ensure_local_key(settings)
+        settings = settings.model_copy(update={"api_key": SecretStr(key)})
+        sup.settings = settings
+        from nextbest.supervisor import child_env
+
+        sup.env = child_env(settings)
+        stream = Component("stream", nextbest_argv("stream"))
+        api = Component("api", nextbest_argv("api"), ready_url=f"{settings.api_url}/health")
+        sup.start(stream)
+        sup.start(api)
+        if not sup.wait_ready(api):
+            print(f"the API did not start; see {sup.logs / 'api.log'}", flush=True)
+            return 1
+        if not (settings.home_dir / ".demo_loaded").exists():
+            load_demo(settings, sup)
+        dagster = dagster_commands(settings)
+        for component in dagster:
+            sup.start(component)
+        sup.wait_ready(dagster[0])
+        if simulate:
+            sup.start(Component("simulator", nextbest_argv("simulate", "--rate", str(rate))))
+        _banner(settings, key, sup.logs)
+        previous, last = scrape(f"{settings.api_url}/metrics"), time.monotonic()
+        while not sup.stopping.wait(2.0):
+            for line in sup.watch_once():
+                print(line, flush=True)
+            current, now = scrape(f"{settings.api_url}/metrics"), time.monotonic()
+            print(status_line(previous, current, now - last), flush=True)
+            previous, last = current, now
+    except RuntimeError as exc:
+        print(exc, flush=True)
+        return 1
+    finally:
+        sup.stop()
+        print("nextbest up: every component stopped", flush=True)
+    return 0
+
+
+def _banner(settings: Settings, key: str, logs: Path) -> None:
+    api = settings.api_url
+    print(
+        "\n".join(
+            [
+                "",
+                f"  API          {api}   (docs: {api}/schema/swagger)",
+                f"  Dagster UI   http://127.0.0.1:{settings.dagster_port}",
+                f"  metrics      {api}/metrics",
+                f"  API key      {key}   (also in {settings.home_dir / 'api_key'})",
+                f"  logs         {logs}",
+                "  stop with Ctrl-C",
+                "",
+            ]
+        ),
+        flush=True,
+    )

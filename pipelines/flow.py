@@ -1,0 +1,253 @@
+"""`build_flow(settings, spec)`: the Bytewax dataflow of the streaming path.
+
+Shape (item types between steps)::
+
+    input_events          (partition, offset, key, payload bytes)
+    parse_records         Record(kind, partition, offset, body)
+      key_lake            (str(partition), Record)            -> sink_lake (Delta)
+    select_events         (partition, offset, Event)
+      key_item            (item_id, (partition, offset, Event))
+      state_item          (item_id, Update)                     -> online
+      route_identity      anonymous (and identify) events | known users
+        key_anonymous     ("anon:<id>", (partition, offset, Event))
+        stitch_identity   ("anon:<id>", Routed)  link + buffered anonymous history
+        rekey_stitched    (actor, Routed)
+        key_user          (user_id, Routed)
+      merge_actors        (actor, Routed)
+      state_user          (actor, Update)                       -> online, vectors
+    sink_online           Update                                 (OnlineStore upserts)
+    sink_user_vectors     ("lance_users", users row)             (LanceDB, one writer)
+
+Step ids come from `Spec.step_id(kind, name)` and never from code positions: they key
+the recovery state, so renaming one would orphan its snapshots.
+"""
+
+import pickle
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
+from bytewax.operators import StatefulBatchLogic
+
+from nextbest.events import Event
+from nextbest.settings import Settings
+from nextbest.spec import Spec
+from pipelines.catalog import ItemCatalog, StoreCatalog
+from pipelines.profile import FeaturePlan, ItemProfile, Touched, UserProfile
+from pipelines.records import Record, Routed, SourceItem, Update, parse_record
+from pipelines.sinks import VECTORS_PART, StreamSinks
+from pipelines.sources import source_from_settings
+from storage.online_models import Alias
+
+STITCH_BUFFER = 1000
+"""Anonymous events remembered per visitor until an identify event links them."""
+
+S = TypeVar("S")
+V = TypeVar("V")
+W = TypeVar("W")
+Positioned = tuple[int, int, Event]  # (partition, offset, event)
+
+
+def sid(kind: str, name: str) -> str:
+    return Spec.step_id(kind, name)
+
+
+class FoldLogic(StatefulBatchLogic[V, W, bytes], Generic[S, V, W]):
+    """A keyed state folded one batch at a time; snapshots are pickled bytes.
+
+    Folding a whole batch per key (instead of per item) computes aggregates once per
+    batch, and pickling once is far cheaper than the deepcopy `stateful_map` does on
+    every snapshot, while being just as immutable.
+    """
+
+    def __init__(self, state: S, fold: Callable[[S, list[V]], list[W]]) -> None:
+        self.state = state
+        self._fold = fold
+
+    def on_batch(self, values: list[V]) -> tuple[Iterable[W], bool]:
+        return self._fold(self.state, values), StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _builder(
+    new: Callable[[], S], fold: Callable[[S, list[V]], list[W]]
+) -> Callable[[bytes | None], FoldLogic[S, V, W]]:
+    def build(resume: bytes | None) -> FoldLogic[S, V, W]:
+        if resume is None:
+            return FoldLogic(new(), fold)
+        state = pickle.loads(resume)
+        restored = getattr(state, "restored", None)
+        if restored is not None:
+            restored()  # rows written after this snapshot are unknown: rewrite them
+        return FoldLogic(state, fold)
+
+    return build
+
+
+class StitchState:
+    """Per anonymous visitor: the user it was linked to, or its buffered history."""
+
+    def __init__(self) -> None:
+        self.user: str | None = None
+        self.buffer: list[Positioned] = []
+
+
+def stitch(state: StitchState, batch: list[Positioned], identify: frozenset[str]) -> list[Routed]:
+    """Route an anonymous visitor's events; on identify, re-send its history to the user.
+
+    The user's feature states are idempotent by event_id and order-independent, so
+    re-sending the buffered events merges the anonymous profile into the user's exactly
+    as a batch recomputation with `identity_links` would. The first link wins.
+    """
+    out: list[Routed] = []
+    for partition, offset, event in batch:
+        if event.type in identify and event.user_id is not None:
+            if state.user is None:
+                state.user = event.user_id
+                out.append(Routed(event.user_id, partition, offset, event, link=True))
+                out.extend(Routed(event.user_id, p, o, e) for p, o, e in state.buffer)
+                state.buffer = []
+            else:
+                out.append(Routed(event.user_id, partition, offset, event))
+        elif state.user is not None:
+            out.append(Routed(state.user, partition, offset, event))
+        else:
+            state.buffer.append((partition, offset, event))
+            del state.buffer[:-STITCH_BUFFER]
+            out.append(Routed(event.actor, partition, offset, event))
+    return out
+
+
+def _needs_stitch(item: Positioned, identify: frozenset[str]) -> bool:
+    event = item[2]
+    if event.anonymous_id is None:
+        return False
+    return event.user_id is None or event.type in identify
+
+
+def build_flow(
+    settings: Settings,
+    spec: Spec,
+    *,
+    source: Source[SourceItem] | None = None,
+    sinks: StreamSinks | None = None,
+    catalog: ItemCatalog | None = None,
+    tail: bool = True,
+) -> Dataflow:
+    """The streaming dataflow for `spec`; defaults read `settings` (log or Kafka, the
+    three stores, the stores' item catalog). `tail=False` stops at the current end."""
+    plan = FeaturePlan.from_spec(spec)
+    identify = frozenset(spec.identify_events())
+    item_types = plan.item_event_types()
+    items = catalog if catalog is not None else StoreCatalog(settings, spec)
+    out = sinks if sinks is not None else StreamSinks.from_settings(settings, spec)
+    pii_key = settings.pseudonymization_key.get_secret_value().encode()
+    needs_items = _needs_catalog(plan)
+
+    def lookup(item_id: str | None) -> Any:
+        return items.item(item_id) if item_id is not None and needs_items else None
+
+    flow = Dataflow(f"nextbest_{spec.name}")
+    src = source if source is not None else source_from_settings(settings, tail=tail)
+    raw = op.input(sid("input", "events"), flow, src)
+    records = op.map(sid("parse", "records"), raw, lambda i: parse_record(i, spec, pii_key=pii_key))
+
+    lake = op.map(sid("key", "lake"), records, lambda r: (str(r.partition), r))
+    op.output(sid("sink", "lake"), lake, out.lake)
+
+    events = op.filter_map(sid("select", "events"), records, _event_of)
+
+    # -- item entity features (trending) -------------------------------------------
+    updates: list[Any] = []
+    if plan.item_windows:
+        by_item = op.filter_map(
+            sid("key", "item"),
+            events,
+            lambda x: (x[2].item_id, x) if x[2].item_id and x[2].type in item_types else None,
+        )
+
+        def item_fold(profile: ItemProfile, batch: list[Positioned]) -> list[Update]:
+            item_id = batch[0][2].item_id or ""
+            rows = profile.fold(plan, item_id, batch, lookup)
+            return [Update(rows)] if rows else []
+
+        item_updates = op.stateful_batch(
+            sid("state", "item"), by_item, _builder(ItemProfile, item_fold)
+        )
+        updates.append(item_updates)
+
+    # -- identity stitching ----------------------------------------------------------
+    routes = op.branch(sid("route", "identity"), events, lambda x: _needs_stitch(x, identify))
+    anonymous = op.key_on(
+        sid("key", "anonymous"), routes.trues, lambda x: f"anon:{x[2].anonymous_id}"
+    )
+
+    def stitch_fold(state: StitchState, batch: list[Positioned]) -> list[Routed]:
+        return stitch(state, batch, identify)
+
+    stitched = op.stateful_batch(
+        sid("stitch", "identity"), anonymous, _builder(StitchState, stitch_fold)
+    )
+    rekeyed = op.map(sid("rekey", "stitched"), stitched, lambda kv: (kv[1].actor, kv[1]))
+    known = op.map(
+        sid("key", "user"),
+        routes.falses,
+        lambda x: (x[2].actor, Routed(x[2].actor, x[0], x[1], x[2])),
+    )
+    actors = op.merge(sid("merge", "actors"), known, rekeyed)
+
+    # -- per-user state ----------------------------------------------------------------
+    def user_fold(profile: UserProfile, batch: list[Routed]) -> list[Update]:
+        actor = batch[0].actor
+        offered: Touched = {}
+        aliases: list[Alias] = []
+        newest = (-1, -1)
+        for routed in batch:
+            event = routed.event
+            profile.fold(plan, event, lookup(event.item_id), offered)
+            newest = max(newest, (routed.partition, routed.offset))
+            if routed.link and event.anonymous_id is not None:
+                aliases.append(Alias(event.anonymous_id, actor, event.ts_ms))
+        vector = profile.session_vector(plan, items.vectors()) if plan.session_vector else None
+        rows = profile.feature_rows(plan, actor, offered, newest)
+        state = profile.user_state(plan, actor, vector)
+        vector_row = None
+        if vector is not None:
+            event_ts = datetime.fromtimestamp(state.event_ts_ms / 1000, tz=UTC)
+            vector_row = {"user_id": actor, "vector": vector, "event_ts": event_ts}
+        return [Update(rows, state, aliases, vector_row)]
+
+    user_updates = op.stateful_batch(sid("state", "user"), actors, _builder(UserProfile, user_fold))
+    updates.append(user_updates)
+
+    merged = op.merge(sid("merge", "updates"), *updates) if len(updates) > 1 else updates[0]
+    online = op.map(sid("unkey", "updates"), merged, lambda kv: kv[1])
+    op.output(sid("sink", "online"), online, out.online)
+
+    vectors = op.filter_map(
+        sid("select", "user_vectors"),
+        user_updates,
+        lambda kv: (VECTORS_PART, kv[1].vector_row) if kv[1].vector_row is not None else None,
+    )
+    op.output(sid("sink", "user_vectors"), vectors, out.vectors)
+    return flow
+
+
+def _event_of(record: Record) -> Positioned | None:
+    if record.kind != "event":
+        return None
+    return (record.partition, record.offset, record.body)
+
+
+def _needs_catalog(plan: FeaturePlan) -> bool:
+    """Whether any feature reads item attributes (group_by or an attribute field)."""
+    attrs = set(plan.spec.entities.item.attributes)
+    for feature in [*plan.user_windows.values(), *plan.item_windows.values()]:
+        if feature.group_by is not None or feature.field in attrs:
+            return True
+    return False

@@ -1,0 +1,314 @@
+"""Per-user and per-item state of the stream, folded event by event.
+
+Built on the shared semantics of `nextbest.features` (`WindowState`, `RecentItems`,
+`field_value`, `group_key`), so online values equal `batch_window_values` over the
+same events. Every structure here is idempotent by event_id and independent of
+arrival order, which is what makes replays after a crash, re-sent anonymous history
+(identity stitching) and several workers safe.
+
+Rows are absolute values: a feature row says "the value is now X as of event time T".
+A group that left a window is written once as 0.0, so the online store never keeps
+a stale group.
+"""
+
+import bisect
+import functools
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nextbest.events import Event
+from nextbest.features import (
+    RecentItems,
+    WindowState,
+    field_value,
+    group_key,
+    window_ms,
+)
+from nextbest.spec import (
+    LastNFeature,
+    SessionVectorFeature,
+    Spec,
+    WindowFeature,
+    parse_duration,
+)
+from storage.online_models import FeatureRow, UserState
+
+HISTORY_MAX = 200
+"""Entries of `session["history"]` and of each `session["seen"]` list (contracts.md)."""
+
+ItemLookup = Callable[[str], Mapping[str, Any] | None]
+Source = tuple[int, int]  # (partition, offset) of the newest event in a batch
+Touched = dict[str, set[str]]  # feature -> groups offered an event in this batch
+
+
+def item_actor(item_id: str) -> str:
+    """The online-store key of an item entity's window features (contracts.md)."""
+    return f"item:{item_id}"
+
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    """What the spec asks the stream to keep, resolved once per flow."""
+
+    spec: Spec
+    user_windows: dict[str, WindowFeature]
+    item_windows: dict[str, WindowFeature]
+    last_n: dict[str, LastNFeature]
+    session_vector: SessionVectorFeature | None
+    events_of: dict[str, frozenset[str]]  # feature -> event types
+    window_ms: dict[str, int]  # window feature -> window length (parsed once)
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> "FeaturePlan":
+        windows = spec.window_features()
+        last_n = {n: f for n, f in spec.features.items() if isinstance(f, LastNFeature)}
+        vectors = [f for f in spec.features.values() if isinstance(f, SessionVectorFeature)]
+        return cls(
+            spec=spec,
+            user_windows={n: f for n, f in windows.items() if f.entity == "user"},
+            item_windows={n: f for n, f in windows.items() if f.entity == "item"},
+            last_n=last_n,
+            session_vector=vectors[0] if vectors else None,
+            events_of={n: frozenset(f.events) for n, f in spec.features.items()},
+            window_ms={n: window_ms(f) for n, f in windows.items()},
+        )
+
+    @property
+    def recent_feature(self) -> str | None:
+        """The last_n feature that fills `UserState.recent_items` (the first declared)."""
+        return next(iter(self.last_n), None)
+
+    def item_event_types(self) -> frozenset[str]:
+        return frozenset().union(*(self.events_of[n] for n in self.item_windows))
+
+
+def _fold_windows(
+    plan: FeaturePlan,
+    features: Mapping[str, WindowFeature],
+    windows: dict[str, WindowState],
+    event: Event,
+    item: Mapping[str, Any] | None,
+    offered: Touched,
+) -> None:
+    """Fold `event` into every window feature it applies to, noting in `offered` the
+    (feature, group) it was offered to, whether or not the window kept it."""
+    for name, feature in features.items():
+        if event.type not in plan.events_of[name]:
+            continue
+        group = group_key(feature, item)
+        if group is None:
+            continue
+        state = windows.get(name)
+        if state is None:
+            state = windows[name] = WindowState(window_ms=plan.window_ms[name], agg=feature.agg)
+        state.add(event.ts_ms, event.event_id, group, field_value(plan.spec, feature, event, item))
+        offered.setdefault(name, set()).add(group)
+
+
+def _window_rows(
+    actor: str,
+    offered: Touched,
+    windows: Mapping[str, WindowState],
+    written: dict[str, dict[str, float]],
+    source: Source,
+    rewrite: set[str],
+) -> list[FeatureRow]:
+    """Rows for the features an event was offered to: each group that was offered an
+    event or whose value differs from the last one written (0.0 once it left the window).
+
+    `written` is feature -> group -> last written value. A feature in `rewrite` (set on
+    restore from a Bytewax snapshot) gets every known group written the first time it
+    is offered an event: the snapshot predates rows written just before a crash, but
+    each of those came from an event the replay offers again to the same actor and
+    feature, possibly in another order (so maybe outside the window by then, hence
+    offered rather than added); after that full rewrite `written` mirrors the store.
+    """
+    rows: list[FeatureRow] = []
+    for name in sorted(offered):
+        state = windows[name]
+        values = state.values()
+        before = written.get(name, {})
+        groups = set(values) | set(before) | offered[name]
+        if name in rewrite:
+            rewrite.discard(name)
+        else:
+            groups = {
+                g for g in groups if g in offered[name] or before.get(g) != values.get(g, 0.0)
+            }
+        for group in sorted(groups):
+            rows.append(
+                FeatureRow(
+                    user_id=actor,
+                    feature=name,
+                    value=values.get(group, 0.0),
+                    event_ts_ms=state.anchor_ms or 0,
+                    group_key=group,
+                    source_partition=source[0],
+                    source_offset=source[1],
+                )
+            )
+        written[name] = values
+    return rows
+
+
+@dataclass
+class ItemProfile:
+    """Window features of one item (e.g. views in the last hour, for trending)."""
+
+    windows: dict[str, WindowState] = field(default_factory=dict)
+    written: dict[str, dict[str, float]] = field(default_factory=dict)
+    rewrite: set[str] = field(default_factory=set)
+
+    def restored(self) -> None:
+        """Called after a restore from a snapshot (see `_window_rows`)."""
+        self.rewrite = set(self.windows) | set(self.written)
+
+    def fold(
+        self,
+        plan: FeaturePlan,
+        item_id: str,
+        batch: Iterable[tuple[int, int, Event]],
+        lookup: ItemLookup,
+    ) -> list[FeatureRow]:
+        offered: Touched = {}
+        source: Source = (-1, -1)
+        item = lookup(item_id)
+        for partition, offset, event in batch:
+            _fold_windows(plan, plan.item_windows, self.windows, event, item, offered)
+            source = max(source, (partition, offset))
+        actor = item_actor(item_id)
+        return _window_rows(actor, offered, self.windows, self.written, source, self.rewrite)
+
+
+@dataclass
+class UserProfile:
+    """Everything the stream knows about one actor (user id or `anon:<id>`)."""
+
+    windows: dict[str, WindowState] = field(default_factory=dict)
+    written: dict[str, dict[str, float]] = field(default_factory=dict)
+    rewrite: set[str] = field(default_factory=set)
+    recent: dict[str, RecentItems] = field(default_factory=dict)
+    seen: dict[str, RecentItems] = field(default_factory=dict)
+    # (ts_ms, event_id, item_id, event_type), ascending, the newest HISTORY_MAX only
+    interactions: list[tuple[int, str, str, str]] = field(default_factory=list)
+    interaction_ids: set[str] = field(default_factory=set)
+    latest: tuple[int, str] = (-1, "")  # (ts_ms, event_id) of the newest event
+    session_id: str | None = None
+
+    def fold(
+        self, plan: FeaturePlan, event: Event, item: Mapping[str, Any] | None, offered: Touched
+    ) -> None:
+        """Fold one event in, noting the window features and groups it was offered to."""
+        _fold_windows(plan, plan.user_windows, self.windows, event, item, offered)
+        key = (event.ts_ms, event.event_id)
+        if key > self.latest:
+            self.latest = key
+            self.session_id = event.context.session_id
+        if event.item_id is None:
+            return
+        for name, feature in plan.last_n.items():
+            if event.type in plan.events_of[name]:
+                self.recent.setdefault(name, RecentItems(feature.n)).add(event.ts_ms, event.item_id)
+        self.seen.setdefault(event.type, RecentItems(HISTORY_MAX)).add(event.ts_ms, event.item_id)
+        self._interact((event.ts_ms, event.event_id, event.item_id, event.type))
+
+    def _interact(self, entry: tuple[int, str, str, str]) -> None:
+        if entry[1] in self.interaction_ids:
+            return
+        if len(self.interactions) >= HISTORY_MAX and entry < self.interactions[0]:
+            return  # older than everything kept: it would be evicted at once
+        bisect.insort(self.interactions, entry)
+        self.interaction_ids.add(entry[1])
+        while len(self.interactions) > HISTORY_MAX:
+            self.interaction_ids.discard(self.interactions.pop(0)[1])
+
+    def restored(self) -> None:
+        """Called after a restore from a snapshot (see `_window_rows`)."""
+        self.rewrite = set(self.windows) | set(self.written)
+
+    def feature_rows(
+        self, plan: FeaturePlan, actor: str, offered: Touched, source: Source
+    ) -> list[FeatureRow]:
+        rows = _window_rows(actor, offered, self.windows, self.written, source, self.rewrite)
+        for name, recent in self.recent.items():
+            if name == plan.recent_feature:
+                continue  # already in UserState.recent_items
+            rows.append(
+                FeatureRow(
+                    user_id=actor,
+                    feature=name,
+                    value=float(len(recent.items)),
+                    event_ts_ms=recent.items[0][0] if recent.items else 0,
+                    value_json=recent.ids(),
+                    source_partition=source[0],
+                    source_offset=source[1],
+                )
+            )
+        return rows
+
+    def user_state(self, plan: FeaturePlan, actor: str, vector: list[float] | None) -> UserState:
+        recent_name = plan.recent_feature
+        recent = self.recent.get(recent_name) if recent_name else None
+        session = {
+            "session_id": self.session_id,
+            "last_ts_ms": self.latest[0],
+            "history": [[i, t, ts] for ts, _e, i, t in reversed(self.interactions)],
+            "seen": {kind: items.ids() for kind, items in sorted(self.seen.items())},
+        }
+        return UserState(
+            user_id=actor,
+            event_ts_ms=max(self.latest[0], 0),
+            recent_items=recent.ids() if recent is not None else [],
+            session=session,
+            session_vector=vector,
+        )
+
+    def session_vector(
+        self, plan: FeaturePlan, vectors: Mapping[str, np.ndarray]
+    ) -> list[float] | None:
+        feature = plan.session_vector
+        if feature is None or not vectors:
+            return None
+        return session_vector(self.interactions, feature, vectors)
+
+
+@functools.cache
+def _half_life_ms(text: str) -> float:
+    return parse_duration(text).total_seconds() * 1000
+
+
+def session_vector(
+    interactions: Iterable[tuple[int, str, str, str]],
+    feature: SessionVectorFeature,
+    vectors: Mapping[str, np.ndarray],
+) -> list[float] | None:
+    """Time-decayed mean of the item vectors of the newest `max_items` interactions.
+
+    Weight 0.5 ** (age / half_life) with age measured from the newest of them, so the
+    result depends only on the set of interactions (order-independent, idempotent).
+    `interactions` are (ts_ms, event_id, item_id, event_type) in ascending order.
+    Returns None when none of those items has a vector yet.
+    """
+    events = set(feature.events)
+    picked = [(ts, item) for ts, _e, item, kind in reversed(list(interactions)) if kind in events]
+    picked = picked[: feature.max_items]
+    if not picked:
+        return None
+    half_life_ms = _half_life_ms(feature.half_life)
+    anchor = picked[0][0]
+    total: np.ndarray | None = None
+    weight = 0.0
+    for ts, item in picked:
+        vec = vectors.get(item)
+        if vec is None:
+            continue
+        w = 0.5 ** ((anchor - ts) / half_life_ms)
+        total = vec * w if total is None else total + vec * w
+        weight += w
+    if total is None or weight <= 0 or not math.isfinite(weight):
+        return None
+    return (total / weight).astype(np.float32).tolist()

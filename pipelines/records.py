@@ -1,0 +1,171 @@
+"""The items that travel between the steps of the stream, and the parse step.
+
+Everything here crosses worker (and process) boundaries, so it is plain, picklable
+data: NamedTuples, pydantic `Event`s and the storage dataclasses. Parsing never
+raises: a record the flow cannot use becomes a dead letter, so one bad producer
+cannot stop the stream.
+"""
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal, NamedTuple
+
+from nextbest.events import Event
+from nextbest.spec import Spec
+from nextbest.validation import EventRejected, keyed_hash, validate_event
+from storage.delta_schemas import DeadLetter
+from storage.online_models import Alias, FeatureRow, UserState
+
+SourceItem = tuple[int, int, str, bytes]
+"""What every source emits: (partition, offset, key, payload)."""
+
+RecordKind = Literal["event", "decision", "feedback", "dead"]
+FEEDBACK_OUTCOMES = frozenset({"impression", "click", "conversion"})
+_HASH_LEN = len(keyed_hash(b"k", "v"))
+
+
+class Record(NamedTuple):
+    """A parsed log record with its source position (the lake sinks are keyed by it)."""
+
+    kind: RecordKind
+    partition: int
+    offset: int
+    body: Any  # Event | decision row dict | feedback row dict | DeadLetter
+
+
+class Routed(NamedTuple):
+    """An event on its way to the per-user state, after identity stitching.
+
+    `actor` is the user it now counts for; `link` marks the identify event that
+    created the anonymous -> user link (the user step writes the alias for it).
+    """
+
+    actor: str
+    partition: int
+    offset: int
+    event: Event
+    link: bool = False
+
+
+class Update(NamedTuple):
+    """What a state step hands the sinks: absolute values, never deltas."""
+
+    features: list[FeatureRow]
+    state: UserState | None = None
+    aliases: list[Alias] = []
+    vector_row: dict[str, Any] | None = None  # LanceDB `users` row when a vector exists
+
+
+def parse_record(item: SourceItem, spec: Spec, *, pii_key: bytes | None = None) -> Record:
+    """Decode one log record; never raises (anything unusable becomes a dead letter)."""
+    partition, offset, _key, payload = item
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return _dead(item, f"undecodable payload: {exc}")
+    try:
+        kind = raw.get("record") if isinstance(raw, dict) else None
+        if kind == "decision":
+            return Record("decision", partition, offset, decision_row(raw))
+        if kind == "feedback":
+            return Record("feedback", partition, offset, feedback_row(raw))
+        event = validate_event(raw, spec)
+        if pii_key is not None:
+            event = pseudonymize_once(event, spec, pii_key)
+        return Record("event", partition, offset, event)
+    except (EventRejected, ValueError, TypeError, KeyError) as exc:
+        return _dead(item, str(exc) or type(exc).__name__)
+    except Exception as exc:  # never let one record crash the flow
+        return _dead(item, f"{type(exc).__name__}: {exc}")
+
+
+def _dead(item: SourceItem, error: str) -> Record:
+    partition, offset, _key, payload = item
+    letter = DeadLetter(
+        raw=bytes(payload),
+        error=error[:2000],
+        source="stream",
+        source_partition=partition,
+        source_offset=offset,
+    )
+    return Record("dead", partition, offset, letter)
+
+
+def pseudonymize_once(event: Event, spec: Spec, key: bytes) -> Event:
+    """Hash the spec's PII properties unless the API already did (values 'h:<hex>').
+
+    Events that bypassed the API (a Kafka producer, a file) must not reach a store
+    with PII in clear; events from the API must not be hashed twice.
+    """
+    declared = spec.events.get(event.type)
+    if declared is None:
+        return event
+    props = dict(event.properties)
+    changed = False
+    for name, prop in declared.properties.items():
+        value = props.get(name)
+        if prop.pii and value is not None and not _is_hashed(value):
+            props[name] = keyed_hash(key, str(value))
+            changed = True
+    return event.model_copy(update={"properties": props}) if changed else event
+
+
+def _is_hashed(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("h:") and len(value) == _HASH_LEN
+
+
+def parse_ts(value: Any) -> datetime:
+    """ISO 8601 or epoch seconds -> aware UTC datetime (as `Event.ts` accepts)."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"invalid ts {value!r}")
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(float(value), tz=UTC)
+    if not isinstance(value, str):
+        raise ValueError(f"invalid ts {value!r}")
+    ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def _text(raw: Mapping[str, Any], name: str, *, required: bool) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            raise ValueError(f"{name} is required")
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
+def decision_row(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A decision-log record (fields of DECISIONS_SCHEMA) checked for the required keys."""
+    return {
+        "decision_id": _text(raw, "decision_id", required=True),
+        "user_id": _text(raw, "user_id", required=True),
+        "ts": parse_ts(raw.get("ts")),
+        "served_from": _text(raw, "served_from", required=True),
+        "model_version": _text(raw, "model_version", required=False),
+        "actions": raw.get("actions"),
+        "candidates": raw.get("candidates"),
+        "features": raw.get("features"),
+    }
+
+
+def feedback_row(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A feedback record: the outcome of a served decision."""
+    outcome = raw.get("outcome")
+    if outcome not in FEEDBACK_OUTCOMES:
+        raise ValueError(f"outcome must be one of {sorted(FEEDBACK_OUTCOMES)}, got {outcome!r}")
+    value = raw.get("value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError("value must be a number")
+    return {
+        "decision_id": _text(raw, "decision_id", required=True),
+        "user_id": _text(raw, "user_id", required=False),
+        "outcome": outcome,
+        "action_id": _text(raw, "action_id", required=False),
+        "item_id": _text(raw, "item_id", required=False),
+        "ts": parse_ts(raw.get("ts")),
+        "value": None if value is None else float(value),
+    }

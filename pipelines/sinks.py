@@ -1,0 +1,352 @@
+"""Sinks of the stream: Delta (bronze, dead letters, decisions, feedback), the online
+store and the LanceDB `users` table.
+
+Idempotency, because Bytewax recovery is at-least-once for outputs (after a crash the
+flow replays from the last snapshot):
+
+- Delta: one `DeltaStore.append` per (table, source partition) with
+  `app_id=f"{prefix}-p{partition}"` and `batch_version` = the highest source offset in
+  the batch; rows at or below the table's recorded version are dropped first, so a
+  replay that regroups offsets never duplicates a row (contracts.md).
+- Online store: absolute values keyed by (user, feature, group); a replay rewrites the
+  same values.
+- LanceDB users: merge_insert by user_id from a single sink partition, so exactly one
+  worker in the whole cluster writes the table (lance-format/lance#4585).
+
+Delta and LanceDB buffer rows and seal a batch when the buffer is full, older than
+`max_delay_s`, at every Bytewax snapshot (epoch end) and on close, so a micro-batch
+spans at most about one epoch (1 s by default). Sealed batches are written by a
+background thread (`pipelines.background`) so slow commits never stall the worker;
+batches not yet written at a snapshot are part of that epoch's recovery state.
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from bytewax.outputs import (
+    DynamicSink,
+    FixedPartitionedSink,
+    Sink,
+    StatefulSinkPartition,
+    StatelessSinkPartition,
+)
+
+from nextbest.settings import Settings
+from nextbest.spec import Spec
+from pipelines.background import BackgroundWriter
+from pipelines.records import Record, Update
+from storage.delta import (
+    DeltaStore,
+    dead_letters_to_table,
+    decisions_to_table,
+    events_to_table,
+    feedback_to_table,
+)
+from storage.online import OnlineStore
+from storage.online_models import Alias, FeatureRow, UserState
+from storage.vectors import VectorStore
+
+# kind -> (Delta table, app id prefix)
+LAKE_TABLES: dict[str, tuple[str, str]] = {
+    "event": ("events", "bronze"),
+    "dead": ("dead_letters", "dead_letters"),
+    "decision": ("decisions", "decisions"),
+    "feedback": ("feedback", "feedback"),
+}
+VECTORS_PART = "lance_users"
+
+
+def _lake_table(kind: str, partition: int, records: Sequence[Record]) -> pa.Table:
+    if kind == "event":
+        return events_to_table(
+            [r.body for r in records], partition=partition, offsets=[r.offset for r in records]
+        )
+    if kind == "dead":
+        return dead_letters_to_table([r.body for r in records])
+    if kind == "decision":
+        return decisions_to_table([r.body for r in records])
+    return feedback_to_table([r.body for r in records])
+
+
+@dataclass(frozen=True)
+class LakeBatch:
+    """One sealed Delta append: rows of one table from one source partition."""
+
+    table: str
+    app_id: str
+    data: pa.Table
+    offsets: tuple[int, ...]  # source offset of each row, ascending
+
+
+class _LakePartition(StatefulSinkPartition[Record, list[LakeBatch]]):
+    def __init__(
+        self,
+        store: DeltaStore,
+        *,
+        max_rows: int,
+        max_delay_s: float,
+        resume: list[LakeBatch] | None,
+        name: str,
+    ) -> None:
+        self._store = store
+        self._max_rows = max_rows
+        self._max_delay_s = max_delay_s
+        self._buffer: dict[tuple[str, int], list[Record]] = {}
+        self._rows = 0
+        self._first_at: float | None = None
+        self._recorded: dict[str, int] = {}  # app id -> committed batch version
+        self._writer: BackgroundWriter[LakeBatch] = BackgroundWriter(self._apply, name=name)
+        for batch in resume or []:
+            self._writer.submit(batch)
+
+    def write_batch(self, values: list[Record]) -> None:
+        self._writer.check()
+        for record in values:
+            self._buffer.setdefault((record.kind, record.partition), []).append(record)
+        self._rows += len(values)
+        if self._first_at is None and values:
+            self._first_at = time.monotonic()
+        if self._rows >= self._max_rows or (
+            self._first_at is not None and time.monotonic() - self._first_at >= self._max_delay_s
+        ):
+            self._seal()
+
+    def _seal(self) -> None:
+        for (kind, partition), records in sorted(self._buffer.items()):
+            table, prefix = LAKE_TABLES[kind]
+            unique = sorted({r.offset: r for r in records}.values(), key=lambda r: r.offset)
+            self._writer.submit(
+                LakeBatch(
+                    table=table,
+                    app_id=f"{prefix}-p{partition}",
+                    data=_lake_table(kind, partition, unique),
+                    offsets=tuple(r.offset for r in unique),
+                )
+            )
+        self._buffer.clear()
+        self._rows = 0
+        self._first_at = None
+
+    def _apply(self, batch: LakeBatch) -> None:
+        """Background thread: drop rows at or below the recorded version, append the rest."""
+        recorded = self._recorded.get(batch.app_id)
+        if recorded is None:
+            version = self._store.transaction_version(batch.table, batch.app_id)
+            recorded = -1 if version is None else version
+        keep = [i for i, offset in enumerate(batch.offsets) if offset > recorded]
+        if not keep:
+            self._recorded[batch.app_id] = recorded
+            return
+        data = batch.data if len(keep) == len(batch.offsets) else batch.data.take(keep)
+        top = batch.offsets[keep[-1]]
+        self._store.append(batch.table, data, app_id=batch.app_id, batch_version=top)
+        self._recorded[batch.app_id] = top
+
+    def snapshot(self) -> list[LakeBatch]:
+        # Seal, don't wait: batches not yet committed ride along in the epoch's recovery
+        # state and are re-submitted on resume (appends are idempotent per app id).
+        self._seal()
+        return self._writer.pending()
+
+    def close(self) -> None:
+        self._seal()
+        self._writer.drain()
+
+
+class LakeSink(FixedPartitionedSink[Record, list[LakeBatch]]):
+    """Delta tables of the stream; items are keyed by their source partition (str)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        parts: int,
+        max_rows: int = 100_000,
+        max_delay_s: float = 1.0,
+    ) -> None:
+        self._settings = settings
+        self._parts = max(1, parts)
+        self._max_rows = max_rows
+        self._max_delay_s = max_delay_s
+
+    def list_parts(self) -> list[str]:
+        return [f"lake{i:03d}" for i in range(self._parts)]
+
+    def part_fn(self, item_key: str) -> int:
+        # A source partition always lands on the same sink partition (one writer per
+        # app id), whatever the worker count.
+        return int(item_key)
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: list[LakeBatch] | None
+    ) -> _LakePartition:
+        store = DeltaStore.from_settings(self._settings)
+        store.ensure_tables()
+        return _LakePartition(
+            store,
+            max_rows=self._max_rows,
+            max_delay_s=self._max_delay_s,
+            resume=resume_state,
+            name=f"{step_id}-{for_part}",
+        )
+
+
+def merge_updates(
+    updates: Sequence[Update],
+) -> tuple[list[FeatureRow], list[UserState], list[Alias]]:
+    """Collapse a batch of updates to the last row per key (absolute values)."""
+    features: dict[tuple[str, str, str], FeatureRow] = {}
+    states: dict[str, UserState] = {}
+    aliases: dict[str, Alias] = {}
+    for update in updates:
+        for row in update.features:
+            features[(row.user_id, row.feature, row.group_key)] = row
+        if update.state is not None:
+            states[update.state.user_id] = update.state
+        for alias in update.aliases:
+            aliases[alias.anonymous_id] = alias
+    return list(features.values()), list(states.values()), list(aliases.values())
+
+
+class _OnlinePartition(StatelessSinkPartition[Update]):
+    def __init__(self, store: OnlineStore) -> None:
+        self._store = store
+
+    def write_batch(self, items: list[Update]) -> None:
+        features, states, aliases = merge_updates(items)
+        if features:
+            self._store.upsert_features(features)
+        if states:
+            self._store.upsert_states(states)
+        for alias in aliases:
+            self._store.link_alias(
+                alias.anonymous_id, alias.user_id, linked_at_ms=alias.linked_at_ms
+            )
+
+    def close(self) -> None:
+        self._store.dispose()
+
+
+class OnlineSink(DynamicSink[Update]):
+    """Batched upserts into the online store, one writer connection per worker.
+
+    Writes happen as soon as a batch reaches the sink (no extra buffering), which is
+    what keeps event-to-online freshness low; Bytewax already hands over everything
+    that accumulated since the last activation as one batch.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _OnlinePartition:
+        return _OnlinePartition(OnlineStore.from_settings(self._settings, pool_size=1))
+
+
+VectorBatch = list[dict[str, Any]]
+
+
+class _VectorPartition(StatefulSinkPartition[dict[str, Any], list[VectorBatch]]):
+    def __init__(
+        self,
+        store: VectorStore,
+        *,
+        max_rows: int,
+        max_delay_s: float,
+        resume: list[VectorBatch] | None,
+        name: str,
+    ) -> None:
+        self._store = store
+        self._max_rows = max_rows
+        self._max_delay_s = max_delay_s
+        self._buffer: dict[str, dict[str, Any]] = {}
+        self._first_at: float | None = None
+        self._writer: BackgroundWriter[VectorBatch] = BackgroundWriter(self._apply, name=name)
+        for batch in resume or []:
+            self._writer.submit(batch)
+
+    def write_batch(self, values: list[dict[str, Any]]) -> None:
+        self._writer.check()
+        for row in values:
+            self._buffer[row["user_id"]] = row
+        if self._first_at is None and values:
+            self._first_at = time.monotonic()
+        if len(self._buffer) >= self._max_rows or (
+            self._first_at is not None and time.monotonic() - self._first_at >= self._max_delay_s
+        ):
+            self._seal()
+
+    def _apply(self, batch: VectorBatch) -> None:
+        self._store.upsert_users(batch)
+
+    def _seal(self) -> None:
+        if self._buffer:
+            self._writer.submit(list(self._buffer.values()))
+        self._buffer = {}
+        self._first_at = None
+
+    def snapshot(self) -> list[VectorBatch]:
+        self._seal()
+        return self._writer.pending()
+
+    def close(self) -> None:
+        self._seal()
+        self._writer.drain()
+
+
+class UserVectorSink(FixedPartitionedSink[dict[str, Any], list[VectorBatch]]):
+    """LanceDB `users` session vectors. One partition: the cluster has one writer."""
+
+    def __init__(
+        self, settings: Settings, spec: Spec, *, max_rows: int = 20_000, max_delay_s: float = 1.0
+    ) -> None:
+        self._settings = settings
+        self._spec = spec
+        self._max_rows = max_rows
+        self._max_delay_s = max_delay_s
+
+    def list_parts(self) -> list[str]:
+        return [VECTORS_PART]
+
+    def part_fn(self, item_key: str) -> int:
+        return 0
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _VectorPartition:
+        types = {n: a.type for n, a in self._spec.entities.item.attributes.items()}
+        store = VectorStore.from_settings(
+            self._settings,
+            dim=self._spec.model.dim,
+            item_attributes=types,  # type: ignore[arg-type]
+            read_consistency_interval=None,
+        )
+        store.ensure_tables()
+        return _VectorPartition(
+            store,
+            max_rows=self._max_rows,
+            max_delay_s=self._max_delay_s,
+            resume=resume_state,
+            name=f"{step_id}-{for_part}",
+        )
+
+
+@dataclass(frozen=True)
+class StreamSinks:
+    """Where the flow writes; tests swap in `bytewax.testing.TestingSink`s.
+
+    `lake` receives (source partition, Record), `online` receives Update, `vectors`
+    receives (VECTORS_PART, LanceDB users row).
+    """
+
+    lake: Sink[Any]
+    online: Sink[Any]
+    vectors: Sink[Any]
+
+    @classmethod
+    def from_settings(cls, settings: Settings, spec: Spec) -> "StreamSinks":
+        return cls(
+            lake=LakeSink(settings, parts=settings.partitions),
+            online=OnlineSink(settings),
+            vectors=UserVectorSink(settings, spec),
+        )
