@@ -4,6 +4,8 @@ training, then Dagster and the optional simulator, and a live status line."""
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,9 +16,11 @@ from nextbest.client import read_jsonl, send_events
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from nextbest.supervisor import (
+    ROOT,
     Component,
     Supervisor,
     _install_signals,
+    child_env,
     dagster_commands,
     nextbest_argv,
     run_step,
@@ -31,10 +35,6 @@ def ensure_local_key(settings: Settings) -> str:
     path = settings.home_dir / "api_key"
     if path.exists():
         return path.read_text().strip()
-    import subprocess
-
-    from nextbest.supervisor import ROOT, child_env
-
     out = subprocess.run(
         nextbest_argv("keys", "create", "--scope", "ingest,decide,admin"),
         env=child_env(settings),
@@ -82,17 +82,18 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def status_line(previous: dict[str, float], current: dict[str, float], seconds: float) -> str:
-    def rate(name: str) -> float:
-        return max(0.0, current.get(name, 0.0) - previous.get(name, 0.0)) / max(seconds, 1e-9)
+    """events/s, decisions/s and event-to-online freshness over the last interval."""
 
-    lag_sum, lag_count = (
-        current.get("nextbest_feature_age_seconds_sum"),
-        current.get("nextbest_feature_age_seconds_count"),
-    )
-    lag = f"{1000 * lag_sum / lag_count:.0f} ms" if lag_sum and lag_count else "n/a"
+    def delta(name: str) -> float:
+        return max(0.0, current.get(name, 0.0) - previous.get(name, 0.0))
+
+    lag_n = delta("nextbest_event_to_online_lag_seconds_count")
+    lag = delta("nextbest_event_to_online_lag_seconds_sum")
+    fresh = f"{1000 * lag / lag_n:6.0f} ms" if lag_n else "     n/a"
+    span = max(seconds, 1e-9)
     return (
-        f"events/s {rate('nextbest_events_accepted_total'):7.1f} | "
-        f"decisions/s {rate('nextbest_decisions_total'):7.1f} | mean feature age {lag}"
+        f"events/s {delta('nextbest_events_accepted_total') / span:7.1f} | "
+        f"decisions/s {delta('nextbest_decisions_total') / span:7.1f} | freshness {fresh}"
     )
 
 
@@ -105,8 +106,6 @@ def bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> 
         key = ensure_local_key(settings)
         settings = settings.model_copy(update={"api_key": SecretStr(key)})
         sup.settings = settings
-        from nextbest.supervisor import child_env
-
         sup.env = child_env(settings)
         stream = Component("stream", nextbest_argv("stream"))
         api = Component("api", nextbest_argv("api"), ready_url=f"{settings.api_url}/health")
@@ -124,12 +123,16 @@ def bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> 
         if simulate:
             sup.start(Component("simulator", nextbest_argv("simulate", "--rate", str(rate))))
         _banner(settings, key, sup.logs)
+        # On a terminal one line is redrawn in place; in a log, one line every 10 s.
+        tty = sys.stdout.isatty()
+        interval = 2.0 if tty else 10.0
         previous, last = scrape(f"{settings.api_url}/metrics"), time.monotonic()
-        while not sup.stopping.wait(2.0):
+        while not sup.stopping.wait(interval):
             for line in sup.watch_once():
-                print(line, flush=True)
+                print(("\n" if tty else "") + line, flush=True)
             current, now = scrape(f"{settings.api_url}/metrics"), time.monotonic()
-            print(status_line(previous, current, now - last), flush=True)
+            line = status_line(previous, current, now - last)
+            print(f"\r{line}" if tty else line, end="" if tty else "\n", flush=True)
             previous, last = current, now
     except RuntimeError as exc:
         print(exc, flush=True)
@@ -146,7 +149,7 @@ def _banner(settings: Settings, key: str, logs: Path) -> None:
         "\n".join(
             [
                 "",
-                f"  API          {api}   (docs: {api}/schema/swagger)",
+                f"  API          {api}   (docs: {api}/docs)",
                 f"  Dagster UI   http://127.0.0.1:{settings.dagster_port}",
                 f"  metrics      {api}/metrics",
                 f"  API key      {key}   (also in {settings.home_dir / 'api_key'})",
