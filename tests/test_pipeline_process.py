@@ -84,9 +84,13 @@ def test_sigkill_during_replay_loses_and_duplicates_nothing(
     appended, killed = threading.Event(), threading.Event()
 
     def produce() -> None:
-        # A live producer: slow while workers get killed, then the rest at once.
+        # A live producer: slow while workers get killed, then the rest at once. It holds
+        # back the last tenth until the kills are done, so however slowly workers start
+        # (CI under load), every kill lands while the log is still incomplete.
         with EventLog.from_settings(settings, mode="writer") as log:
             for start in range(0, len(events), 20):
+                if start >= len(events) * 9 // 10:
+                    killed.wait(timeout=300)
                 log.append([encode(e) for e in events[start : start + 20]])
                 if not killed.is_set():
                     time.sleep(0.05)
@@ -114,7 +118,7 @@ def test_sigkill_during_replay_loses_and_duplicates_nothing(
     killed.set()
     producer.join(timeout=60)
     assert appended.is_set()
-    assert live_kills == 3  # every kill hit a worker while the log was growing
+    assert live_kills == 3  # every kill hit a worker before the log was complete
 
     _finish(_worker(settings, "--stop-at-end", log=log_path), log_path)
 

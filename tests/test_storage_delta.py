@@ -214,13 +214,17 @@ def test_time_travel_by_version_and_timestamp(store: DeltaStore) -> None:
     store.append("events", batch(3), app_id="a", batch_version=0)
     v1 = store.version("events")
     ts1 = store.history("events", limit=1)[0]["timestamp"]
-    _wait_past(ts1)
+    _wait_past(ts1 + 100)
     store.append("events", batch(4, start=3), app_id="a", batch_version=1)
+    ts2 = store.history("events", limit=1)[0]["timestamp"]
     assert store.count("events") == 7
 
     assert store.read("events", version=v1).num_rows == 3
     assert store.count("events", version=0) == 0
-    as_of = datetime.fromtimestamp(ts1 / 1000, UTC)
+    # Between the two commits. Not exactly ts1: delta-rs may resolve a timestamp by the
+    # log file's modification time, a few ms after the commit's own timestamp (this
+    # flaked under load in CI).
+    as_of = datetime.fromtimestamp((ts1 + ts2) / 2000, UTC)
     old = store.read("events", as_of=as_of, columns=["event_id"])
     assert sorted(old.column("event_id").to_pylist()) == ["e0", "e1", "e2"]
     assert store.count("events", as_of=datetime.now(UTC)) == 7
