@@ -15,16 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 from dagster import DagsterRunStatus
-from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from definitions.importer import import_events, import_items
 from nextbest.demo import DemoConfig, write_demo
 from nextbest.settings import Settings
 from nextbest.spec_loader import load_spec
 from storage.online import OnlineStore
+from tests.dagster_client import launch_and_wait
 
 ROOT = Path(__file__).resolve().parents[1]
-DONE = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
 pytestmark = pytest.mark.slow
 
@@ -103,21 +102,7 @@ def test_retrain_launched_through_graphql_succeeds(
             return False
 
     _until(up, timeout=90, what="the webserver", proc=proc)
-    client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=30)
-
-    def launch() -> str | None:
-        try:  # the code location may still be loading right after the server answers
-            return client.submit_job_execution("retrain")
-        except DagsterGraphQLClientError:
-            return None
-
-    run_id = _until(launch, timeout=60, what="the code location", proc=proc)
-    status = _until(
-        lambda: (s := client.get_run_status(run_id)) in DONE and s,
-        timeout=180,
-        what=f"run {run_id}",
-        proc=proc,
-    )
+    run_id, status = launch_and_wait(port, "retrain", timeout=240, proc=proc)
     assert status == DagsterRunStatus.SUCCESS, (
         Path(settings.home_dir).parent / "dagster.log"
     ).read_text()[-4000:]

@@ -157,24 +157,11 @@ def test_stack_serves_fresh_decisions(stack: Stack) -> None:
 
 def test_materialize_through_dagster_graphql(stack: Stack) -> None:
     from dagster import DagsterRunStatus
-    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+    from tests.dagster_client import launch_and_wait
 
     port = int(stack.dagster.rsplit(":", 1)[1])
-    client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=30)
-
-    def launch() -> str | None:
-        try:  # the code location may still be loading right after the server answers
-            return client.submit_job_execution("retrain")
-        except DagsterGraphQLClientError:
-            return None
-
-    run_id = wait_for(launch, timeout=120, what="launching the retrain job")
-    done = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-    status = wait_for(
-        lambda: (s := client.get_run_status(run_id)) in done and s,
-        timeout=300,
-        what=f"run {run_id} to finish (the daemon dequeues it)",
-    )
+    _, status = launch_and_wait(port, "retrain", timeout=300, proc=stack.proc)
     assert status == DagsterRunStatus.SUCCESS
 
 
