@@ -40,6 +40,9 @@ class UserView:
     cached: list[dict[str, Any]] = field(default_factory=list)
     cached_version: str | None = None
     cap_counts: dict[str, int] = field(default_factory=dict)
+    values: dict[str, float | None] = field(default_factory=dict)
+    """Every online feature value, grouped ones as `name[group]`: the inputs of the
+    uplift model and what the decision log records in `features["values"]`."""
 
     @property
     def fresh(self) -> bool:
@@ -58,6 +61,7 @@ def user_view(
     cached: Sequence[Mapping[str, Any]] = (),
     cached_version: str | None = None,
     cap_counts: Mapping[str, int] | None = None,
+    values: Mapping[str, float | None] | None = None,
 ) -> UserView:
     """Build a `UserView` from the online state of contracts.md: `session["history"]`
     ([item_id, event_type, ts_ms], newest first) becomes {item: sum of event weights}."""
@@ -95,6 +99,7 @@ def user_view(
         cached=[dict(a) for a in cached],
         cached_version=cached_version,
         cap_counts=dict(cap_counts or {}),
+        values=dict(values) if values is not None else dict(features or {}),
     )
 
 

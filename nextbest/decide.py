@@ -8,13 +8,23 @@ Blending: each source's raw scores are divided by that source's best score (so a
 source contributes at most its policy weight) and summed per item. An action's
 `source` is the source that contributed most; `reasons` say why it was chosen.
 
+Exploration (spec `policy.exploration`, see `nextbest.exploration`): on an item
+slate the arms are the greedy (diversified) top k plus the next eligible candidates,
+up to `nextbest.slate.EXPLORE_ARMS`; the strategy draws the first slot among them and the other
+slots are the greedy slate without that item, so the slate is a deterministic
+function of its first item and the first item's probability is the slate's. Every
+shown item carries that probability as its `propensity`, and off-policy evaluation
+treats the slate as the arm `<action>:<first item>` (a top-1 approximation: a reward
+from any slot is credited to the first). An explored first item may exceed
+`max_per_group` by one. Offers: `nextbest.offers.choose_offers`. The seed is the
+request's (the API derives it from the decision id), so a decision replays exactly.
+
 `served_from` is `realtime` when the user has fresh online state and a real-time
 source (item model or vectors) produced candidates, `cached` when the batch side's
 precomputed decision carried it, and `fallback` for popular-in-context answers
 (unknown users, empty pools, a degraded path).
 """
 
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,9 +46,11 @@ from nextbest.candidates import (
     vector_search_candidates,
 )
 from nextbest.model import ItemModel
-from nextbest.offers import Action, decide_offers, policy_for_surface
-from nextbest.pool import Pool, Pooled
+from nextbest.offers import Action, choose_offers, decide_offers, policy_for_surface
+from nextbest.pool import Pool
+from nextbest.slate import diverse, explore_slate, item_reasons
 from nextbest.spec import Policy, Spec
+from nextbest.uplift import OfferUplift
 
 __all__ = [
     "Action",
@@ -118,10 +130,16 @@ class Outcome:
     pool: Pool
     sources: list[str]
     degraded: list[str]
+    arms: list[dict[str, Any]] = field(default_factory=list)
+    """Every arm the exploring choice drew from, `{"action_id", "item_id", "score",
+    "propensity"}` (the decision log's `candidates`)."""
+    propensity_none: float | None = None
+    """Probability of showing nothing on an offer surface (None on item surfaces)."""
 
     def candidates(self, n: int = LOGGED_CANDIDATES) -> dict[str, Any]:
-        """The best candidates considered, for the decision log. Deferred: the API
-        calls it on the log's writer thread, off the request path."""
+        """The best pooled candidates with per-source contributions, columnar, for the
+        decision log's explanation. Deferred: the API calls it on the log's writer
+        thread, off the request path."""
         return self.pool.top(n)
 
 
@@ -135,32 +153,49 @@ def decide(
     trending: Sequence[tuple[str, float]] = (),
     vector_search: VectorSearch | None = None,
     realtime: bool = True,
+    uplift: OfferUplift | None = None,
 ) -> Outcome:
     """Decide the policy's actions for one user. `realtime=False` skips the model and
-    vector sources (the degraded path: cached, then popular-in-context)."""
+    vector sources (the degraded path: cached, then popular-in-context); `uplift`
+    ranks offers by predicted uplift."""
     item_actions = [a for a in policy.actions if spec.actions[a].kind == "item"]
     other_actions = [a for a in policy.actions if spec.actions[a].kind != "item"]
     degraded: list[str] = []
     items: list[Action] = []
     pool = Pool(assets.model)
     sources: list[str] = []
+    arms: list[dict[str, Any]] = []
     if item_actions:
         sources, scored = _gather(
             spec, policy, user, assets, pool, trending, vector_search, realtime, degraded
         )
         items = _rank_items(
-            spec, policy, request, user, assets, item_actions[0], pool, scored, degraded
+            spec, policy, request, user, assets, item_actions[0], pool, scored, degraded, arms
         )
-    offers = decide_offers(spec, policy, request.surface, request.context, user, other_actions)
-    if offers and any(s.source == "cached" for s in offers):
-        sources.append("cached")
-    actions = sorted([*items, *offers], key=lambda a: -a.score)[: request.k]
+    p_none: float | None = None
+    offers: list[Action] = []
+    if other_actions:
+        eligible = decide_offers(
+            spec, policy, request.surface, request.context, user, other_actions, uplift=uplift
+        )
+        if any(s.source == "cached" for s in eligible):
+            sources.append("cached")
+        if any(s.source == "uplift" for s in eligible):
+            sources.append("uplift")
+        offers, offer_arms, p_none = choose_offers(policy, eligible, seed=request.seed)
+        arms.extend(offer_arms)
+    # Slate order is the exploring choice's (an explored first item stays first); a
+    # policy mixing items and offers interleaves them by score.
+    mixed = sorted([*items, *offers], key=lambda a: -a.score) if items and offers else None
+    actions = (mixed or items or offers)[: request.k]
     return Outcome(
         actions=actions,
         served_from=_served_from(user, items, offers, sources),
         pool=pool,
         sources=sorted(set(sources)),
         degraded=degraded,
+        arms=arms,
+        propensity_none=p_none,
     )
 
 
@@ -243,6 +278,7 @@ def _rank_items(
     pool: Pool,
     scored: HistoryScores | None,
     degraded: list[str],
+    arms: list[dict[str, Any]],
 ) -> list[Action]:
     action = spec.actions[action_name]
     where = action.eligibility.where
@@ -295,82 +331,28 @@ def _rank_items(
             yield item, j, value
 
     stream = with_popular()
-    chosen = _explore(policy, request, _diverse(policy, assets, stream, request.k), stream)
+    slate = diverse(policy, assets.attributes, stream, request.k)
+    chosen, p_first = explore_slate(policy, request.seed, action_name, slate, stream, arms)
     because = (
         scored.because(assets.model, [i for i, _, _ in chosen])
         if assets.model is not None and scored is not None
         else {}
     )
     actions = []
-    for item, j, score in chosen:
-        p = pool.explain(item, j) if j != _EXPLORED else Pooled(score, {"exploration": 1.0})
+    for slot, (item, j, _) in enumerate(chosen):
+        p = pool.explain(item, j)
+        reasons = item_reasons(p, because.get(item, []))
+        if slot == 0 and policy.exploration.strategy != "none":
+            how = "greedy choice" if chosen[0] == slate[0] else "explored"
+            reasons.append(f"exploration: {policy.exploration.strategy} {how} (p={p_first:.4f})")
         actions.append(
             Action(
                 action_id=action_name,
                 item_id=item,
                 score=round(p.score, 6),
                 source=max(p.parts, key=lambda s: p.parts[s]) if p.parts else "popular",
-                reasons=_item_reasons(p, because.get(item, [])),
+                reasons=reasons,
+                propensity=p_first,
             )
         )
     return actions
-
-
-Ranked = tuple[str, int | None, float]
-_EXPLORED = -1
-
-
-def _diverse(policy: Policy, assets: Assets, ranked: Iterator[Ranked], k: int) -> list[Ranked]:
-    """Top k keeping at most `max_per_group` items per `group_by` attribute value."""
-    out: list[Ranked] = []
-    if k <= 0:
-        return out
-    limit = policy.max_per_group if policy.group_by is not None else None
-    counts: dict[Any, int] = {}
-    for entry in ranked:
-        if limit is not None:
-            group = (assets.attributes.get(entry[0]) or {}).get(policy.group_by or "")
-            if counts.get(group, 0) >= limit:
-                continue
-            counts[group] = counts.get(group, 0) + 1
-        out.append(entry)
-        if len(out) == k:
-            break
-    return out
-
-
-def _explore(
-    policy: Policy, request: DecisionRequest, chosen: list[Ranked], rest: Iterator[Ranked]
-) -> list[Ranked]:
-    """Epsilon-greedy: each slot after the first is, with probability epsilon, an
-    eligible candidate from outside the top k (seeded by the decision id)."""
-    if policy.exploration.strategy != "epsilon_greedy" or len(chosen) < 2:
-        return chosen
-    rng = random.Random(request.seed)
-    spare = [c for _, c in zip(range(200), rest, strict=False)]
-    out = list(chosen)
-    for slot in range(1, len(out)):
-        if spare and rng.random() < policy.exploration.epsilon:
-            item, _, _ = spare.pop(rng.randrange(len(spare)))
-            out[slot] = (item, _EXPLORED, out[slot][2])
-    return out
-
-
-def _item_reasons(p: Pooled, because: list[str]) -> list[str]:
-    reasons: list[str] = []
-    for source, contribution in sorted(p.parts.items(), key=lambda kv: -kv[1]):
-        raw = p.raw.get(source, 0.0)
-        if source == "item_model":
-            tail = f" because of {', '.join(because)}" if because else ""
-            reasons.append(f"item_model: {raw:.3f}{tail}")
-        elif source == "vector":
-            reasons.append(f"vector: similarity {raw:.3f} to the current session")
-        elif source == "trending":
-            reasons.append(f"trending: {raw:g} recent interactions")
-        elif source == "cached":
-            reasons.append(f"cached: precomputed score {raw:.3f}")
-        elif source == "popular":
-            reasons.append(f"popular: {raw:g} users")
-        else:
-            reasons.append(f"{source}: {contribution:.3f}")
-    return reasons

@@ -1,9 +1,21 @@
 """Non-item actions (offers, content) and the surface -> policy mapping.
 
 An offer is eligible when every `where` condition of the spec holds for the user's
-online features and the request context and its cap for the period is not reached;
-its score is the spec's `priority`, plus the policy's cached weight when the batch
-side chose it for this user.
+online features and the request context and its cap for the period is not reached.
+
+Ranking: when an uplift model (`nextbest.uplift.OfferUplift`, trained by the Dagster
+`offer_uplift` asset) knows the offer, its score is the predicted uplift (the
+conversions showing it causes) and an offer predicted to cost conversions (uplift
+<= 0) is not shown; otherwise the score is the spec's `priority`, plus the policy's
+cached weight when the batch side chose it for this user. Offers the model does not
+know keep their priority score next to the uplift scores of the others (the scales
+differ; train the model on every offer of a surface to avoid mixing them).
+
+Exploration (`choose_offers`): the arms are the eligible offers plus `none` (show
+nothing, score 0: the control arm uplift is learned against). Without exploration
+every showable offer is shown, as before; with it, one arm per decision is drawn by
+`nextbest.exploration.explore` and shown alone (or nothing), which is the randomized
+exposure the uplift model and off-policy evaluation need.
 """
 
 from collections.abc import Mapping
@@ -12,7 +24,12 @@ from typing import Any
 
 from nextbest import rules
 from nextbest.candidates import UserView
+from nextbest.exploration import explore
 from nextbest.spec import Policy, Spec
+from nextbest.uplift import OfferUplift
+
+NO_ACTION = "none"  # nextbest.ope.NO_ACTION, the arm definitions.bandit_log reads
+NONE_SCORE = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +40,9 @@ class Action:
     source: str
     reasons: list[str]
     title: str | None = None
+    propensity: float = 1.0
+    """Probability the exploring policy chose this action (1.0 without exploration;
+    for item slates the probability of the slate's first item, see nextbest.decide)."""
 
 
 def decide_offers(
@@ -32,9 +52,13 @@ def decide_offers(
     context: Mapping[str, Any],
     user: UserView,
     names: list[str],
+    *,
+    uplift: OfferUplift | None = None,
 ) -> list[Action]:
-    """Non-item actions: eligible when every `where` holds and the cap is not reached;
-    score = priority, plus the cached source's weight when the batch side chose it."""
+    """Eligible non-item actions, best first: scored by predicted uplift when `uplift`
+    knows them, else priority (+ the cached source's weight when the batch side chose
+    it). Offers with a predicted uplift <= 0 are returned too (exploration may show
+    them); `showable` tells which a greedy policy shows."""
     cached_weight = max((c.weight for c in policy.candidates if c.source == "cached"), default=0.0)
     cached_ids = {a.get("action_id") for a in user.cached}
     out: list[Action] = []
@@ -52,13 +76,85 @@ def decide_offers(
             if used >= action.cap.max:
                 continue
             reasons.append(f"cap: shown {used} of {action.cap.max} per {action.cap.per}")
-        score, source = action.priority, "rules"
-        if name in cached_ids and cached_weight > 0:
-            score += cached_weight
-            source = "cached"
-            reasons.append("cached: chosen by the batch side")
-        out.append(Action(name, None, round(score, 6), source, reasons, title=action.title))
+        out.append(
+            _scored(name, action.priority, reasons, action.title, name in cached_ids, cached_weight)
+        )
+    if uplift is not None and out:
+        out = _by_uplift(out, uplift, user)
+    elif out:
+        for a in out:
+            a.reasons.append("ranking: priority (no uplift model loaded)")
+    return sorted(out, key=lambda a: -a.score)
+
+
+def _scored(
+    name: str, priority: float, reasons: list[str], title: str | None, cached: bool, weight: float
+) -> Action:
+    score, source = priority, "rules"
+    if cached and weight > 0:
+        score += weight
+        source = "cached"
+        reasons.append("cached: chosen by the batch side")
+    return Action(name, None, round(score, 6), source, reasons, title=title)
+
+
+def _by_uplift(offers: list[Action], uplift: OfferUplift, user: UserView) -> list[Action]:
+    known = [a for a in offers if a.action_id in uplift.models]
+    if not known:
+        for a in offers:
+            a.reasons.append(f"ranking: priority (uplift model {uplift.version} lacks this offer)")
+        return offers
+    predicted = uplift.predict([user.values])
+    out: list[Action] = []
+    for a in offers:
+        up = predicted.get(a.action_id)
+        if up is None:
+            a.reasons.append(f"ranking: priority (uplift model {uplift.version} lacks this offer)")
+            out.append(a)
+            continue
+        u = float(up[0])
+        reasons = [
+            *a.reasons,
+            f"uplift: predicted {u:+.4f} conversion probability when shown "
+            f"(model {uplift.version})",
+        ]
+        out.append(Action(a.action_id, None, round(u, 6), "uplift", reasons, title=a.title))
     return out
+
+
+def showable(action: Action) -> bool:
+    """What a greedy policy shows: every eligible offer, except those the uplift model
+    predicts to cost conversions."""
+    return action.source != "uplift" or action.score > NONE_SCORE
+
+
+def choose_offers(
+    policy: Policy, offers: list[Action], *, seed: int
+) -> tuple[list[Action], list[dict[str, Any]], float]:
+    """(shown offers, every arm with its score and propensity for the decision log,
+    probability of showing nothing). `offers` come best first from `decide_offers`."""
+    greedy = next((j for j, a in enumerate(offers) if showable(a)), len(offers))
+    scores = [a.score for a in offers] + [NONE_SCORE]
+    exploration = policy.exploration
+    chosen, probs = explore(
+        scores, greedy, exploration.strategy, epsilon=exploration.epsilon, seed=seed
+    )
+    arms: list[dict[str, Any]] = [
+        {"action_id": a.action_id, "item_id": None, "score": a.score, "propensity": p}
+        for a, p in zip(offers, probs, strict=False)
+    ]
+    arms.append(
+        {"action_id": NO_ACTION, "item_id": None, "score": NONE_SCORE, "propensity": probs[-1]}
+    )
+    if exploration.strategy == "none":
+        return [a for a in offers if showable(a)], arms, probs[-1]
+    if chosen == len(offers):
+        return [], arms, probs[-1]
+    a = offers[chosen]
+    how = "greedy choice" if chosen == greedy else "explored"
+    note = f"exploration: {exploration.strategy} {how} (p={probs[chosen]:.4f})"
+    shown = Action(a.action_id, None, a.score, a.source, [*a.reasons, note], a.title, probs[chosen])
+    return [shown], arms, probs[-1]
 
 
 def policy_for_surface(spec: Spec, surface: str | None) -> tuple[str, str, Policy, bool]:

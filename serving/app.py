@@ -5,20 +5,28 @@ writer or a Kafka producer), loads the promoted model and item attributes into
 memory, and runs one background task that reloads the model when the promoted
 version changes and refreshes trending counts. Handlers get the runtime through a
 `Provide` dependency; sync store work runs in worker threads, never on the loop.
+
+Hardening: a token bucket per API key (per client IP when keys are off) answers 429
+with `Retry-After` (`serving.ratelimit`), bodies over `settings.max_body_bytes` get
+413, and an unhandled error is logged with a request id and answered with a generic
+500 carrying only that id, never a message or trace from the inside.
 """
 
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio.to_thread
-from litestar import Litestar
+from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from nextbest.settings import Settings
 from nextbest.spec import Spec
@@ -32,6 +40,7 @@ from serving.controllers.ops import OpsController
 from serving.controllers.users import UsersController
 from serving.keys import HEADER, KeyMiddleware
 from serving.metrics import Metrics, MetricsMiddleware
+from serving.ratelimit import DEFAULT_RATE_PER_S, RateLimitMiddleware, TokenBuckets
 from serving.runtime import ServingRuntime, freeze_heap
 
 log = logging.getLogger(__name__)
@@ -69,9 +78,27 @@ async def _refresh_loop(runtime: ServingRuntime, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             await anyio.to_thread.run_sync(runtime.reload)
+            await anyio.to_thread.run_sync(runtime.reload_uplift)
             await anyio.to_thread.run_sync(runtime.refresh_trending)
         except Exception:  # a failed refresh keeps the previous model; retry next tick
             log.exception("background refresh failed")
+
+
+def internal_error(request: Request, exc: Exception) -> Response[dict[str, object]]:
+    """500 with a request id to quote; the details go to the log only."""
+    request_id = secrets.token_hex(8)
+    log.error(
+        "unhandled error (request id %s) on %s %s",
+        request_id,
+        request.method,
+        request.url.path,
+        exc_info=exc,
+    )
+    return Response(
+        {"status_code": 500, "detail": "internal server error", "request_id": request_id},
+        status_code=HTTP_500_INTERNAL_SERVER_ERROR,
+        headers={"X-Request-ID": request_id},
+    )
 
 
 def create_app(
@@ -80,9 +107,19 @@ def create_app(
     spec: Spec | None = None,
     require_keys: bool = True,
     refresh_interval_s: float = REFRESH_INTERVAL_S,
+    rate_limit_per_s: float | None = DEFAULT_RATE_PER_S,
+    rate_limit_burst: float | None = None,
 ) -> Litestar:
-    """The API. `require_keys=False` turns the key guard off (local demos only)."""
+    """The API. `require_keys=False` turns the key guard off (local demos only).
+    `rate_limit_per_s` requests per second per API key (per client IP without keys),
+    bursts up to `rate_limit_burst` (default: one second's worth); None: no limit."""
     metrics = Metrics()
+    middleware: list[Any] = [DefineMiddleware(MetricsMiddleware, metrics=metrics)]
+    if rate_limit_per_s is not None:
+        burst = rate_limit_burst if rate_limit_burst is not None else max(rate_limit_per_s, 1.0)
+        buckets = TokenBuckets(rate_limit_per_s, burst)
+        middleware.append(DefineMiddleware(RateLimitMiddleware, buckets=buckets))
+    middleware.append(KeyMiddleware)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -114,7 +151,8 @@ def create_app(
             docs_page,
         ],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
-        middleware=[DefineMiddleware(MetricsMiddleware, metrics=metrics), KeyMiddleware],
+        middleware=middleware,
+        exception_handlers={HTTP_500_INTERNAL_SERVER_ERROR: internal_error},
         lifespan=[lifespan],
         openapi_config=_openapi(),
         request_max_body_size=settings.max_body_bytes,

@@ -16,7 +16,14 @@
    the cached decision; if that fails too, popular-in-context from memory.
 
 The decision record is handed to the decision log's queue; the caller never waits
-for it.
+for it. Its layout is what `definitions.bandit_log` reads (and what
+`nextbest.offer_sim.decision_records` simulates): each shown action with its
+`propensity`, every arm the exploring choice drew from in `candidates`
+(`{"action_id", "item_id", "score", "propensity"}`), the probability of showing
+nothing in `features["propensity"]` when an offer surface showed nothing, the feature
+values in `features["values"]`, the pooled candidates with their per-source parts in
+`features["pool"]`, and the exploration strategy and seed in `features["exploration"]`
+(the seed is the first 32 bits of the decision id, so the decision replays).
 """
 
 import random
@@ -49,7 +56,13 @@ def new_decision_id() -> str:
 
 def view_of(runtime: ServingRuntime, snap: Snapshot) -> UserView:
     state = snap.state
-    features = {f.feature: f.value for f in snap.features if f.group_key == ""}
+    features: dict[str, float | None] = {}
+    values: dict[str, float | None] = {}
+    for f in snap.features:
+        if f.group_key:
+            values[f"{f.feature}[{f.group_key}]"] = f.value
+        else:
+            features[f.feature] = values[f.feature] = f.value
     cached = snap.cached
     return user_view(
         runtime.spec,
@@ -61,6 +74,7 @@ def view_of(runtime: ServingRuntime, snap: Snapshot) -> UserView:
         cached=cached.actions if cached else (),
         cached_version=cached.model_version if cached else None,
         cap_counts=snap.cap_counts,
+        values=values,
     )
 
 
@@ -81,6 +95,7 @@ def _decide(
         trending=runtime.trending,
         vector_search=runtime.vector_search() if realtime else None,
         realtime=realtime,
+        uplift=runtime.uplift,
     )
 
 
@@ -160,7 +175,7 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
     notes.extend(outcome.degraded)
     for note in notes:
         runtime.metrics.degraded.labels(note.split(":", 1)[0]).inc()
-    return _respond(runtime, body, decision_id, surface, outcome, snap, view, notes)
+    return _respond(runtime, body, decision_id, request, policy, outcome, snap, view, notes)
 
 
 def _context_surface(context: dict[str, Any]) -> str | None:
@@ -172,19 +187,21 @@ def _respond(
     runtime: ServingRuntime,
     body: DecideIn,
     decision_id: str,
-    surface: str,
+    request: DecisionRequest,
+    policy: Policy,
     outcome: Outcome,
     snap: Snapshot | None,
     view: UserView,
     notes: list[str],
 ) -> DecideOut:
     now = now_ms()
+    surface = request.surface
     model = runtime.assets.model
     if outcome.served_from == "cached" and view.cached_version:
         model_version = view.cached_version
     else:
         model_version = model.version if model is not None else None
-    age, values = _feature_snapshot(runtime, snap, now)
+    age = _feature_age(runtime, snap, now)
     runtime.metrics.decisions.labels(outcome.served_from, surface).inc()
     actions = [
         ActionOut(a.action_id, a.item_id, a.score, a.source, a.reasons, a.title)
@@ -196,6 +213,23 @@ def _respond(
         for a in outcome.actions
         if a.action_id in runtime.cap_periods
     ]
+    features: dict[str, Any] = {
+        "values": view.values,
+        "feature_age_ms": age,
+        "surface": surface,
+        "context": body.context,
+        "requested_user_id": body.user_id,
+        "sources": outcome.sources,
+        "degraded": notes,
+        "pool": outcome.candidates,  # evaluated by the log writer thread
+        "exploration": {
+            "strategy": policy.exploration.strategy,
+            "epsilon": policy.exploration.epsilon,
+            "seed": request.seed,
+        },
+    }
+    if not outcome.actions and outcome.propensity_none is not None:
+        features["propensity"] = outcome.propensity_none
     record = {
         "record": "decision",
         "decision_id": decision_id,
@@ -204,19 +238,17 @@ def _respond(
         "served_from": outcome.served_from,
         "model_version": model_version,
         "actions": [
-            {"action_id": a.action_id, "item_id": a.item_id, "score": a.score, "source": a.source}
+            {
+                "action_id": a.action_id,
+                "item_id": a.item_id,
+                "score": a.score,
+                "source": a.source,
+                "propensity": a.propensity,
+            }
             for a in outcome.actions
         ],
-        "candidates": outcome.candidates,  # evaluated by the log writer thread
-        "features": {
-            "values": values,
-            "feature_age_ms": age,
-            "surface": surface,
-            "context": body.context,
-            "requested_user_id": body.user_id,
-            "sources": outcome.sources,
-            "degraded": notes,
-        },
+        "candidates": outcome.arms,
+        "features": features,
     }
     runtime.decision_log.submit(actor, record, caps)
     return DecideOut(
@@ -231,18 +263,14 @@ def _respond(
     )
 
 
-def _feature_snapshot(
-    runtime: ServingRuntime, snap: Snapshot | None, now: int
-) -> tuple[int | None, dict[str, float | None]]:
+def _feature_age(runtime: ServingRuntime, snap: Snapshot | None, now: int) -> int | None:
     if snap is None:
-        return None, {}
-    values: dict[str, float | None] = {}
+        return None
     newest: int | None = None
     for f in snap.features:
-        values[f"{f.feature}[{f.group_key}]" if f.group_key else f.feature] = f.value
         newest = f.event_ts_ms if newest is None else max(newest, f.event_ts_ms)
     state = snap.state
     if state is not None:
         newest = state.event_ts_ms if newest is None else max(newest, state.event_ts_ms)
         runtime.metrics.observe_lag(snap.actor, state.event_ts_ms, state.updated_at_ms)
-    return (None if newest is None else max(0, now - newest)), values
+    return None if newest is None else max(0, now - newest)

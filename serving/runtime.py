@@ -8,10 +8,12 @@ list. Both run in a background loop, off the request path.
 """
 
 import gc
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from nextbest.decide import Assets
 from nextbest.model import ItemModel
 from nextbest.settings import Settings
 from nextbest.spec import Spec
+from nextbest.uplift import OfferUplift
 from serving.keys import KeyVerifier
 from serving.metrics import Metrics
 from serving.reader import SnapshotReader
@@ -34,6 +37,9 @@ from storage.vectors import VectorStore
 log = logging.getLogger(__name__)
 ITEMS_TABLE = "items"
 TRENDING_LIMIT = 500
+UPLIFT_POINTER = "uplift.json"
+"""`<home>/models/uplift.json`, written by the Dagster `offer_uplift` asset:
+`{"version", "artifact_path", ...}` pointing at the latest `OfferUplift` .npz."""
 
 
 def freeze_heap() -> None:
@@ -83,6 +89,8 @@ class ServingRuntime:
         self.pseudonymization_key = settings.pseudonymization_key.get_secret_value().encode()
         self.assets = Assets()
         self.model_error: str | None = None
+        self.uplift: OfferUplift | None = None
+        self.uplift_error: str | None = None
         self.trending: list[tuple[str, float]] = []
         self._reload_lock = threading.Lock()
         self.decision_log = DecisionLog(
@@ -133,6 +141,7 @@ class ServingRuntime:
             metrics=metrics,
         )
         runtime.reload()
+        runtime.reload_uplift()
         runtime.refresh_trending()
         return runtime
 
@@ -170,6 +179,36 @@ class ServingRuntime:
             self.metrics.model_loaded.clear()
             self.metrics.model_loaded.labels(record.version).set(now_ms() / 1000)
             log.info("loaded model %s (%d items)", record.version, model.n_items)
+            return True
+
+    def reload_uplift(self) -> bool:
+        """Load the offer uplift models when `models/uplift.json` names a new version.
+        Offers are ranked by priority while there is none; a pointer that disappears
+        drops the model, an unreadable artifact keeps the previous one."""
+        pointer = self.settings.home_dir / "models" / UPLIFT_POINTER
+        with self._reload_lock:
+            try:
+                info = json.loads(pointer.read_text())
+            except FileNotFoundError:
+                changed = self.uplift is not None
+                self.uplift = None
+                return changed
+            except (OSError, ValueError) as exc:
+                self.uplift_error = f"{UPLIFT_POINTER}: {type(exc).__name__}"
+                return False
+            version = str(info.get("version") or "") if isinstance(info, dict) else ""
+            current = self.uplift.version if self.uplift is not None else None
+            if not version or version == current:
+                return False
+            try:
+                uplift = OfferUplift.load(Path(str(info["artifact_path"])))
+            except Exception as exc:
+                self.uplift_error = f"uplift {version}: {type(exc).__name__}: {exc}"[:300]
+                log.warning("cannot load uplift model: %s", self.uplift_error)
+                return False
+            self.uplift = OfferUplift(uplift.feature_names, uplift.models, version)
+            self.uplift_error = None
+            log.info("loaded uplift model %s (offers: %s)", version, ", ".join(uplift.models))
             return True
 
     def load_attributes(self) -> dict[str, dict[str, Any]]:

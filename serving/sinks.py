@@ -218,8 +218,17 @@ class DecisionLog:
             self.count_caps(hits)
 
 
+def _resolve(value: Any) -> Any:
+    if callable(value):
+        return value()
+    if isinstance(value, dict):
+        return {k: (v() if callable(v) else v) for k, v in value.items()}
+    return value
+
+
 def _encode(record: dict[str, Any]) -> bytes:
-    """JSON of a record whose callable values are deferred work, evaluated here
-    (msgspec: several times faster than json.dumps, and this runs per decision)."""
-    resolved = {k: (v() if callable(v) else v) for k, v in record.items()}
+    """JSON of a record whose callable values (top level, or one level down in a dict)
+    are deferred work, evaluated here (msgspec: several times faster than json.dumps,
+    and this runs per decision)."""
+    resolved = {k: _resolve(v) for k, v in record.items()}
     return msgspec.json.encode(resolved, enc_hook=str)

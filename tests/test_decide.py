@@ -14,8 +14,9 @@ from nextbest.candidates import UserView, history_scores, user_view
 from nextbest.decide import Assets, DecisionRequest, Outcome, decide, policy_for_surface
 from nextbest.demo import DemoConfig, generate_items, iter_events
 from nextbest.model import ItemModel, fit, interaction_matrix
-from nextbest.spec import Condition, Spec
+from nextbest.spec import Condition, Exploration, Policy, Spec
 from nextbest.spec_loader import load_spec
+from nextbest.uplift import OfferUplift, Standardizer, UpliftModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,3 +257,127 @@ def test_missing_counting_feature_is_zero_and_others_none(spec: Spec) -> None:
         context={},
     )
     assert ok and reasons == ["user.spend_30d lt 50 (is 0.0)"]
+
+
+# --- exploration with logged propensities, uplift ranking ------------------------------
+
+
+def _exploring(spec: Spec, surface: str | None, strategy: str, epsilon: float) -> Policy:
+    _, _, policy, _ = policy_for_surface(spec, surface)
+    return policy.model_copy(
+        update={"exploration": Exploration(strategy=strategy, epsilon=epsilon)}  # type: ignore[arg-type]
+    )
+
+
+def _shopper(spec: Spec, **features: float) -> UserView:
+    values = {"cart_adds_1h": 1.0, "views_1h": 7.0, "spend_30d": 10.0, **features}
+    return user_view(spec, "u-shop", features=values)
+
+
+def test_epsilon_greedy_logs_exact_propensities(spec: Spec, assets: Assets, items: list) -> None:
+    eps = 0.2
+    policy = _exploring(spec, None, "epsilon_greedy", eps)
+    user = _viewer(spec, "u1", _category(items, "hiking")[:5])
+    explored = 0
+    for seed in range(60):
+        out = decide(spec, policy, DecisionRequest("default", k=5, seed=seed), user, assets)
+        arms = out.arms
+        n = len(arms)
+        assert n == 20 and math.isclose(sum(a["propensity"] for a in arms), 1.0)
+        assert math.isclose(arms[0]["propensity"], 1 - eps + eps / n)
+        assert all(math.isclose(a["propensity"], eps / n) for a in arms[1:])
+        first = out.actions[0]
+        logged = next(a for a in arms if a["item_id"] == first.item_id)
+        assert all(a.propensity == logged["propensity"] for a in out.actions)  # the slate's
+        assert len(out.actions) == 5 and len({a.item_id for a in out.actions}) == 5
+        if first.item_id != arms[0]["item_id"]:
+            explored += 1
+            assert any(r.startswith("exploration: epsilon_greedy explored") for r in first.reasons)
+    assert 3 <= explored <= 25  # about eps * (n - 1) / n of 60
+
+
+def test_no_exploration_logs_propensity_one(spec: Spec, assets: Assets, items: list) -> None:
+    user = _viewer(spec, "u1", _category(items, "books")[:5])
+    outs = [_run(spec, assets, user, k=4, seed=seed) for seed in range(5)]
+    assert all(o.actions == outs[0].actions for o in outs)  # nothing random without it
+    out = outs[0]
+    assert all(a.propensity == 1.0 for a in out.actions)
+    assert [a["propensity"] for a in out.arms] == [1.0] + [0.0] * (len(out.arms) - 1)
+    assert out.arms[0]["item_id"] == out.actions[0].item_id
+
+
+def test_same_seed_replays_the_same_choice(spec: Spec, assets: Assets, items: list) -> None:
+    user = _viewer(spec, "u1", _category(items, "toys")[:4])
+    for strategy in ("epsilon_greedy", "thompson"):
+        policy = _exploring(spec, None, strategy, 0.5)
+        firsts = set()
+        for seed in (11, 12, 13, 14, 15, 16, 17, 18):
+            request = DecisionRequest("default", k=4, seed=seed)
+            a, b = (decide(spec, policy, request, user, assets) for _ in range(2))
+            assert a.actions == b.actions and a.arms == b.arms
+            assert math.isclose(sum(x["propensity"] for x in a.arms), 1.0)
+            chosen = next(x for x in a.arms if x["item_id"] == a.actions[0].item_id)
+            assert chosen["propensity"] > 0 and a.actions[0].propensity == chosen["propensity"]
+            firsts.add(a.actions[0].item_id)
+        assert len(firsts) > 1, strategy  # different decision ids do explore
+
+
+def test_exploring_offer_surface_shows_one_arm_or_none(spec: Spec, assets: Assets) -> None:
+    eps = 0.6
+    policy = _exploring(spec, "checkout", "epsilon_greedy", eps)
+    shown: dict[str, int] = {}
+    for seed in range(80):
+        request = DecisionRequest("checkout", k=3, context={"device": "mobile"}, seed=seed)
+        out = decide(spec, policy, request, _shopper(spec), assets)
+        arms = {a["action_id"]: a["propensity"] for a in out.arms}
+        assert set(arms) == {"free_shipping", "ten_percent_off", "none"}
+        assert math.isclose(sum(arms.values()), 1.0)
+        assert math.isclose(arms["free_shipping"], 1 - eps + eps / 3)  # priority 0.5 wins
+        assert out.propensity_none is not None and math.isclose(out.propensity_none, eps / 3)
+        assert len(out.actions) <= 1
+        name = out.actions[0].action_id if out.actions else "none"
+        if out.actions:
+            assert out.actions[0].propensity == arms[name]
+        shown[name] = shown.get(name, 0) + 1
+    assert set(shown) == {"free_shipping", "ten_percent_off", "none"}
+
+
+def _uplift(effects: dict[str, float], names: Sequence[str]) -> OfferUplift:
+    """Offer uplift models with a constant effect: control converts at 10%, treated at
+    sigmoid(logit(0.1) + effect)."""
+    d = len(names)
+    std = Standardizer(np.zeros(d), np.ones(d))
+    base = math.log(0.1 / 0.9)
+    models = {}
+    for offer, effect in effects.items():
+        coef = np.zeros((2, d + 1))
+        coef[0, -1], coef[1, -1] = base, base + effect
+        models[offer] = UpliftModel("t", "linear", std, coef, 0.5)
+    return OfferUplift(tuple(names), models, "u-test")
+
+
+def test_offers_ranked_by_uplift_when_a_model_exists(spec: Spec, assets: Assets) -> None:
+    request = DecisionRequest("checkout", k=3, context={"device": "mobile"})
+    _, _, policy, _ = policy_for_surface(spec, "checkout")
+    user = _shopper(spec)
+    by_priority = decide(spec, policy, request, user, assets)
+    assert [a.action_id for a in by_priority.actions] == ["free_shipping", "ten_percent_off"]
+    assert all(
+        "ranking: priority (no uplift model loaded)" in a.reasons for a in by_priority.actions
+    )
+
+    uplift = _uplift({"free_shipping": 0.1, "ten_percent_off": 1.0}, ["views_1h", "spend_30d"])
+    out = decide(spec, policy, request, user, assets, uplift=uplift)
+    assert [a.action_id for a in out.actions] == ["ten_percent_off", "free_shipping"]
+    predicted = uplift.predict([user.values])
+    for a in out.actions:
+        assert a.source == "uplift" and math.isclose(
+            a.score, predicted[a.action_id][0], abs_tol=1e-6
+        )
+        assert any(r.startswith("uplift: predicted +") for r in a.reasons)
+    assert "uplift" in out.sources
+
+    hurts = _uplift({"free_shipping": -0.5, "ten_percent_off": 0.4}, ["views_1h"])
+    out = decide(spec, policy, request, user, assets, uplift=hurts)
+    assert [a.action_id for a in out.actions] == ["ten_percent_off"]  # costs conversions: hidden
+    assert {a["action_id"] for a in out.arms} == {"free_shipping", "ten_percent_off", "none"}

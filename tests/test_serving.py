@@ -217,8 +217,13 @@ def test_decisions_and_feedback_are_logged(api: Api) -> None:
     records = _wait(lambda: len(logged()) == 2 and logged(), what="decision and feedback records")
     decision = next(p for p in records if p["record"] == "decision")
     feedback = next(p for p in records if p["record"] == "feedback")
-    assert decision["served_from"] == out["served_from"] and decision["candidates"]["item_id"]
+    assert decision["served_from"] == out["served_from"] and decision["features"]["pool"]["item_id"]
     assert [a["item_id"] for a in decision["actions"]] == [a["item_id"] for a in out["actions"]]
+    # Without exploration (the demo spec): the greedy slate, every propensity 1.
+    assert all(a["propensity"] == 1.0 for a in decision["actions"])
+    arms = decision["candidates"]
+    assert arms[0]["item_id"] == out["actions"][0]["item_id"] and arms[0]["propensity"] == 1.0
+    assert sum(a["propensity"] for a in arms) == 1.0 and len(arms) == 20
     assert feedback["outcome"] == "click" and feedback["user_id"] == "u-logged"
 
 

@@ -6,12 +6,17 @@ from litestar.exceptions import (
     NotAuthorizedException,
     PermissionDeniedException,
     ServiceUnavailableException,
+    TooManyRequestsException,
 )
 
 from serving.runtime import ServingRuntime
 
 SECURITY: list[dict[str, list[str]]] = [{"ApiKey": []}]
-AUTH_ERRORS: list[type[HTTPException]] = [NotAuthorizedException, PermissionDeniedException]
+AUTH_ERRORS: list[type[HTTPException]] = [
+    NotAuthorizedException,
+    PermissionDeniedException,
+    TooManyRequestsException,
+]
 AUTH_AND_UNAVAILABLE: list[type[HTTPException]] = [*AUTH_ERRORS, ServiceUnavailableException]
 
 
