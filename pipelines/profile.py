@@ -16,7 +16,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -61,20 +61,29 @@ class FeaturePlan:
     session_vector: SessionVectorFeature | None
     events_of: dict[str, frozenset[str]]  # feature -> event types
     window_ms: dict[str, int]  # window feature -> window length (parsed once)
+    # event type -> the (name, feature) pairs it feeds, in declaration order
+    user_routes: dict[str, tuple[tuple[str, WindowFeature], ...]] = field(default_factory=dict)
+    item_routes: dict[str, tuple[tuple[str, WindowFeature], ...]] = field(default_factory=dict)
+    last_n_routes: dict[str, tuple[tuple[str, LastNFeature], ...]] = field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: Spec) -> "FeaturePlan":
         windows = spec.window_features()
         last_n = {n: f for n, f in spec.features.items() if isinstance(f, LastNFeature)}
         vectors = [f for f in spec.features.values() if isinstance(f, SessionVectorFeature)]
+        user_windows = {n: f for n, f in windows.items() if f.entity == "user"}
+        item_windows = {n: f for n, f in windows.items() if f.entity == "item"}
         return cls(
             spec=spec,
-            user_windows={n: f for n, f in windows.items() if f.entity == "user"},
-            item_windows={n: f for n, f in windows.items() if f.entity == "item"},
+            user_windows=user_windows,
+            item_windows=item_windows,
             last_n=last_n,
             session_vector=vectors[0] if vectors else None,
             events_of={n: frozenset(f.events) for n, f in spec.features.items()},
             window_ms={n: window_ms(f) for n, f in windows.items()},
+            user_routes=_routes(user_windows),
+            item_routes=_routes(item_windows),
+            last_n_routes=_routes(last_n),
         )
 
     @property
@@ -86,27 +95,39 @@ class FeaturePlan:
         return frozenset().union(*(self.events_of[n] for n in self.item_windows))
 
 
+F = TypeVar("F", WindowFeature, LastNFeature)
+
+
+def _routes(features: Mapping[str, F]) -> dict[str, tuple[tuple[str, F], ...]]:
+    """event type -> the features it feeds, so folding skips the others unseen."""
+    types = {t for f in features.values() for t in f.events}
+    return {t: tuple((n, f) for n, f in features.items() if t in f.events) for t in types}
+
+
 def _fold_windows(
     plan: FeaturePlan,
-    features: Mapping[str, WindowFeature],
+    routes: Mapping[str, tuple[tuple[str, WindowFeature], ...]],
     windows: dict[str, WindowState],
     event: Event,
+    ts_ms: int,
     item: Mapping[str, Any] | None,
     offered: Touched,
 ) -> None:
-    """Fold `event` into every window feature it applies to, noting in `offered` the
-    (feature, group) it was offered to, whether or not the window kept it."""
-    for name, feature in features.items():
-        if event.type not in plan.events_of[name]:
-            continue
+    """Fold `event` (at `ts_ms`) into every window feature it applies to, noting in
+    `offered` the (feature, group) it was offered to, whether or not the window kept it."""
+    for name, feature in routes.get(event.type, ()):
         group = group_key(feature, item)
         if group is None:
             continue
         state = windows.get(name)
         if state is None:
             state = windows[name] = WindowState(window_ms=plan.window_ms[name], agg=feature.agg)
-        state.add(event.ts_ms, event.event_id, group, field_value(plan.spec, feature, event, item))
-        offered.setdefault(name, set()).add(group)
+        state.add(ts_ms, event.event_id, group, field_value(plan.spec, feature, event, item))
+        touched = offered.get(name)
+        if touched is None:
+            offered[name] = {group}
+        else:
+            touched.add(group)
 
 
 def _window_rows(
@@ -178,7 +199,8 @@ class ItemProfile:
         source: Source = (-1, -1)
         item = lookup(item_id)
         for partition, offset, event in batch:
-            _fold_windows(plan, plan.item_windows, self.windows, event, item, offered)
+            ts_ms = event.ts_ms
+            _fold_windows(plan, plan.item_routes, self.windows, event, ts_ms, item, offered)
             source = max(source, (partition, offset))
         actor = item_actor(item_id)
         return _window_rows(actor, offered, self.windows, self.written, source, self.rewrite)
@@ -203,18 +225,35 @@ class UserProfile:
         self, plan: FeaturePlan, event: Event, item: Mapping[str, Any] | None, offered: Touched
     ) -> None:
         """Fold one event in, noting the window features and groups it was offered to."""
-        _fold_windows(plan, plan.user_windows, self.windows, event, item, offered)
-        key = (event.ts_ms, event.event_id)
+        ts_ms = event.ts_ms  # a datetime conversion: once per event, not per feature
+        _fold_windows(plan, plan.user_routes, self.windows, event, ts_ms, item, offered)
+        key = (ts_ms, event.event_id)
         if key > self.latest:
             self.latest = key
             self.session_id = event.context.session_id
-        if event.item_id is None:
+        item_id = event.item_id
+        if item_id is None:
             return
-        for name, feature in plan.last_n.items():
-            if event.type in plan.events_of[name]:
-                self.recent.setdefault(name, RecentItems(feature.n)).add(event.ts_ms, event.item_id)
-        self.seen.setdefault(event.type, RecentItems(HISTORY_MAX)).add(event.ts_ms, event.item_id)
-        self._interact((event.ts_ms, event.event_id, event.item_id, event.type))
+        for name, feature in plan.last_n_routes.get(event.type, ()):
+            recent = self.recent.get(name)
+            if recent is None:
+                recent = self.recent[name] = RecentItems(feature.n)
+            recent.add(ts_ms, item_id)
+        seen = self.seen.get(event.type)
+        if seen is None:
+            seen = self.seen[event.type] = RecentItems(HISTORY_MAX)
+        seen.add(ts_ms, item_id)
+        self._interact((ts_ms, event.event_id, item_id, event.type))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Snapshots skip what `interactions` implies (pickled once per touched key/epoch).
+        state = dict(self.__dict__)
+        del state["interaction_ids"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.interaction_ids = {entry[1] for entry in self.interactions}
 
     def _interact(self, entry: tuple[int, str, str, str]) -> None:
         if entry[1] in self.interaction_ids:

@@ -448,3 +448,47 @@ def test_sqlite_concurrent_writers_and_reader_never_see_locks(tmp_path: Path) ->
     finally:
         for s in (stream, batch, api):
             s.dispose()
+
+
+def test_write_stream_rows_is_one_bulk_upsert_of_all_three_tables(store: OnlineStore) -> None:
+    """The stream sink's raw-SQL path writes what the per-table methods write."""
+    store.upsert_features([_feature("u1", "views_1h", 9.0, 1, "old")])
+    written = store.write_stream_rows(
+        [
+            _feature("u1", "views_1h", 1.0, 100),
+            _feature("u1", "views_1h", 2.0, 110),  # same key twice: the last wins
+            FeatureRow(
+                user_id="u1",
+                feature="recent",
+                value=None,
+                event_ts_ms=5,
+                value_json=["i2", "i1"],
+                source_partition=1,
+                source_offset=42,
+            ),
+            _feature("u1", "views_1h", 0.0, 120, "old"),  # overwrites an existing row
+        ],
+        [
+            UserState(user_id="u1", event_ts_ms=7, session={"h": [["i1", "view", 7]]}),
+            UserState(user_id="u1", event_ts_ms=8, recent_items=["i2"], session_vector=[0.5, -2.0]),
+        ],
+        [Alias("a1", "u1", 3), Alias("a2", "u1")],
+    )
+    assert written == 3 + 1 + 2
+    rows = {(r.feature, r.group_key): r for r in store.get_features("u1")}
+    assert rows["views_1h", ""].value == 2.0 and rows["views_1h", ""].event_ts_ms == 110
+    assert rows["views_1h", "old"].value == 0.0
+    recent = rows["recent", ""]
+    assert recent.value is None and recent.value_json == ["i2", "i1"]
+    assert (recent.source_partition, recent.source_offset) == (1, 42)
+    assert all(r.updated_at_ms is not None for r in rows.values())
+    state = store.get_state("u1")
+    assert state is not None
+    assert (state.event_ts_ms, state.recent_items, state.session) == (8, ["i2"], {})
+    assert state.session_vector == pytest.approx([0.5, -2.0])
+    assert store.resolve("a1") == store.resolve("a2") == "u1"
+    assert store.write_stream_rows() == 0
+    with pytest.raises(ValueError, match="finite"):
+        store.write_stream_rows([_feature("u1", "views_1h", float("nan"), 200)])
+    after = {(r.feature, r.group_key): r.value for r in store.get_features("u1")}
+    assert after["views_1h", ""] == 2.0  # the failed call wrote nothing
