@@ -222,7 +222,7 @@ def test_lake_sink_is_idempotent_when_a_replay_regroups_offsets(
     part = sink.build_part("lake", "lake000", None)
     part.write_batch([record(o) for o in range(0, 10)])
     pending = part.snapshot()  # the epoch's recovery state: the sealed, unwritten batch
-    assert [b.offsets for b in pending] in ([tuple(range(10))], [])
+    assert [tuple(r.offset for r in b.records) for b in pending] in ([tuple(range(10))], [])
     part.close()  # ... which then commits; the crash comes before the next epoch
     # The resumed partition re-submits the pending batch and the source replays from
     # the snapshot, batched differently: nothing may be written twice.
