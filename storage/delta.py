@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 from deltalake.table import FilterType
+from pyarrow.parquet import filters_to_expression
 
 from nextbest.settings import Settings
 from storage.delta_schemas import (
@@ -269,9 +270,19 @@ class DeltaStore:
         Reading a version whose files were vacuumed raises FileNotFoundError.
         """
         dt = self._snapshot(table, version=version, as_of=as_of)
-        return dt.to_pyarrow_table(
-            columns=list(columns) if columns is not None else None, filters=filters
-        )
+        cols = list(columns) if columns is not None else None
+        try:
+            return dt.to_pyarrow_table(columns=cols, filters=filters)
+        except pa.ArrowNotImplementedError:
+            if filters is None:
+                raise
+        # Files rewritten by `delete()` store strings as string_view (delta-io/delta-rs#4579)
+        # and pyarrow has no comparison kernel for string vs string_view
+        # (apache/arrow#49368): read unfiltered, cast views back, filter in memory.
+        data = _without_views(dt.to_pyarrow_table())
+        expr = filters if isinstance(filters, pc.Expression) else filters_to_expression(filters)
+        data = data.filter(expr)
+        return data.select(cols) if cols is not None else data
 
     def _snapshot(
         self, table: str, *, version: int | None = None, as_of: datetime | None = None
@@ -407,3 +418,15 @@ class DeltaStore:
 def _sql_str(value: Any) -> str:
     """A SQL string literal for a delta-rs predicate."""
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def _without_views(data: pa.Table) -> pa.Table:
+    """string_view / binary_view columns back to string / binary."""
+    fields = []
+    for field in data.schema:
+        if field.type == pa.string_view():
+            field = field.with_type(pa.string())
+        elif field.type == pa.binary_view():
+            field = field.with_type(pa.binary())
+        fields.append(field)
+    return data.cast(pa.schema(fields, metadata=data.schema.metadata))
