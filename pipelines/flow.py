@@ -20,6 +20,13 @@ Shape (item types between steps)::
 
 Step ids come from `Spec.step_id(kind, name)` and never from code positions: they key
 the recovery state, so renaming one would orphan its snapshots.
+
+Per-actor state is keyed by `state_key(actor)`, a keyed hash, never the user id: Bytewax
+keeps a tombstone row (step, key) in its recovery SQLite for every discarded key
+forever, so a plain id there would survive erasure. An `Erase` request (`record:
+erase`) reaches the user step under the user's key and the stitch step under each
+linked anonymous id's key; both drop their state (`FoldLogic`), so the next snapshot
+supersedes the old ones and Bytewax's GC deletes them (`pipelines.erasure`).
 """
 
 import pickle
@@ -35,10 +42,11 @@ from bytewax.operators import StatefulBatchLogic
 from nextbest.events import Event
 from nextbest.settings import Settings
 from nextbest.spec import Spec
+from nextbest.validation import keyed_hash
 from pipelines.catalog import ItemCatalog, StoreCatalog
 from pipelines.profile import FeaturePlan, ItemProfile, Touched, UserProfile
-from pipelines.records import Record, Routed, SourceItem, Update, parse_record
-from pipelines.sinks import VECTORS_PART, StreamSinks
+from pipelines.records import Erase, Record, Routed, SourceItem, Update, parse_record
+from pipelines.sinks import VECTORS_PART, StreamSinks, erase_marker
 from pipelines.sources import source_from_settings
 from storage.online_models import Alias
 
@@ -55,19 +63,29 @@ def sid(kind: str, name: str) -> str:
     return Spec.step_id(kind, name)
 
 
-class FoldLogic(StatefulBatchLogic[V, W, bytes], Generic[S, V, W]):
+class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
     """A keyed state folded one batch at a time; snapshots are pickled bytes.
 
     Folding a whole batch per key (instead of per item) computes aggregates once per
     batch, and pickling once is far cheaper than the deepcopy `stateful_map` does on
-    every snapshot, while being just as immutable.
+    every snapshot, while being just as immutable. An `Erase` in the batch forgets
+    everything before it; if nothing follows, the key is discarded.
     """
 
-    def __init__(self, state: S, fold: Callable[[S, list[V]], list[W]]) -> None:
+    def __init__(
+        self, state: S, fold: Callable[[S, list[V]], list[W]], new: Callable[[], S]
+    ) -> None:
         self.state = state
         self._fold = fold
+        self._new = new
 
-    def on_batch(self, values: list[V]) -> tuple[Iterable[W], bool]:
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[W], bool]:
+        cut = max((i for i, v in enumerate(values) if isinstance(v, Erase)), default=-1)
+        if cut >= 0:
+            self.state = self._new()
+            values = values[cut + 1 :]
+            if not values:
+                return [], StatefulBatchLogic.DISCARD
         return self._fold(self.state, values), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
@@ -79,12 +97,12 @@ def _builder(
 ) -> Callable[[bytes | None], FoldLogic[S, V, W]]:
     def build(resume: bytes | None) -> FoldLogic[S, V, W]:
         if resume is None:
-            return FoldLogic(new(), fold)
+            return FoldLogic(new(), fold, new)
         state = pickle.loads(resume)
         restored = getattr(state, "restored", None)
         if restored is not None:
             restored()  # rows written after this snapshot are unknown: rewrite them
-        return FoldLogic(state, fold)
+        return FoldLogic(state, fold, new)
 
     return build
 
@@ -149,6 +167,9 @@ def build_flow(
     pii_key = settings.pseudonymization_key.get_secret_value().encode()
     needs_items = _needs_catalog(plan)
 
+    def skey(actor: str) -> str:
+        return state_key(pii_key, actor)
+
     def lookup(item_id: str | None) -> Any:
         return items.item(item_id) if item_id is not None and needs_items else None
 
@@ -161,6 +182,9 @@ def build_flow(
     op.output(sid("sink", "lake"), lake, out.lake)
 
     events = op.filter_map(sid("select", "events"), records, _event_of)
+    erasures = op.filter_map(
+        sid("select", "erasures"), records, lambda r: r.body if r.kind == "erase" else None
+    )
 
     # -- item entity features (trending) -------------------------------------------
     updates: list[Any] = []
@@ -184,22 +208,35 @@ def build_flow(
     # -- identity stitching ----------------------------------------------------------
     routes = op.branch(sid("route", "identity"), events, lambda x: _needs_stitch(x, identify))
     anonymous = op.key_on(
-        sid("key", "anonymous"), routes.trues, lambda x: f"anon:{x[2].anonymous_id}"
+        sid("key", "anonymous"), routes.trues, lambda x: skey(f"anon:{x[2].anonymous_id}")
+    )
+    anonymous_erasures = op.flat_map(
+        sid("key", "anonymous_erasures"),
+        erasures,
+        lambda e: [(skey(f"anon:{a}"), e) for a in e.anonymous_ids],
     )
 
     def stitch_fold(state: StitchState, batch: list[Positioned]) -> list[Routed]:
         return stitch(state, batch, identify)
 
     stitched = op.stateful_batch(
-        sid("stitch", "identity"), anonymous, _builder(StitchState, stitch_fold)
+        sid("stitch", "identity"),
+        op.merge(sid("merge", "anonymous"), anonymous, anonymous_erasures),
+        _builder(StitchState, stitch_fold),
     )
-    rekeyed = op.map(sid("rekey", "stitched"), stitched, lambda kv: (kv[1].actor, kv[1]))
+    rekeyed = op.map(sid("rekey", "stitched"), stitched, lambda kv: (skey(kv[1].actor), kv[1]))
     known = op.map(
         sid("key", "user"),
         routes.falses,
-        lambda x: (x[2].actor, Routed(x[2].actor, x[0], x[1], x[2])),
+        lambda x: (skey(x[2].actor), Routed(x[2].actor, x[0], x[1], x[2])),
     )
-    actors = op.merge(sid("merge", "actors"), known, rekeyed)
+    # Anonymous events before an identify also built state under `anon:<id>` actors.
+    user_erasures = op.flat_map(
+        sid("key", "user_erasures"),
+        erasures,
+        lambda e: [(skey(a), e) for a in (e.user_id, *(f"anon:{x}" for x in e.anonymous_ids))],
+    )
+    actors = op.merge(sid("merge", "actors"), known, rekeyed, user_erasures)
 
     # -- per-user state ----------------------------------------------------------------
     def user_fold(profile: UserProfile, batch: list[Routed]) -> list[Update]:
@@ -234,8 +271,20 @@ def build_flow(
         user_updates,
         lambda kv: (VECTORS_PART, kv[1].vector_row) if kv[1].vector_row is not None else None,
     )
-    op.output(sid("sink", "user_vectors"), vectors, out.vectors)
+    vector_erasures = op.map(
+        sid("select", "vector_erasures"), erasures, lambda e: (VECTORS_PART, erase_marker(e))
+    )
+    op.output(
+        sid("sink", "user_vectors"),
+        op.merge(sid("merge", "vectors"), vectors, vector_erasures),
+        out.vectors,
+    )
     return flow
+
+
+def state_key(pii_key: bytes, actor: str) -> str:
+    """The Bytewax state key of an actor: a keyed hash, so recovery files never hold ids."""
+    return keyed_hash(pii_key, f"state:{actor}")
 
 
 def _event_of(record: Record) -> Positioned | None:

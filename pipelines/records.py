@@ -20,7 +20,7 @@ from storage.online_models import Alias, FeatureRow, UserState
 SourceItem = tuple[int, int, str, bytes]
 """What every source emits: (partition, offset, key, payload)."""
 
-RecordKind = Literal["event", "decision", "feedback", "dead"]
+RecordKind = Literal["event", "decision", "feedback", "dead", "erase"]
 FEEDBACK_OUTCOMES = frozenset({"impression", "click", "conversion"})
 _HASH_LEN = len(keyed_hash(b"k", "v"))
 
@@ -48,6 +48,15 @@ class Routed(NamedTuple):
     link: bool = False
 
 
+class Erase(NamedTuple):
+    """An erasure request from the API (`record: erase`): forget `user_id` and the
+    anonymous ids linked to it in every store the stream owns."""
+
+    user_id: str
+    job_id: str
+    anonymous_ids: tuple[str, ...] = ()
+
+
 class Update(NamedTuple):
     """What a state step hands the sinks: absolute values, never deltas."""
 
@@ -70,6 +79,8 @@ def parse_record(item: SourceItem, spec: Spec, *, pii_key: bytes | None = None) 
             return Record("decision", partition, offset, decision_row(raw))
         if kind == "feedback":
             return Record("feedback", partition, offset, feedback_row(raw))
+        if kind == "erase":
+            return Record("erase", partition, offset, erase_request(raw))
         event = validate_event(raw, spec)
         if pii_key is not None:
             event = pseudonymize_once(event, spec, pii_key)
@@ -150,6 +161,17 @@ def decision_row(raw: Mapping[str, Any]) -> dict[str, Any]:
         "candidates": raw.get("candidates"),
         "features": raw.get("features"),
     }
+
+
+def erase_request(raw: Mapping[str, Any]) -> Erase:
+    anonymous = raw.get("anonymous_ids") or []
+    if not isinstance(anonymous, list) or not all(isinstance(a, str) and a for a in anonymous):
+        raise ValueError("anonymous_ids must be a list of non-empty strings")
+    return Erase(
+        user_id=_text(raw, "user_id", required=True) or "",
+        job_id=_text(raw, "job_id", required=True) or "",
+        anonymous_ids=tuple(anonymous),
+    )
 
 
 def feedback_row(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,8 @@ from bytewax.outputs import (
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from pipelines.background import BackgroundWriter
-from pipelines.records import Record, Update
+from pipelines.erasure import ERASE_MARKER, StreamEraser, erase_marker, erase_vectors
+from pipelines.records import Erase, Record, Update
 from storage.delta import (
     DeltaStore,
     dead_letters_to_table,
@@ -57,6 +58,7 @@ LAKE_TABLES: dict[str, tuple[str, str]] = {
     "feedback": ("feedback", "feedback"),
 }
 VECTORS_PART = "lance_users"
+__all__ = ["VECTORS_PART", "LakeSink", "StreamSinks", "UserVectorSink", "erase_marker"]
 
 
 def _lake_table(kind: str, partition: int, records: Sequence[Record]) -> pa.Table:
@@ -87,30 +89,40 @@ class LakeBatch:
     records: tuple[Record, ...]  # unique by offset, ascending
 
 
-class _LakePartition(StatefulSinkPartition[Record, list[LakeBatch]]):
+LakeWork = LakeBatch | Erase
+
+
+class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
     def __init__(
         self,
         store: DeltaStore,
         *,
         max_rows: int,
         max_delay_s: float,
-        resume: list[LakeBatch] | None,
+        resume: list[LakeWork] | None,
         name: str,
+        eraser: StreamEraser | None = None,
     ) -> None:
         self._store = store
+        self._eraser = eraser
         self._max_rows = max_rows
         self._max_delay_s = max_delay_s
         self._buffer: dict[tuple[str, int], list[Record]] = {}
         self._rows = 0
         self._first_at: float | None = None
         self._recorded: dict[str, int] = {}  # app id -> committed batch version
-        self._writer: BackgroundWriter[LakeBatch] = BackgroundWriter(self._apply, name=name)
+        self._writer: BackgroundWriter[LakeWork] = BackgroundWriter(self._apply, name=name)
         for batch in resume or []:
             self._writer.submit(batch)
 
     def write_batch(self, values: list[Record]) -> None:
         self._writer.check()
         for record in values:
+            if record.kind == "erase":
+                # After every row this partition saw before the request (erase is ordered).
+                self._seal()
+                self._writer.submit(record.body)
+                continue
             self._buffer.setdefault((record.kind, record.partition), []).append(record)
         self._rows += len(values)
         if self._first_at is None and values:
@@ -137,8 +149,12 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeBatch]]):
         self._rows = 0
         self._first_at = None
 
-    def _apply(self, batch: LakeBatch) -> None:
+    def _apply(self, batch: LakeWork) -> None:
         """Background thread: drop rows at or below the recorded version, append the rest."""
+        if isinstance(batch, Erase):
+            if self._eraser is not None:
+                self._eraser.erase(batch)
+            return
         recorded = self._recorded.get(batch.app_id)
         if recorded is None:
             version = self._store.transaction_version(batch.table, batch.app_id)
@@ -152,7 +168,7 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeBatch]]):
         self._store.append(batch.table, data, app_id=batch.app_id, batch_version=top)
         self._recorded[batch.app_id] = top
 
-    def snapshot(self) -> list[LakeBatch]:
+    def snapshot(self) -> list[LakeWork]:
         # Seal, don't wait: batches not yet committed ride along in the epoch's recovery
         # state and are re-submitted on resume (appends are idempotent per app id).
         self._seal()
@@ -163,7 +179,7 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeBatch]]):
         self._writer.drain()
 
 
-class LakeSink(FixedPartitionedSink[Record, list[LakeBatch]]):
+class LakeSink(FixedPartitionedSink[Record, list[LakeWork]]):
     """Delta tables of the stream; items are keyed by their source partition (str)."""
 
     def __init__(
@@ -188,7 +204,7 @@ class LakeSink(FixedPartitionedSink[Record, list[LakeBatch]]):
         return int(item_key)
 
     def build_part(
-        self, step_id: str, for_part: str, resume_state: list[LakeBatch] | None
+        self, step_id: str, for_part: str, resume_state: list[LakeWork] | None
     ) -> _LakePartition:
         store = DeltaStore.from_settings(self._settings)
         store.ensure_tables()
@@ -198,6 +214,7 @@ class LakeSink(FixedPartitionedSink[Record, list[LakeBatch]]):
             max_delay_s=self._max_delay_s,
             resume=resume_state,
             name=f"{step_id}-{for_part}",
+            eraser=StreamEraser(self._settings, store),
         )
 
 
@@ -259,8 +276,10 @@ class _VectorPartition(StatefulSinkPartition[dict[str, Any], list[VectorBatch]])
         max_delay_s: float,
         resume: list[VectorBatch] | None,
         name: str,
+        settings: Settings | None = None,
     ) -> None:
         self._store = store
+        self._settings = settings
         self._max_rows = max_rows
         self._max_delay_s = max_delay_s
         self._buffer: dict[str, dict[str, Any]] = {}
@@ -272,6 +291,11 @@ class _VectorPartition(StatefulSinkPartition[dict[str, Any], list[VectorBatch]])
     def write_batch(self, values: list[dict[str, Any]]) -> None:
         self._writer.check()
         for row in values:
+            if ERASE_MARKER in row:
+                self._buffer.pop(row[ERASE_MARKER], None)
+                self._seal()
+                self._writer.submit([row])
+                continue
             self._buffer[row["user_id"]] = row
         if self._first_at is None and values:
             self._first_at = time.monotonic()
@@ -281,6 +305,10 @@ class _VectorPartition(StatefulSinkPartition[dict[str, Any], list[VectorBatch]])
             self._seal()
 
     def _apply(self, batch: VectorBatch) -> None:
+        if batch and ERASE_MARKER in batch[0]:
+            if self._settings is not None:
+                erase_vectors(self._settings, self._store, batch[0])
+            return
         self._store.upsert_users(batch)
 
     def _seal(self) -> None:
@@ -330,6 +358,7 @@ class UserVectorSink(FixedPartitionedSink[dict[str, Any], list[VectorBatch]]):
             max_delay_s=self._max_delay_s,
             resume=resume_state,
             name=f"{step_id}-{for_part}",
+            settings=self._settings,
         )
 
 

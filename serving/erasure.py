@@ -3,18 +3,22 @@
 What the API owns it erases itself: the online store (features, state, aliases,
 cached decisions, cap counters), its in-memory queues and caches, and, with the
 embedded log (whose only writer is this process), every log record keyed by the
-user or one of their anonymous ids. The other stores have other single writers: the
-LanceDB users table and Bytewax state (the stream), the Delta tables (the stream
-and Dagster). Their entries say "pending: ..." until those owners act; this job does
-not pretend otherwise. Kafka records cannot be deleted by a producer: they age out
-with the topic's retention, which the job says too.
+user or one of their anonymous ids. Then it appends a `record: erase` request keyed by
+the user id, so it reaches the stream worker that owns the user, which erases the
+stores it is the single writer of (Bytewax state, LanceDB users, Delta tables) and
+reports each in the job (`pipelines.erasure`). Once every stream store is done, the
+API removes that erase record from the log too: it names the user. Kafka records
+cannot be deleted by a producer: they age out with the topic's retention, which the
+job says.
 
 The job row stores a keyed hash of the user id, never the id itself, so the erasure
 record is not itself a trace of the person.
 """
 
+import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -26,17 +30,38 @@ from storage.online_serving import ErasureJob
 
 log = logging.getLogger(__name__)
 
-OTHER_OWNERS = {
-    "vector_users": "pending: stream",
-    "stream_state": "pending: stream",
-    "delta_events": "pending: stream",
-    "delta_decisions": "pending: stream",
-    "delta_derived": "pending: dagster",
-}
+STREAM_STORES = (
+    "lance_users",
+    "stream_state",
+    "delta_events",
+    "delta_decisions",
+    "delta_feedback",
+)
+STORES = ("online", "cached_decisions", "eventlog", *STREAM_STORES)
+STREAM_WAIT_S = 3600.0
+"""How long the API waits for the stream before leaving `eventlog` pending."""
 
 
 def subject_of(runtime: ServingRuntime, user_id: str) -> str:
     return keyed_hash(runtime.pseudonymization_key, f"erasure:{user_id}")
+
+
+def erase_record(user_id: str, job_id: str, anonymous_ids: list[str]) -> bytes:
+    body = {
+        "record": "erase",
+        "user_id": user_id,
+        "job_id": job_id,
+        "anonymous_ids": anonymous_ids,
+    }
+    return json.dumps(body).encode()
+
+
+def _is_erase_record(payload: bytes, job_id: str) -> bool:
+    try:
+        raw = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(raw, dict) and raw.get("record") == "erase" and raw.get("job_id") == job_id
 
 
 def start_erasure(
@@ -44,34 +69,36 @@ def start_erasure(
     user_id: str,
     *,
     spawn: Callable[[Callable[[], None]], None] | None = None,
+    stream_wait_s: float = STREAM_WAIT_S,
 ) -> ErasureJob:
-    """Erase the online store now; rewrite the embedded log in the background."""
+    """Erase the online store now; rewrite the log and hand over to the stream in the
+    background."""
     now = now_ms()
-    anonymous = [f"anon:{a}" for a in runtime.online.aliases_of(user_id)]
-    actors = {user_id, *anonymous}
+    anonymous = runtime.online.aliases_of(user_id)
+    actors = {user_id, *(f"anon:{a}" for a in anonymous)}
     counts = runtime.serving.erase_user(user_id)
     for actor in actors:
         runtime.decision_log.forget(actor)
         runtime.metrics.forget(actor)
-    stores = {
-        "online_store": f"done: {sum(counts.values())} rows",
-        "api_memory": "done",
-        **OTHER_OWNERS,
-    }
+    cached = counts.pop("nb_cached_decisions", 0)
     log_owned = isinstance(runtime.sink, EventLogSink)
-    stores["event_log"] = "running" if log_owned else "pending: topic retention (Kafka)"
+    stores = {
+        "online": f"done: {sum(counts.values())} rows",
+        "cached_decisions": f"done: {cached} rows",
+        "eventlog": "running" if log_owned else "pending: topic retention (Kafka)",
+        **{name: "pending: stream" for name in STREAM_STORES},
+    }
     job = ErasureJob(
         job_id=uuid.uuid4().hex,
         subject=subject_of(runtime, user_id),
-        status="running" if log_owned else "pending",
+        status="running",
         stores=stores,
         created_at_ms=now,
         updated_at_ms=now_ms(),
     )
     runtime.serving.put_erasure_job(job)
-    if log_owned:
-        run = spawn or _thread
-        run(lambda: _erase_log(runtime, job, actors))
+    run = spawn or _thread
+    run(lambda: _hand_over(runtime, job, user_id, sorted(anonymous), actors, stream_wait_s))
     return job
 
 
@@ -79,19 +106,56 @@ def _thread(fn: Callable[[], None]) -> None:
     threading.Thread(target=fn, name="erasure", daemon=True).start()
 
 
-def _erase_log(runtime: ServingRuntime, job: ErasureJob, actors: set[str]) -> None:
+def _hand_over(
+    runtime: ServingRuntime,
+    job: ErasureJob,
+    user_id: str,
+    anonymous: list[str],
+    actors: set[str],
+    stream_wait_s: float,
+) -> None:
+    """Rewrite the log without the user, append the erase request, and once the stream
+    reports every store done, remove the request itself."""
     sink = runtime.sink
-    assert isinstance(sink, EventLogSink)
     runtime.decision_log.flush()
-    stores = dict(job.stores)
+    owned = isinstance(sink, EventLogSink)
     try:
-        removed = sink.log.rewrite_without(lambda key, _payload: key in actors)
-        stores["event_log"] = f"done: {removed} records"
+        if isinstance(sink, EventLogSink):
+            # The erase request is appended after this rewrite, so it survives it.
+            removed = sink.log.rewrite_without(lambda key, _payload: key in actors)
+            runtime.serving.update_erasure_stores(
+                job.job_id, {"eventlog": f"running: {removed} records removed"}
+            )
+        sink.append([(user_id, erase_record(user_id, job.job_id, anonymous))])
+    except Exception as exc:
+        log.exception("erasure hand-over failed")
+        runtime.serving.update_erasure_stores(
+            job.job_id, {"eventlog": f"failed: {type(exc).__name__}"}
+        )
+        return
+    if not owned:
+        return
+    deadline = time.monotonic() + stream_wait_s
+    while time.monotonic() < deadline:
+        current = runtime.serving.erasure_job(job.job_id)
+        if current is None:
+            return
+        if all(current.stores.get(s, "").startswith(("done", "failed")) for s in STREAM_STORES):
+            break
+        time.sleep(0.1)
+    else:
+        runtime.serving.update_erasure_stores(
+            job.job_id, {"eventlog": "pending: erase request still in the log (stream not done)"}
+        )
+        return
+    try:
+        assert isinstance(sink, EventLogSink)
+        sink.log.rewrite_without(
+            lambda key, payload: key in actors or _is_erase_record(payload, job.job_id)
+        )
+        runtime.serving.update_erasure_stores(job.job_id, {"eventlog": "done"})
     except Exception as exc:
         log.exception("event log erasure failed")
-        stores["event_log"] = f"failed: {type(exc).__name__}"
-    failed = any(v.startswith("failed") for v in stores.values())
-    status = "failed" if failed else "pending"
-    runtime.serving.put_erasure_job(
-        ErasureJob(job.job_id, job.subject, status, stores, job.created_at_ms, now_ms())
-    )
+        runtime.serving.update_erasure_stores(
+            job.job_id, {"eventlog": f"failed: {type(exc).__name__}"}
+        )

@@ -126,16 +126,20 @@ FEATURES_OUT = [
 
 ERASURE_OUT = [
     Example(
-        summary="Online part done, the rest owned by the stream and Dagster",
+        summary="The API's part done, the stream's stores in progress",
         value={
             "job_id": "9c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f",
             "user_id": "u42",
-            "status": "pending",
+            "status": "running",
             "stores": {
-                "online_store": "done: 14 rows",
-                "event_log": "done: 120 records",
-                "vector_users": "pending: stream",
-                "delta": "pending: stream",
+                "online": "done: 14 rows",
+                "cached_decisions": "done: 1 rows",
+                "eventlog": "running: 120 records removed",
+                "lance_users": "done: 1 rows",
+                "stream_state": "pending: stream",
+                "delta_events": "done: 118 rows",
+                "delta_decisions": "pending: stream",
+                "delta_feedback": "pending: stream",
             },
             "created_at": "2025-01-06T12:00:00Z",
             "updated_at": "2025-01-06T12:00:00.200000Z",

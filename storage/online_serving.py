@@ -12,6 +12,7 @@ deleted when the next one is written.
 """
 
 import json
+import sqlite3
 from collections.abc import Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -312,6 +313,42 @@ class ServingStore:
                 )
             )
 
+    def update_erasure_stores(self, job_id: str, updates: Mapping[str, str]) -> ErasureJob | None:
+        """Merge per-store results into a job and recompute its status.
+
+        The API and the stream both report on one job, so this is a read-modify-write
+        under the write lock (BEGIN IMMEDIATE on SQLite, FOR UPDATE on PostgreSQL).
+        """
+        with self._writer.begin() as conn:
+            stmt = sa.select(ERASURES).where(ERASURES.c.job_id == job_id)
+            if conn.dialect.name != "sqlite":
+                stmt = stmt.with_for_update()
+            m = conn.execute(stmt).mappings().first()
+            if m is None:
+                return None
+            stores = {**dict(m["stores"] or {}), **updates}
+            status, now = erasure_status(stores), now_ms()
+            conn.execute(
+                sa.update(ERASURES)
+                .where(ERASURES.c.job_id == job_id)
+                .values(stores=stores, status=status, updated_at_ms=now)
+            )
+        return ErasureJob(job_id, m["subject"], status, stores, m["created_at_ms"], now)
+
+    def erasure_job(self, job_id: str) -> ErasureJob | None:
+        with self.engine.connect() as conn:
+            m = conn.execute(sa.select(ERASURES).where(ERASURES.c.job_id == job_id)).mappings()
+            row = m.first()
+        return None if row is None else ErasureJob(**{**row, "stores": dict(row["stores"] or {})})
+
+    def scrub(self) -> bool:
+        """SQLite only: rebuild the file and empty the WAL, so deleted rows leave no bytes
+        in free pages or old WAL frames. False while a reader pins the WAL (retry)."""
+        url = self.engine.url
+        if url.get_backend_name() != "sqlite" or not url.database:
+            return True
+        return scrub_sqlite(url.database)
+
     def latest_erasure_job(self, subject: str) -> ErasureJob | None:
         stmt = (
             sa.select(ERASURES)
@@ -324,3 +361,24 @@ class ServingStore:
         if m is None:
             return None
         return ErasureJob(**{**m, "stores": dict(m["stores"] or {})})
+
+
+def erasure_status(stores: Mapping[str, str]) -> str:
+    """failed if any store failed, done when every store is done, else running."""
+    if any(v.startswith("failed") for v in stores.values()):
+        return "failed"
+    return "done" if all(v.startswith("done") for v in stores.values()) else "running"
+
+
+def scrub_sqlite(path: str, *, busy_timeout_ms: int = 5000) -> bool:
+    """VACUUM a SQLite file and truncate its WAL (erasure: deleted rows stay readable in
+    free pages and WAL frames otherwise). Other connections may stay open; returns
+    False when the WAL could not be fully checkpointed (a reader holds it: retry)."""
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        conn.execute("VACUUM")
+        busy, _frames, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return busy == 0
+    finally:
+        conn.close()

@@ -97,9 +97,10 @@ class UsersController(Controller):
         summary="Erase a user (starts an erasure job)",
         description=(
             "Removes the user from the online store, cached decisions and the API's "
-            "memory at once and, with the embedded event log, rewrites the log without "
-            "their records in the background. Stores owned by the stream or Dagster are "
-            "reported as pending until their owners erase them. Poll GET .../erasure."
+            "memory at once; with the embedded event log, rewrites the log without "
+            "their records, then appends an erase request the stream acts on: Bytewax "
+            "state and recovery snapshots, LanceDB users, Delta events, decisions and "
+            "feedback. Each store is reported as done or pending. Poll GET .../erasure."
         ),
         status_code=202,
         sync_to_thread=True,

@@ -1,0 +1,275 @@
+"""The stream's side of an erasure job (`record: erase` from `DELETE /v1/users/{id}`).
+
+The stream is the single writer of Bytewax state, the LanceDB `users` table and the
+Delta tables it appends, so it erases them itself and reports each store in the job:
+
+- Bytewax state: the user and linked anonymous keys are discarded by `FoldLogic` in
+  the flow. Old recovery snapshots still hold the state until Bytewax's GC, which runs
+  when an epoch commits, deletes every snapshot older than a key's newest (here: the
+  discard tombstone). Even then the bytes linger in SQLite free pages and WAL frames,
+  so `RecoveryScrubber` waits for a few more commits, VACUUMs each recovery partition,
+  truncates its WAL and only reports done when no file holds the ids any more.
+- LanceDB users: delete, then `optimize(cleanup_older_than=0)` on the vector sink's
+  writer thread (ordered after its pending upserts; one writer for the table).
+- Delta events/decisions/feedback and the online store: on the lake sink's writer
+  thread, after every batch that partition sealed before the request.
+"""
+
+import logging
+import pickle
+import sqlite3
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nextbest.settings import Settings
+from pipelines.records import Erase
+from storage.delta import DeltaStore
+from storage.online import OnlineStore
+from storage.online_serving import ServingStore, scrub_sqlite
+from storage.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+
+ERASE_MARKER = "__erase__"
+SINK_STEPS = frozenset({"sink_lake", "sink_user_vectors"})  # Spec.step_id("sink", ...)
+# Delta table -> (store name in the job, key column erased by)
+DELTA_TABLES = {
+    "events": ("delta_events", "event_id"),
+    "decisions": ("delta_decisions", "decision_id"),
+    "feedback": ("delta_feedback", "decision_id"),
+}
+
+
+def erase_marker(request: Erase) -> dict[str, Any]:
+    """What the vector sink receives for an erasure (instead of a users row)."""
+    return {ERASE_MARKER: request.user_id, "job_id": request.job_id, "anon": request.anonymous_ids}
+
+
+def actors_of(request: Erase) -> list[str]:
+    return [request.user_id, *(f"anon:{a}" for a in request.anonymous_ids)]
+
+
+def _report(settings: Settings, job_id: str, updates: dict[str, str]) -> None:
+    store = OnlineStore.from_settings(settings, pool_size=1)
+    try:
+        ServingStore(store).update_erasure_stores(job_id, updates)
+    except Exception:  # the job table belongs to the API: a missing one is not fatal
+        log.exception("could not report erasure progress")
+    finally:
+        store.dispose()
+
+
+def erase_vectors(settings: Settings, store: VectorStore, marker: dict[str, Any]) -> None:
+    """Vector sink thread: delete the user's rows, compact, drop every older version."""
+    user_id = marker[ERASE_MARKER]
+    removed = store.delete_user(user_id)
+    for anon in marker.get("anon", ()):
+        removed += store.delete_user(f"anon:{anon}")
+    store.optimize("users", cleanup_older_than=timedelta(0))
+    _report(settings, marker["job_id"], {"lance_users": f"done: {removed} rows"})
+
+
+class StreamEraser:
+    """Lake sink thread: Delta tables, the online store again, then the scrubber."""
+
+    def __init__(self, settings: Settings, store: DeltaStore) -> None:
+        self.settings = settings
+        self.store = store
+
+    def erase(self, request: Erase) -> None:
+        """Never raises: a failed erasure is reported in the job, the stream goes on."""
+        try:
+            self._erase(request)
+        except Exception as exc:
+            log.exception("erasure of the stream's stores failed")
+            failed = f"failed: {type(exc).__name__}"
+            _report(self.settings, request.job_id, {n: failed for n, _ in DELTA_TABLES.values()})
+
+    def _erase(self, request: Erase) -> None:
+        updates: dict[str, str] = {}
+        for table, (name, key) in DELTA_TABLES.items():
+            n = self._erase_rows(table, "user_id", request.user_id, key)
+            if table == "events":  # events sent before an identify carry only anonymous_id
+                for anon in request.anonymous_ids:
+                    n += self._erase_rows(table, "anonymous_id", anon, key)
+            updates[name] = f"done: {n} rows"
+        online = OnlineStore.from_settings(self.settings, pool_size=1)
+        try:
+            # Events may have reached the online store after the API's own delete.
+            for actor in actors_of(request):
+                online.delete_user(actor)
+            _scrub_until(lambda: ServingStore(online).scrub(), timeout_s=30.0)
+        finally:
+            online.dispose()
+        _report(self.settings, request.job_id, updates)
+        RecoveryScrubber(self.settings, request).start()
+
+    def _erase_rows(self, table: str, column: str, value: str, key: str) -> int:
+        """`DeltaStore.erase` semantics (delete by opaque keys, then vacuum retention 0).
+
+        The key scan compares on a cast column: after a delete rewrote a file, delta-rs
+        may hand pyarrow `string_view` columns next to `string` ones, and a plain
+        `(column, "=", value)` filter then fails ("no kernel matching input types
+        (string, string_view)").
+        """
+        if not self.store.exists(table):
+            return 0
+        expr = pc.field(column).cast(pa.string()) == pa.scalar(value, pa.string())
+        ids = sorted(
+            set(self.store.read(table, columns=[key], filters=expr).column(key).to_pylist())
+        )
+        deleted = 0
+        for i in range(0, len(ids), 500):
+            chunk = ", ".join("'" + str(k).replace("'", "''") + "'" for k in ids[i : i + 500])
+            deleted += int(self.store.delete(table, f"{key} IN ({chunk})")["num_deleted_rows"])
+        if ids:
+            self.store.vacuum(table, retention_hours=0, enforce_retention_duration=False)
+        return deleted
+
+
+def _scrub_until(scrub: Any, *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if scrub():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+class RecoveryScrubber(threading.Thread):
+    """Waits until the discard tombstones are committed and GC ran, then scrubs.
+
+    Reports `stream_state` done only when no file of the recovery dir contains the
+    user id or a linked anonymous id; otherwise, after `timeout_s`, pending.
+    """
+
+    def __init__(
+        self, settings: Settings, request: Erase, *, commits: int = 3, timeout_s: float = 20.0
+    ) -> None:
+        super().__init__(name="erasure-recovery", daemon=True)
+        self.settings = settings
+        self.request = request
+        self.dir = Path(settings.recovery_dir)
+        self.commits = commits
+        self.timeout_s = timeout_s
+
+    def parts(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.sqlite3")) if self.dir.is_dir() else []
+
+    def committed(self) -> list[int]:
+        epochs = []
+        for part in self.parts():
+            epochs.append(_commit_epoch(part))
+        return epochs
+
+    def holders(self) -> list[str]:
+        needles = _needles(self.request)
+        found = []
+        for path in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
+            if path.is_file() and any(n in path.read_bytes() for n in needles):
+                found.append(path.name)
+        return found
+
+    def run(self) -> None:
+        try:
+            status = self._scrub()
+        except Exception as exc:
+            log.exception("recovery scrub failed")
+            status = f"failed: {type(exc).__name__}"
+        _report(self.settings, self.request.job_id, {"stream_state": status})
+
+    def _scrub(self) -> str:
+        parts = self.parts()
+        if not parts:
+            return "done: no recovery snapshots"
+        start = min(self.committed())
+        deadline = time.monotonic() + self.timeout_s
+        while min(self.committed()) < start + self.commits:
+            if time.monotonic() > deadline:
+                return "pending: recovery epochs did not commit"
+            time.sleep(0.05)
+        while not self._vectors_done():
+            if time.monotonic() > deadline:
+                return "pending: LanceDB erasure not done"
+            time.sleep(0.05)
+        while True:
+            for part in parts:
+                self._rewrite_sink_snapshots(part)
+                scrub_sqlite(str(part))
+            left = self.holders()
+            if not left:
+                return f"done: {len(parts)} recovery partitions scrubbed"
+            if time.monotonic() > deadline:
+                return f"pending: recovery files still hold the user: {', '.join(left)}"
+            time.sleep(0.2)
+
+    def _vectors_done(self) -> bool:
+        store = OnlineStore.from_settings(self.settings, pool_size=1)
+        try:
+            job = ServingStore(store).erasure_job(self.request.job_id)
+        finally:
+            store.dispose()
+        return job is None or not job.stores.get("lance_users", "").startswith("pending")
+
+    def _rewrite_sink_snapshots(self, part: Path) -> int:
+        """Drop the subject's batches from the newest snapshot of a sink partition.
+
+        Bytewax snapshots a stateful sink partition only in epochs it received items,
+        so a partition that got nothing since keeps its pending batches of back then
+        (the user's rows, the erase request itself) in its newest snapshot, which GC
+        never removes. Those batches were applied before the erasure finished (each
+        partition's writer is FIFO, and both sinks reported done), so removing them
+        from the snapshot changes nothing a resume would do but forget the user.
+        """
+        needles = _needles(self.request)
+        conn = sqlite3.connect(str(part), timeout=5.0, isolation_level=None)
+        changed = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute(
+                "SELECT step_id, state_key, snap_epoch, ser_change FROM snaps"
+                " WHERE ser_change IS NOT NULL"
+            ).fetchall()
+            for step_id, key, epoch, blob in rows:
+                if step_id.rsplit(".", 1)[-1] not in SINK_STEPS:
+                    continue
+                if not any(n in blob for n in needles):
+                    continue
+                kept = [b for b in pickle.loads(blob) if not _mentions(b, needles)]
+                conn.execute(
+                    "UPDATE snaps SET ser_change = ? WHERE step_id = ? AND state_key = ?"
+                    " AND snap_epoch = ?",
+                    (pickle.dumps(kept), step_id, key, epoch),
+                )
+                changed += 1
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return changed
+
+
+def _needles(request: Erase) -> list[bytes]:
+    """The ids as they appear in snapshots (anonymous ids without the `anon:` prefix)."""
+    return [a.encode() for a in (request.user_id, *request.anonymous_ids)]
+
+
+def _mentions(batch: Any, needles: list[bytes]) -> bool:
+    data = pickle.dumps(batch)
+    return any(n in data for n in needles)
+
+
+def _commit_epoch(part: Path) -> int:
+
+    conn = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=5.0)
+    try:
+        row = conn.execute("SELECT MAX(commit_epoch) FROM commits").fetchone()
+        return int(row[0]) if row and row[0] is not None else -1
+    finally:
+        conn.close()
