@@ -8,6 +8,7 @@ module only launches processes and speaks HTTP: it imports no other layer.
 """
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -100,6 +101,7 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         if component not in self.components:
@@ -152,6 +154,19 @@ class Supervisor:
                 c.process.wait()
         for c in self.components:  # grandchildren left in a group
             _signal_group(c.process, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if `up` itself dies, even by SIGKILL (Linux prctl), so
+    no component outlives its supervisor."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the normal stop path still applies
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _signal_group(process: subprocess.Popen[bytes] | None, sig: int) -> None:

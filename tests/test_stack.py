@@ -3,6 +3,7 @@ free ports, then events in, decisions changing, a materialization through Dagste
 GraphQL API, the UI and API docs in headless Chromium, and SIGTERM leaving no process.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -116,9 +117,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         yield s
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # a test failed before the SIGTERM test: stop gracefully
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for pid in processes_with_home(home):  # never leave a component behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         print("".join(s.output[-60:]))
 
 
