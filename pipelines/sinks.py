@@ -37,6 +37,7 @@ from bytewax.outputs import (
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from pipelines.background import BackgroundWriter
+from pipelines.dedupe import RecentIds
 from pipelines.erasure import ERASE_MARKER, StreamEraser, erase_marker, erase_vectors
 from pipelines.records import Erase, Record, Update
 from storage.delta import (
@@ -111,6 +112,7 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
         self._rows = 0
         self._first_at: float | None = None
         self._recorded: dict[str, int] = {}  # app id -> committed batch version
+        self._recent = RecentIds(store)  # event ids already in bronze, per partition
         self._writer: BackgroundWriter[LakeWork] = BackgroundWriter(self._apply, name=name)
         for batch in resume or []:
             self._writer.submit(batch)
@@ -160,6 +162,9 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
             version = self._store.transaction_version(batch.table, batch.app_id)
             recorded = -1 if version is None else version
         keep = [r for r in batch.records if r.offset > recorded]
+        if keep and batch.kind == "event":  # a client's retry of an acknowledged event
+            fresh = self._recent.fresh(batch.partition, [r.body.event_id for r in keep])
+            keep = [r for r, new in zip(keep, fresh, strict=True) if new]
         if not keep:
             self._recorded[batch.app_id] = recorded
             return

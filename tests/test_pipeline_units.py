@@ -235,3 +235,26 @@ def test_lake_sink_is_idempotent_when_a_replay_regroups_offsets(
     table = delta.read("events")
     assert sorted(table.column("source_offset").to_pylist()) == list(range(15))
     assert delta.transaction_version("events", "bronze-p3") == 14
+
+
+def test_lake_sink_drops_a_client_retry_of_an_acknowledged_event(
+    settings: Settings, spec: Spec
+) -> None:
+    """The API made a batch durable, died before its 202, and the client sent it again:
+    same event ids at new offsets. Bronze keeps each id once, also across a restart."""
+    from nextbest.events import Event
+
+    def record(offset: int, event_id: str) -> Record:
+        event = Event.model_validate(ev(event_id, "view", offset, user_id="u1", item_id="i1"))
+        return Record("event", 2, offset, event)
+
+    sink = LakeSink(settings, parts=1)
+    part = sink.build_part("lake", "lake000", None)
+    part.write_batch([record(o, f"e{o}") for o in range(5)])
+    part.write_batch([record(5 + o, f"e{o}") for o in range(3)])  # retry at offsets 5-7
+    part.close()
+    part = sink.build_part("lake", "lake000", None)  # a restart: memory rebuilt from Delta
+    part.write_batch([record(8 + o, f"e{o}") for o in range(2)] + [record(10, "e-new")])
+    part.close()
+    ids = DeltaStore.from_settings(settings).read("events").column("event_id").to_pylist()
+    assert sorted(ids) == sorted([f"e{o}" for o in range(5)] + ["e-new"])
