@@ -11,6 +11,7 @@ processing time or arrival order, which is what lets replay and recovery be exac
 """
 
 import bisect
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from nextbest.events import Event
-from nextbest.spec import LastNFeature, SessionVectorFeature, Spec, WindowFeature
+from nextbest.spec import (
+    LastNFeature,
+    SessionVectorFeature,
+    Spec,
+    WindowFeature,
+    parse_duration,
+)
 
 NO_GROUP = ""
 
@@ -314,39 +321,42 @@ class RecentItems:
         return [i for _, i in self.items]
 
 
-@dataclass
-class SessionVector:
-    """Time-decayed mean of item vectors: weight 0.5 ** (age / half_life) at read time.
+@functools.cache
+def _half_life_ms(text: str) -> float:
+    return parse_duration(text).total_seconds() * 1000
 
-    Stored as a running weighted sum rebased to the latest event time, so an update is
-    O(dim) and the result equals the batch formula over the same events.
+
+def session_vector(
+    interactions: Iterable[tuple[int, str, str, str]],
+    feature: SessionVectorFeature,
+    vectors: Mapping[str, np.ndarray],
+) -> list[float] | None:
+    """Time-decayed mean of the item vectors of the newest `max_items` interactions.
+
+    Weight 0.5 ** (age / half_life) with age measured from the newest of them, so the
+    result depends only on the set of interactions (order-independent, idempotent).
+    `interactions` are (ts_ms, event_id, item_id, event_type) in ascending order.
+    Returns None when none of those items has a vector yet.
     """
-
-    half_life_ms: int
-    dim: int
+    events = set(feature.events)
+    picked = [(ts, item) for ts, _e, item, kind in reversed(list(interactions)) if kind in events]
+    picked = picked[: feature.max_items]
+    if not picked:
+        return None
+    half_life_ms = _half_life_ms(feature.half_life)
+    anchor = picked[0][0]
     total: np.ndarray | None = None
-    weight: float = 0.0
-    anchor_ms: int | None = None
-
-    def add(self, ts_ms: int, vector: np.ndarray) -> None:
-        vector = np.asarray(vector, dtype=np.float64)
-        if self.total is None or self.anchor_ms is None:
-            self.total, self.weight, self.anchor_ms = vector.copy(), 1.0, ts_ms
-            return
-        if ts_ms >= self.anchor_ms:
-            decay = 0.5 ** ((ts_ms - self.anchor_ms) / self.half_life_ms)
-            self.total = self.total * decay + vector
-            self.weight = self.weight * decay + 1.0
-            self.anchor_ms = ts_ms
-        else:  # late event: weight it by its age relative to the anchor
-            w = 0.5 ** ((self.anchor_ms - ts_ms) / self.half_life_ms)
-            self.total = self.total + w * vector
-            self.weight += w
-
-    def vector(self) -> np.ndarray | None:
-        if self.total is None or self.weight <= 0:
-            return None
-        return (self.total / self.weight).astype(np.float32)
+    weight = 0.0
+    for ts, item in picked:
+        vec = vectors.get(item)
+        if vec is None:
+            continue
+        w = 0.5 ** ((anchor - ts) / half_life_ms)
+        total = vec * w if total is None else total + vec * w
+        weight += w
+    if total is None or weight <= 0 or not math.isfinite(weight):
+        return None
+    return (total / weight).astype(np.float32).tolist()
 
 
 def window_ms(feature: WindowFeature) -> int:

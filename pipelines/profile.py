@@ -12,8 +12,6 @@ a stale group.
 """
 
 import bisect
-import functools
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,6 +24,7 @@ from nextbest.features import (
     WindowState,
     field_value,
     group_key,
+    session_vector,
     window_ms,
 )
 from nextbest.spec import (
@@ -33,7 +32,6 @@ from nextbest.spec import (
     SessionVectorFeature,
     Spec,
     WindowFeature,
-    parse_duration,
 )
 from storage.online_models import FeatureRow, UserState
 
@@ -313,41 +311,3 @@ class UserProfile:
         if feature is None or not vectors:
             return None
         return session_vector(self.interactions, feature, vectors)
-
-
-@functools.cache
-def _half_life_ms(text: str) -> float:
-    return parse_duration(text).total_seconds() * 1000
-
-
-def session_vector(
-    interactions: Iterable[tuple[int, str, str, str]],
-    feature: SessionVectorFeature,
-    vectors: Mapping[str, np.ndarray],
-) -> list[float] | None:
-    """Time-decayed mean of the item vectors of the newest `max_items` interactions.
-
-    Weight 0.5 ** (age / half_life) with age measured from the newest of them, so the
-    result depends only on the set of interactions (order-independent, idempotent).
-    `interactions` are (ts_ms, event_id, item_id, event_type) in ascending order.
-    Returns None when none of those items has a vector yet.
-    """
-    events = set(feature.events)
-    picked = [(ts, item) for ts, _e, item, kind in reversed(list(interactions)) if kind in events]
-    picked = picked[: feature.max_items]
-    if not picked:
-        return None
-    half_life_ms = _half_life_ms(feature.half_life)
-    anchor = picked[0][0]
-    total: np.ndarray | None = None
-    weight = 0.0
-    for ts, item in picked:
-        vec = vectors.get(item)
-        if vec is None:
-            continue
-        w = 0.5 ** ((anchor - ts) / half_life_ms)
-        total = vec * w if total is None else total + vec * w
-        weight += w
-    if total is None or weight <= 0 or not math.isfinite(weight):
-        return None
-    return (total / weight).astype(np.float32).tolist()

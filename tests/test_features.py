@@ -9,12 +9,13 @@ import pytest
 from nextbest.events import Event
 from nextbest.features import (
     RecentItems,
-    SessionVector,
     WindowState,
     aggregate,
     batch_window_values,
     identity_links,
+    session_vector,
 )
+from nextbest.spec import SessionVectorFeature
 from nextbest.spec_loader import load_spec
 from tests.conftest import ROOT
 
@@ -127,19 +128,20 @@ def test_recent_items_distinct_newest_first() -> None:
     assert recent.ids() == ["d", "c", "a"]
 
 
-def test_session_vector_matches_batch_formula() -> None:
+def test_session_vector_matches_the_decay_formula() -> None:
     rng = np.random.default_rng(0)
+    feature = SessionVectorFeature.model_validate(
+        {"kind": "session_vector", "events": ["view"], "half_life": "1m", "max_items": 50}
+    )
     half_life = 60_000
-    points = [(int(t), rng.normal(size=4)) for t in sorted(rng.integers(0, 300_000, 20))]
-    sv = SessionVector(half_life_ms=half_life, dim=4)
-    order = list(range(len(points)))
-    random.Random(1).shuffle(order)
-    for i in order:
-        sv.add(*points[i])
-    anchor = max(t for t, _ in points)
-    weights = np.array([0.5 ** ((anchor - t) / half_life) for t, _ in points])
-    expected = (weights[:, None] * np.array([v for _, v in points])).sum(0) / weights.sum()
-    got = sv.vector()
+    times = sorted(int(t) for t in rng.integers(0, 300_000, 20))
+    vectors = {f"i{n}": rng.normal(size=4) for n in range(20)}
+    interactions = [(t, f"e{n}", f"i{n}", "view") for n, t in enumerate(times)]
+    anchor = max(times)
+    weights = np.array([0.5 ** ((anchor - t) / half_life) for t in times])
+    stacked = np.array([vectors[f"i{n}"] for n in range(20)])
+    expected = (weights[:, None] * stacked).sum(0) / weights.sum()
+    got = session_vector(interactions, feature, vectors)
     assert got is not None
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from bytewax.testing import TestingSink, TestingSource, run_main
 
+from nextbest.features import session_vector
 from nextbest.settings import Settings
 from nextbest.spec import SessionVectorFeature, Spec
 from nextbest.spec_loader import load_spec
 from pipelines.catalog import StaticCatalog
 from pipelines.flow import build_flow
-from pipelines.profile import session_vector
 from pipelines.records import Record, Update
 from pipelines.sinks import LakeBatch, LakeSink, StreamSinks
 from pipelines.sources import EventLogSource
