@@ -194,7 +194,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from nextbest.client import live_demo_events, send_events
 
-    events = live_demo_events(seed=args.seed, rate=args.rate)
+    events = live_demo_events(seed=args.seed)
     batch = max(1, int(args.rate // 5))  # ~5 posts a second, so rates read smoothly
     report = send_events(settings, events, rate=args.rate, batch_size=batch)
     print(report.line())

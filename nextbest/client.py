@@ -97,7 +97,7 @@ def send_events(
     return report
 
 
-def live_demo_events(*, seed: int, rate: float) -> Iterator[dict[str, Any]]:
+def live_demo_events(*, seed: int) -> Iterator[dict[str, Any]]:
     """Demo shop events re-timed to now, for `nextbest up --simulate`."""
     from nextbest.demo import DemoConfig, iter_events
 
@@ -108,7 +108,7 @@ def live_demo_events(*, seed: int, rate: float) -> Iterator[dict[str, Any]]:
         data = json.loads(event.to_json())
         ts = event.ts.timestamp()
         first = ts if first is None else first
-        # compress the simulated timeline so sessions unfold at the offered rate
+        # one simulated hour per real second, never in the past; send_events paces them
         data["ts"] = datetime.fromtimestamp(
             max(time.time(), wall0 + (ts - first) / 3600), tz=UTC
         ).isoformat()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from storage.online import OnlineStore
 from storage.vectors import VectorStore
 from tests.stream_helpers import write_catalog
 from tests.test_serving_world import train_and_promote
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = uuid.uuid4().hex[:10]
@@ -41,17 +42,6 @@ STORES = (
     "delta_decisions",
     "delta_feedback",
 )
-
-
-def _wait(check: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _stream(settings: Settings) -> subprocess.Popen[bytes]:
@@ -146,7 +136,7 @@ def test_erasure_leaves_no_trace_in_any_file(
         assert proc.poll() is None, (settings.home_dir / "logs" / "stream.log").read_text()
         return _rows(delta, "events", USER) == 5 and _rows(delta, "events", OTHER) == 5
 
-    _wait(streamed, timeout=20, what="events in Delta")
+    wait_until(streamed, timeout=20, what="events in Delta")
     decisions = {}
     for user in (USER, OTHER):
         r = client.post("/v1/decide", json={"user_id": user, "k": 3})
@@ -154,7 +144,7 @@ def test_erasure_leaves_no_trace_in_any_file(
         decisions[user] = r.json()
         feedback = {"decision_id": r.json()["decision_id"], "user_id": user, "outcome": "click"}
         assert client.post("/v1/feedback", json=feedback).status_code == 202
-    _wait(
+    wait_until(
         lambda: (
             all(_rows(delta, t, u) for t in ("decisions", "feedback") for u in (USER, OTHER))
             and vectors.get_user(USER) is not None
@@ -178,7 +168,7 @@ def test_erasure_leaves_no_trace_in_any_file(
         return job if job["status"] in ("done", "failed") else None
 
     try:
-        job = _wait(finished, timeout=30, what="the erasure job")
+        job = wait_until(finished, timeout=30, what="the erasure job")
     except AssertionError:
         log = (settings.home_dir / "logs" / "stream.log").read_text(errors="replace")
         raise AssertionError(f"{last}\n{_scan(settings.home_dir)}\n{log[-3000:]}") from None

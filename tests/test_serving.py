@@ -2,8 +2,7 @@
 features, erasure, keys, readiness, metrics, degraded stores."""
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +26,13 @@ from tests.test_serving_world import (
     stream_state,
     train_and_promote,
 )
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _settings(home: Path, **kw: Any) -> Settings:
     return Settings(home=home, spec=ROOT / "nextbest.yaml", _env_file=None, **kw)  # type: ignore[call-arg]
-
-
-def _wait(check: Callable[[], Any], *, timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class Api:
@@ -100,7 +89,7 @@ def test_category_viewer_gets_that_category_in_realtime(api: Api) -> None:
         cats = [api.world.category_of(a["item_id"]) for a in out["actions"]]
         return out if cats.count("hiking") >= 3 and out["served_from"] == "realtime" else None
 
-    out = _wait(hiking, timeout=1.0, what="hiking items served real-time")
+    out = wait_until(hiking, timeout=1.0, what="hiking items served real-time")
     assert out["model_version"] == "v1" and out["feature_age_ms"] is not None
     assert all(a["reasons"] for a in out["actions"])
 
@@ -214,7 +203,9 @@ def test_decisions_and_feedback_are_logged(api: Api) -> None:
     def logged() -> list[dict[str, Any]]:
         return [p for _, p in api.log_records() if p.get("decision_id") == out["decision_id"]]
 
-    records = _wait(lambda: len(logged()) == 2 and logged(), what="decision and feedback records")
+    records = wait_until(
+        lambda: len(logged()) == 2 and logged(), what="decision and feedback records"
+    )
     decision = next(p for p in records if p["record"] == "decision")
     feedback = next(p for p in records if p["record"] == "feedback")
     assert decision["served_from"] == out["served_from"] and decision["features"]["pool"]["item_id"]
@@ -251,7 +242,7 @@ def test_erasure_removes_online_state_and_log_records(api: Api) -> None:
         job = api.get("/v1/users/u-erase/erasure").json()
         return job if "removed" in job["stores"]["eventlog"] else None
 
-    job = _wait(finished, what="event log erasure")
+    job = wait_until(finished, what="event log erasure")
     # No stream runs here: the stream's stores stay pending, and the erase request
     # (removed by the API once the stream reports done) is all the log holds of them.
     assert job["status"] == "running" and job["stores"]["lance_users"] == "pending: stream"
@@ -274,7 +265,7 @@ def test_ready_metrics_and_model_reload(api: Api) -> None:
     assert "nextbest_event_to_online_lag_seconds_count" in metrics
     s = api.world.settings
     train_and_promote(s, api.world.spec, api.world.store, DemoConfig.small(seed=3), version="v2")
-    _wait(lambda: api.http.get("/ready").json()["model_version"] == "v2", what="reload of v2")
+    wait_until(lambda: api.http.get("/ready").json()["model_version"] == "v2", what="reload of v2")
     assert api.decide("u-hiker", k=2)["model_version"] == "v2"
 
 
@@ -358,7 +349,7 @@ def test_kafka_producer_acknowledges_before_202(tmp_path: Path, kafka_broker: An
             ]
             return any(v.get("decision_id") == decision_id for v in values)
 
-        _wait(logged, timeout=20, what="decision record on the topic")
+        wait_until(logged, timeout=20, what="decision record on the topic")
     finally:
         stop_server(live)
         world.store.dispose()
