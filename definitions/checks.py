@@ -8,15 +8,18 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from definitions.arrow import pc
-from definitions.artifacts import read_candidate, read_metrics
+from definitions.artifacts import read_candidate, read_json_file, read_metrics
 from definitions.assets import (
     bronze_events,
     cached_decisions,
     gold_interactions,
     item_vectors,
     model_evaluation,
+    offer_policy,
 )
 from definitions.assets.decisions import active_histories
+from definitions.assets.offer_policy import read_registry
+from definitions.assets.offer_uplift import UPLIFT_POINTER, read_uplift
 from definitions.history import INTERACTIONS_TABLE
 from definitions.resources import NextbestResource
 from storage.delta_schemas import EVENTS_SCHEMA
@@ -138,6 +141,31 @@ def cached_decisions_current(nextbest: NextbestResource) -> dg.AssetCheckResult:
     )
 
 
+@dg.asset_check(asset=offer_policy)
+def offer_policy_registered(nextbest: NextbestResource) -> dg.AssetCheckResult:
+    """The offer policy the API serves is the one the registry last promoted, and its
+    artifact loads: nothing reached `uplift.json` around the gate."""
+    models = nextbest.models_dir()
+    pointer = read_json_file(models / UPLIFT_POINTER)
+    promoted = read_registry(models)["served"]
+    if pointer is None:
+        return dg.AssetCheckResult(
+            passed=promoted is None,
+            metadata={"served": "none (offers ranked by priority)", "registry": str(promoted)},
+        )
+    served = pointer.get("version")
+    loads = read_uplift(models) is not None
+    registered = promoted is not None and promoted.get("version") == served
+    return dg.AssetCheckResult(
+        passed=loads and registered,
+        metadata={
+            "served": str(served),
+            "registry_promoted": str(promoted.get("version") if promoted else None),
+            "artifact_loads": loads,
+        },
+    )
+
+
 ALL_CHECKS = [
     bronze_events_schema,
     bronze_events_not_empty,
@@ -147,4 +175,5 @@ ALL_CHECKS = [
     model_evaluation_floor,
     item_vectors_match_model,
     cached_decisions_current,
+    offer_policy_registered,
 ]

@@ -9,6 +9,7 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -19,6 +20,9 @@ from nextbest.spec_loader import load_spec
 from storage.delta import DeltaStore
 from storage.online import OnlineStore
 from storage.vectors import AttrType, VectorStore
+
+OpeGate = Literal["off", "not_worse", "better"]
+"""Which off-policy verdicts let a new offer policy be served (see `offer_policy`)."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,6 +53,12 @@ class NextbestResource(dg.ConfigurableResource):
         "one's by more than this (negative: require an improvement).",
     )
     min_ndcg: float = Field(default=0.0, description="Metric floor checked on evaluation.")
+    ope_gate: OpeGate = Field(
+        default="better",
+        description="Serve a new offer (uplift) policy only if off-policy evaluation finds "
+        "it better than the current one (DR interval above it), or at least not worse "
+        "(`not_worse`); `off` serves every trained candidate.",
+    )
     freshness_hours: float = Field(
         default=48.0, description="Bronze is stale when nothing was ingested for this long."
     )

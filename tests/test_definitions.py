@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = {
     "bronze_events", "silver_sessions", "gold_interactions", "user_features", "training_set",
     "item_model", "model_evaluation", "model_registry", "item_vectors", "cached_decisions",
-    "offer_uplift", "policy_evaluation",
+    "offer_uplift", "policy_evaluation", "offer_policy",
 }  # fmt: skip
 CHECKS = {
     "bronze_events_schema", "bronze_events_not_empty", "bronze_events_unique_ids",
     "bronze_events_fresh", "gold_interactions_not_empty", "model_evaluation_floor",
-    "item_vectors_match_model", "cached_decisions_current",
+    "item_vectors_match_model", "cached_decisions_current", "offer_policy_registered",
 }  # fmt: skip
 SMALL = DemoConfig(n_users=120, n_items=150, n_events=3000, days=10)
 LATER = SMALL.replace(seed=8, start=datetime(2025, 1, 16, tzinfo=UTC), n_events=1500, days=3)

@@ -4,7 +4,7 @@ bronze_events -> silver_sessions (daily partitions)
 bronze_events -> gold_interactions -> item_model -> model_evaluation -> model_registry
 model_registry -> item_vectors (LanceDB), cached_decisions (online store)
 bronze_events -> user_features, training_set
-decisions + feedback (Delta) -> offer_uplift -> policy_evaluation
+decisions + feedback (Delta) -> offer_uplift -> policy_evaluation -> offer_policy (OPE gate)
 """
 
 from definitions.assets.bronze import bronze_events
@@ -13,6 +13,7 @@ from definitions.assets.evaluation import model_evaluation
 from definitions.assets.features import user_features
 from definitions.assets.interactions import gold_interactions
 from definitions.assets.model import item_model
+from definitions.assets.offer_policy import offer_policy
 from definitions.assets.offer_uplift import offer_uplift
 from definitions.assets.policy_evaluation import policy_evaluation
 from definitions.assets.registry import model_registry
@@ -32,6 +33,7 @@ RETRAIN_ASSETS = [
     cached_decisions,
     offer_uplift,
     policy_evaluation,
+    offer_policy,
 ]
 """Unpartitioned: the full retrain, one run (offer models and OPE over the decision
 log included: they succeed with "no data yet" until decisions are logged)."""
@@ -52,6 +54,7 @@ __all__ = [
     "item_vectors",
     "model_evaluation",
     "model_registry",
+    "offer_policy",
     "offer_uplift",
     "policy_evaluation",
     "silver_sessions",

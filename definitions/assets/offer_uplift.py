@@ -1,4 +1,8 @@
-"""Uplift models for the spec's offers, trained on logged (explored) offer exposures."""
+"""Uplift models for the spec's offers, trained on logged (explored) offer exposures.
+
+Training writes a *candidate* (`uplift_candidate.json`); the API serves `uplift.json`,
+which only `offer_policy` writes, after off-policy evaluation of the candidate.
+"""
 
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +19,9 @@ from nextbest.spec import Spec
 from nextbest.uplift import Basis, OfferUplift, UpliftModel, auuc, fit_uplift, qini_coefficient
 
 UPLIFT_POINTER = "uplift.json"
+"""The served offer policy (read by the API); written by `offer_policy` only."""
+UPLIFT_CANDIDATE = "uplift_candidate.json"
+"""The latest trained uplift models, waiting for the OPE gate."""
 HOLDOUT = 0.3
 MIN_ARM_ROWS = 30
 """Fewer treated or control rows than this for an offer: no model for it."""
@@ -24,12 +31,29 @@ def offer_names(spec: Spec) -> list[str]:
     return [name for name, a in spec.actions.items() if a.kind != "item"]
 
 
-def read_uplift(models_dir: Path) -> OfferUplift | None:
-    """The latest trained uplift models, or None before the first training."""
-    info = read_json_file(models_dir / UPLIFT_POINTER)
+def read_uplift(models_dir: Path, pointer: str = UPLIFT_POINTER) -> OfferUplift | None:
+    """The uplift models a pointer names (the served ones by default), or None when
+    there is no pointer or its artifact is gone. The version is the pointer's."""
+    info = read_json_file(models_dir / pointer)
     if info is None or not Path(info["artifact_path"]).is_file():
         return None
-    return OfferUplift.load(Path(info["artifact_path"]))
+    loaded = OfferUplift.load(Path(info["artifact_path"]))
+    return OfferUplift(loaded.feature_names, loaded.models, str(info["version"]))
+
+
+def save_candidate(models_dir: Path, bundle: OfferUplift, **info: Any) -> Path:
+    """Save `bundle` under `uplift/<version>.npz` and point `uplift_candidate.json` at it."""
+    path = bundle.save(models_dir / "uplift" / f"{bundle.version}.npz")
+    write_json_file(
+        models_dir / UPLIFT_CANDIDATE,
+        {
+            **info,
+            "version": bundle.version,
+            "artifact_path": str(path),
+            "trained_at": datetime.now(UTC).isoformat(),
+        },
+    )
+    return path
 
 
 def exposure(rounds: Rounds, offer: str) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +107,10 @@ def offer_uplift(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     the logged user features of decisions that showed it (treated) or showed nothing
     (control), weighted by inverse logged propensity. Reports Qini and AUUC on a
     held-out split, next to the Qini of ranking by response rate, so the uplift ranking
-    has to beat it. Saved under `<home>/models/uplift/`; `uplift.json` points at the
-    latest. With no logged offer exposures yet it succeeds and says so."""
+    has to beat it. Saved under `<home>/models/uplift/` as a candidate
+    (`uplift_candidate.json`): `policy_evaluation` values it off-policy and
+    `offer_policy` serves it only if it passes the gate. With no logged offer exposures
+    yet it succeeds and says so."""
     spec, store = nextbest.load_spec(), nextbest.delta()
     rounds = read_rounds(store)
     if rounds is None or rounds.n == 0:
@@ -118,12 +144,11 @@ def offer_uplift(context: dg.AssetExecutionContext, nextbest: NextbestResource):
         return dg.MaterializeResult(metadata=metadata)
     version = datetime.now(UTC).strftime("u%Y%m%dT%H%M%S%f")
     bundle = OfferUplift(tuple(rounds.feature_names), models, version)
-    path = bundle.save(nextbest.models_dir() / "uplift" / f"{version}.npz")
-    write_json_file(
-        nextbest.models_dir() / UPLIFT_POINTER,
-        {"version": version, "artifact_path": str(path), "offers": report, "basis": basis},
-    )
+    path = save_candidate(nextbest.models_dir(), bundle, offers=report, basis=basis)
     metadata.update(
-        status="trained", version=version, artifact_path=dg.MetadataValue.path(str(path))
+        status="trained",
+        version=version,
+        pointer=UPLIFT_CANDIDATE,
+        artifact_path=dg.MetadataValue.path(str(path)),
     )
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))

@@ -1,15 +1,31 @@
 """Off-policy evaluation of candidate policies on the logged decisions and feedback."""
 
+from collections.abc import Sequence
+from statistics import NormalDist
 from typing import Any
 
 import dagster as dg
 import numpy as np
 
 from definitions.artifacts import write_json_file
-from definitions.assets.offer_uplift import HOLDOUT, offer_uplift, read_uplift
+from definitions.assets.offer_uplift import (
+    HOLDOUT,
+    UPLIFT_CANDIDATE,
+    UPLIFT_POINTER,
+    offer_uplift,
+    read_uplift,
+)
 from definitions.bandit_log import Rounds, held_out, read_rounds
 from definitions.resources import NextbestResource
-from nextbest.ope import NO_ACTION, Estimate, evaluate, greedy, on_policy
+from nextbest.ope import (
+    NO_ACTION,
+    Estimate,
+    cross_fit_rewards,
+    evaluate,
+    greedy,
+    importance_weights,
+    on_policy,
+)
 from nextbest.uplift import OfferUplift
 
 OPE_REPORT = "ope.json"
@@ -24,27 +40,65 @@ def greedy_target(rounds: Rounds) -> tuple[np.ndarray, np.ndarray]:
     return rows, greedy(scores[rows])
 
 
-def uplift_target(
-    rounds: Rounds, uplift: OfferUplift, *, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, target): on held-out decisions (never trained on) whose choices are only
-    offers the model knows and `none`, show the available offer with the highest
-    predicted uplift if it is > 0, else nothing."""
-    known = {NO_ACTION, *uplift.models}
-    allowed = np.array([a in known for a in rounds.arms])
+def uplift_rows(rounds: Rounds, models: Sequence[OfferUplift], *, seed: int) -> np.ndarray:
+    """Held-out decisions whose choices are only `none` and offers every one of `models`
+    knows. The split hashes the decision id with the seed, so with an unchanged seed no
+    uplift model trained here (the served one included) ever saw these rows."""
+    if NO_ACTION not in rounds.arms:
+        return np.zeros(0, int)
+    allowed = np.array(
+        [a == NO_ACTION or all(a in m.models for m in models) for a in rounds.arms], dtype=bool
+    )
     test = held_out(rounds.decision_ids, seed=seed, fraction=HOLDOUT)
-    rows = np.flatnonzero(~(rounds.available & ~allowed).any(axis=1) & test)
+    return np.flatnonzero(~(rounds.available & ~allowed).any(axis=1) & test)
+
+
+def uplift_target(rounds: Rounds, uplift: OfferUplift, rows: np.ndarray) -> np.ndarray:
+    """On `rows`: show the available offer with the highest predicted uplift if it is
+    > 0, else nothing (what the API's uplift ranking does with exploration off)."""
+    if NO_ACTION not in rounds.arms:  # no control arm: `uplift_rows` selected nothing
+        return np.zeros((0, len(rounds.arms)))
     gains = np.full((len(rows), len(rounds.arms)), -np.inf)
-    if NO_ACTION in rounds.arms:
-        gains[:, rounds.arms.index(NO_ACTION)] = 0.0
-    else:
-        return np.zeros(0, int), np.zeros((0, len(rounds.arms)))
+    gains[:, rounds.arms.index(NO_ACTION)] = 0.0
     predicted = uplift.predict([rounds.values[i] for i in rows])
     for offer, up in predicted.items():
         if offer in rounds.arms:
             j = rounds.arms.index(offer)
             gains[:, j] = np.where(rounds.available[rows, j], up, -np.inf)
-    return rows, greedy(gains)
+    return greedy(gains)
+
+
+def verdict(low: float, high: float, reference: float) -> str:
+    return "better" if low > reference else "worse" if high < reference else "unclear"
+
+
+def dr_difference(
+    rounds: Rounds, rows: np.ndarray, target: np.ndarray, baseline: np.ndarray, *, seed: int
+) -> dict[str, float | int]:
+    """Doubly robust estimate of value(target) - value(baseline) on the same rows, with
+    a 95% normal interval from the paired per-row DR terms: both policies share the
+    cross-fitted reward model `evaluate` uses, so the noise they have in common cancels
+    and the interval is much tighter than comparing two separate intervals."""
+    log = rounds.bandit(rows)
+    q = cross_fit_rewards(log, seed=seed)
+    logged_q = q[np.arange(log.n), log.actions]
+
+    def terms(policy: np.ndarray) -> np.ndarray:
+        w, _ = importance_weights(log, policy)
+        return np.sum(policy * q, axis=1) + w * (log.rewards - logged_q)
+
+    d = terms(target) - terms(baseline)
+    value = float(d.mean())
+    se = float(d.std(ddof=1) / np.sqrt(log.n))
+    z = NormalDist().inv_cdf(0.975)
+    return {
+        "value": value,
+        "low": value - z * se,
+        "high": value + z * se,
+        "std_error": se,
+        "n": log.n,
+        "disagree": int(np.count_nonzero(target.argmax(axis=1) != baseline.argmax(axis=1))),
+    }
 
 
 def estimate_targets(
@@ -61,13 +115,10 @@ def estimate_targets(
         estimates: dict[str, Estimate] = {"logged": on_policy(log)}
         estimates.update(evaluate(log, target, seed=seed))
         dr, logged = estimates["dr"], estimates["logged"]
-        verdict = (
-            "better" if dr.low > logged.value else "worse" if dr.high < logged.value else "unclear"
-        )
         out[name] = {
             "rows": len(rows),
             "status": "estimated",
-            "verdict": verdict,
+            "verdict": verdict(dr.low, dr.high, logged.value),
             **{m: e.as_dict() for m, e in estimates.items()},
         }
     return out
@@ -86,17 +137,57 @@ def markdown(report: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def gate_report(
+    rounds: Rounds,
+    report: dict[str, dict[str, Any]],
+    targets: dict[str, tuple[np.ndarray, np.ndarray]],
+    candidate: OfferUplift,
+    served: OfferUplift | None,
+    *,
+    seed: int,
+) -> dict[str, Any]:
+    """What `offer_policy` gates on: the candidate (`uplift`) against the current offer
+    policy on the same held-out rows. Current is the served uplift model when there is
+    one (verdict from the paired DR difference: its interval above / below 0), else the
+    logged policy (verdict: DR's interval above / below the logged value)."""
+    entry = report.get("uplift", {})
+    out: dict[str, Any] = {
+        "candidate": candidate.version,
+        "served": served.version if served is not None else None,
+        "current": "served" if served is not None else "logged",
+        "rows": entry.get("rows", 0),
+    }
+    if entry.get("status") != "estimated":
+        return {**out, "verdict": "unclear", "note": "too few held-out rows to estimate"}
+    dr = entry["dr"]
+    out["candidate_dr"] = {k: dr[k] for k in ("value", "low", "high")}
+    out["logged_value"] = entry["logged"]["value"]
+    if served is None:
+        return {**out, "verdict": entry["verdict"], "current_value": entry["logged"]["value"]}
+    served_entry = report.get("served", {})
+    rows, target = targets["uplift"]
+    difference = dr_difference(rounds, rows, target, targets["served"][1], seed=seed)
+    return {
+        **out,
+        "verdict": verdict(float(difference["low"]), float(difference["high"]), 0.0),
+        "current_value": served_entry.get("dr", {}).get("value", float("nan")),
+        "difference": difference,
+    }
+
+
 @dg.asset(deps=[offer_uplift], group_name="policy", kinds={"numpy"})
 def policy_evaluation(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     """Off-policy evaluation on the decision log joined with feedback (reward: the
     decision converted). Estimates, with IPS, self-normalized IPS and doubly robust
-    (cross-fitted per-action ridge reward model) and 95% intervals, the value of the
-    candidate policies against the logged (exploring) one: `greedy` (exploration off)
-    and `uplift` (offers ranked by `offer_uplift`'s predicted uplift, on the decisions
-    it held out). Each row of the report compares against the logged policy's value on
-    the same decisions. Decisions logged
-    without a propensity are skipped and counted. The report is also written to
-    `<home>/models/ope.json` for promotion gates. With no decisions yet it succeeds."""
+    (cross-fitted per-action ridge reward model) and 95% intervals, the value of
+    policies against the logged (exploring) one on the same decisions: `greedy`
+    (exploration off), `uplift` (offers ranked by the *candidate* `offer_uplift` just
+    trained, on decisions held out of training) and `served` (the uplift model the API
+    serves now, on those same rows). The candidate's verdict against the current
+    policy (the served model, by a paired DR difference; the logged policy while none
+    is served) is what `offer_policy` gates promotion on. Decisions logged without a
+    propensity are skipped and counted. The report is also written to
+    `<home>/models/ope.json`. With no decisions yet it succeeds."""
     store = nextbest.delta()
     rounds = read_rounds(store)
     if rounds is None or rounds.n == 0:
@@ -105,18 +196,32 @@ def policy_evaluation(context: dg.AssetExecutionContext, nextbest: NextbestResou
         return dg.MaterializeResult(
             metadata={"status": note, "skipped": dg.MetadataValue.json(skipped)}
         )
+    seed, models = nextbest.seed, nextbest.models_dir()
     targets = {"greedy": greedy_target(rounds)}
-    uplift = read_uplift(nextbest.models_dir())
-    if uplift is not None:
-        targets["uplift"] = uplift_target(rounds, uplift, seed=nextbest.seed)
-    report = estimate_targets(rounds, targets, seed=nextbest.seed)
+    candidate = read_uplift(models, UPLIFT_CANDIDATE)
+    serving = read_uplift(models, UPLIFT_POINTER)
+    same = serving is not None and candidate is not None and serving.version == candidate.version
+    served = None if same else serving  # a candidate already served has no rival
+    uplifts = {"uplift": candidate, "served": served}
+    present = [m for m in uplifts.values() if m is not None]
+    rows = uplift_rows(rounds, present, seed=seed)
+    for name, model in uplifts.items():
+        if model is not None:
+            targets[name] = (rows, uplift_target(rounds, model, rows))
+    report = estimate_targets(rounds, targets, seed=seed)
+    gate = (
+        gate_report(rounds, report, targets, candidate, served, seed=seed)
+        if candidate is not None
+        else None
+    )
     metadata: dict[str, Any] = {
         "status": "estimated",
         "decisions": rounds.decisions,
         "rounds": rounds.n,
         "skipped_no_propensity": rounds.skipped.get("no_propensity", 0),
         "skipped_unreadable": rounds.skipped.get("unreadable", 0),
-        "uplift_model": uplift.version if uplift is not None else "none",
+        "uplift_model": candidate.version if candidate is not None else "none",
+        "served_model": serving.version if serving is not None else "none",
         "report": dg.MetadataValue.md(markdown(report)),
         "estimates": dg.MetadataValue.json(report),
     }
@@ -129,6 +234,15 @@ def policy_evaluation(context: dg.AssetExecutionContext, nextbest: NextbestResou
                 metadata[f"{name}/{method}_{field}"] = dg.MetadataValue.float(
                     float(entry[method][field])
                 )
-    write_json_file(nextbest.models_dir() / OPE_REPORT, {"rounds": rounds.n, "targets": report})
-    context.log.info(f"OPE over {rounds.n} rounds ({rounds.skipped} skipped)")
+    if gate is not None:
+        metadata["gate"] = dg.MetadataValue.json(gate)
+        metadata["gate/current"] = gate["current"]
+        metadata["gate/verdict"] = gate["verdict"]
+        for field in ("value", "low", "high"):
+            if "difference" in gate:
+                metadata[f"gate/difference_{field}"] = dg.MetadataValue.float(
+                    float(gate["difference"][field])
+                )
+    write_json_file(models / OPE_REPORT, {"rounds": rounds.n, "targets": report, "gate": gate})
+    context.log.info(f"OPE over {rounds.n} rounds ({rounds.skipped} skipped); gate: {gate}")
     return dg.MaterializeResult(metadata=metadata)
