@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from nextbest.model import ItemModel
+from nextbest.online_model import OnlineView
 from nextbest.spec import SessionVectorFeature, Spec
 
 VectorSearch = Callable[[np.ndarray, int], list[tuple[str, float]]]
@@ -43,6 +44,8 @@ class UserView:
     values: dict[str, float | None] = field(default_factory=dict)
     """Every online feature value, grouped ones as `name[group]`: the inputs of the
     uplift model and what the decision log records in `features["values"]`."""
+    online: OnlineView | None = None
+    """The user's online model (`session["online_model"]`), learned from feedback."""
 
     @property
     def fresh(self) -> bool:
@@ -62,9 +65,11 @@ def user_view(
     cached_version: str | None = None,
     cap_counts: Mapping[str, int] | None = None,
     values: Mapping[str, float | None] | None = None,
+    as_of_ms: int | None = None,
 ) -> UserView:
     """Build a `UserView` from the online state of contracts.md: `session["history"]`
-    ([item_id, event_type, ts_ms], newest first) becomes {item: sum of event weights}."""
+    ([item_id, event_type, ts_ms], newest first) becomes {item: sum of event weights};
+    `session["online_model"]` is read as of `as_of_ms` (its feedback decays until then)."""
     session = session or {}
     history: dict[str, float] = {}
     recent: dict[str, int] = {}
@@ -100,6 +105,7 @@ def user_view(
         cached_version=cached_version,
         cap_counts=dict(cap_counts or {}),
         values=dict(values) if values is not None else dict(features or {}),
+        online=OnlineView.parse(session.get("online_model"), as_of_ms=as_of_ms),
     )
 
 

@@ -48,7 +48,7 @@ from nextbest.candidates import (
 from nextbest.model import ItemModel
 from nextbest.offers import Action, choose_offers, decide_offers, policy_for_surface
 from nextbest.pool import Pool
-from nextbest.slate import diverse, explore_slate, item_reasons
+from nextbest.slate import diverse, explore_slate, item_reasons, online_boosts
 from nextbest.spec import Policy, Spec
 from nextbest.uplift import OfferUplift
 
@@ -330,7 +330,8 @@ def _rank_items(
             pool.add_extra(item, "popular", value, raw)
             yield item, j, value
 
-    stream = with_popular()
+    boosts = online_boosts(policy, user, assets.attributes)  # the online model's groups
+    stream = boosts.rerank(with_popular()) if boosts is not None else with_popular()
     slate = diverse(policy, assets.attributes, stream, request.k)
     chosen, p_first = explore_slate(policy, request.seed, action_name, slate, stream, arms)
     because = (
@@ -342,6 +343,9 @@ def _rank_items(
     for slot, (item, j, _) in enumerate(chosen):
         p = pool.explain(item, j)
         reasons = item_reasons(p, because.get(item, []))
+        boost = boosts.of(item) if boosts is not None else None
+        if boost is not None:
+            reasons.append(boost.reason)
         if slot == 0 and policy.exploration.strategy != "none":
             how = "greedy choice" if chosen[0] == slate[0] else "explored"
             reasons.append(f"exploration: {policy.exploration.strategy} {how} (p={p_first:.4f})")
@@ -349,7 +353,7 @@ def _rank_items(
             Action(
                 action_id=action_name,
                 item_id=item,
-                score=round(p.score, 6),
+                score=round(p.score + (boost.term if boost is not None else 0.0), 6),
                 source=max(p.parts, key=lambda s: p.parts[s]) if p.parts else "popular",
                 reasons=reasons,
                 propensity=p_first,

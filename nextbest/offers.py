@@ -11,6 +11,12 @@ cached weight when the batch side chose it for this user. Offers the model does 
 know keep their priority score next to the uplift scores of the others (the scales
 differ; train the model on every offer of a surface to avoid mixing them).
 
+Online model (policy `online_model`, `nextbest.online_model`): between retrains the
+user's own feedback moves each offer by weight x (posterior mean - prior mean), at
+most weight/2 either way, with a reason saying what the user did (e.g. dismissed it
+twice). It applies to uplift scores too, so an uplift offer the user keeps dismissing
+can fall to <= 0 and is then not shown.
+
 Exploration (`choose_offers`): the arms are the eligible offers plus `none` (show
 nothing, score 0: the control arm uplift is learned against). Without exploration
 every showable offer is shown, as before; with it, one arm per decision is drawn by
@@ -19,12 +25,13 @@ exposure the uplift model and off-policy evaluation need.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nextbest import rules
 from nextbest.candidates import UserView
 from nextbest.exploration import explore
+from nextbest.online_model import action_target
 from nextbest.spec import Policy, Spec
 from nextbest.uplift import OfferUplift
 
@@ -84,7 +91,24 @@ def decide_offers(
     elif out:
         for a in out:
             a.reasons.append("ranking: priority (no uplift model loaded)")
-    return sorted(out, key=lambda a: -a.score)
+    return sorted(_online(out, policy, user), key=lambda a: -a.score)
+
+
+def _online(offers: list[Action], policy: Policy, user: UserView) -> list[Action]:
+    """Each offer the user gave feedback on, moved by their online model."""
+    settings = policy.online_model
+    online = user.online
+    if online is None or not settings.enabled:
+        return offers
+    out: list[Action] = []
+    for a in offers:
+        found = online.adjust(action_target(a.action_id), a.action_id, settings)
+        if found is None:
+            out.append(a)
+            continue
+        score = round(a.score + found.term, 6)
+        out.append(replace(a, score=score, reasons=[*a.reasons, found.reason]))
+    return out
 
 
 def _scored(

@@ -1,12 +1,17 @@
-"""Item slates: diversity, the exploring first slot, and the reasons of each item.
+"""Item slates: diversity, the exploring first slot, the online model's group terms
+and the reasons of each item.
 
 Split from `nextbest.decide` (which explains the exploration model) to keep both small.
 """
 
-from collections.abc import Iterator
+import heapq
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from nextbest.candidates import UserView
 from nextbest.exploration import explore
+from nextbest.online_model import Adjustment
 from nextbest.pool import Pooled
 from nextbest.spec import Policy
 
@@ -63,6 +68,46 @@ def explore_slate(
         return slate, probs[0]
     first = ranked[chosen]
     return [first, *(e for e in slate if e[0] != first[0])][: len(slate)], probs[chosen]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupBoosts:
+    """The user's online model per value of the policy's `group_by` attribute (e.g.
+    `category`): items of a group the user clicked rise, of one they dismissed sink."""
+
+    attr: str
+    attributes: Mapping[str, Mapping[str, Any]]
+    by_group: dict[str, Adjustment]
+
+    def of(self, item: str) -> Adjustment | None:
+        value = (self.attributes.get(item) or {}).get(self.attr)
+        return None if value is None else self.by_group.get(str(value))
+
+    def rerank(self, ranked: Iterator[Ranked]) -> Iterator[Ranked]:
+        """`ranked` (best first) by score + term, still lazily: an item is yielded once
+        no later one can beat it (later ones score at most the current raw score plus
+        the largest positive term), so a long pool is never ranked in full."""
+        lift = max(0.0, max((a.term for a in self.by_group.values()), default=0.0))
+        heap: list[tuple[float, int, Ranked]] = []
+        for n, (item, j, score) in enumerate(ranked):
+            found = self.of(item)
+            adjusted = score + found.term if found is not None else score
+            heapq.heappush(heap, (-adjusted, n, (item, j, adjusted)))
+            while heap and -heap[0][0] >= score + lift:
+                yield heapq.heappop(heap)[2]
+        while heap:
+            yield heapq.heappop(heap)[2]
+
+
+def online_boosts(
+    policy: Policy, user: UserView, attributes: Mapping[str, Mapping[str, Any]]
+) -> GroupBoosts | None:
+    """The online model's group terms for this decision; None when there are none."""
+    settings = policy.online_model
+    if user.online is None or not settings.enabled or policy.group_by is None:
+        return None
+    by_group = user.online.groups(policy.group_by, settings)
+    return GroupBoosts(policy.group_by, attributes, by_group) if by_group else None
 
 
 def item_reasons(p: Pooled, because: list[str]) -> list[str]:

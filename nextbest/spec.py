@@ -200,6 +200,23 @@ class Exploration(_Model):
     epsilon: float = Field(default=0.05, ge=0, le=1)
 
 
+class OnlineModel(_Model):
+    """The per-user online model (`nextbest.online_model`): Beta-Bernoulli posteriors
+    the stream learns from feedback, read by the decide path between retrains."""
+
+    enabled: bool = True
+    weight: float = Field(
+        default=1.0, ge=0, le=10, description="Score units at most +/- weight/2 moves an action."
+    )
+    half_life: DurationText = Field(default=Duration("7d"), description="How fast feedback fades.")
+    prior: float = Field(
+        default=2.0, gt=0, le=1000, description="Pseudo-observations of the prior (mean 1/2)."
+    )
+    ignored_weight: float = Field(
+        default=0.25, ge=0, le=1, description="An impression without click/dismissal, as a no."
+    )
+
+
 class Policy(_Model):
     surface: Name = "default"
     actions: list[Name] = Field(min_length=1)
@@ -209,6 +226,7 @@ class Policy(_Model):
     max_per_group: int | None = Field(default=None, ge=1)
     group_by: Name | None = Field(default=None, description="Item attribute for diversity.")
     exploration: Exploration = Field(default_factory=Exploration)
+    online_model: OnlineModel = Field(default_factory=OnlineModel)
 
 
 class CronSchedule(_Model):
@@ -246,6 +264,30 @@ class Model(_Model):
     half_life: DurationText = Field(default=Duration("30d"))
 
 
+class Consent(_Model):
+    """Consent per user, carried by a user-level event type (see README, privacy).
+
+    An event rather than a user attribute: consent changes over time and must reach
+    the API and the stream in order with the behaviour it governs (the log is ordered
+    per user), with a timestamp (newest wins) and an auditable record in bronze.
+    """
+
+    event: Name = Field(description="The event type that grants or revokes consent.")
+    property: Name = Field(default="granted", description="Its boolean property.")
+    default: Literal["granted", "denied"] = Field(
+        default="denied", description="For users who never sent a consent event."
+    )
+    without_consent: Literal["drop", "aggregate"] = Field(
+        default="drop",
+        description="drop: keep nothing; aggregate: keep item events with the person "
+        "removed (item popularity and trending still learn).",
+    )
+
+
+class Privacy(_Model):
+    consent: Consent | None = None
+
+
 class Spec(_Model):
     version: Literal[1] = 1
     name: Name
@@ -256,6 +298,7 @@ class Spec(_Model):
     policies: dict[Name, Policy] = Field(min_length=1)
     model: Model = Field(default_factory=Model)
     schedules: Schedules = Field(default_factory=Schedules)
+    privacy: Privacy = Field(default_factory=Privacy)
 
     # Derived names: one place, so storage, Dagster and Bytewax agree.
     def window_features(self) -> dict[str, WindowFeature]:

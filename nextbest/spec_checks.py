@@ -10,6 +10,7 @@ from typing import Any
 
 from nextbest.spec import (
     Action,
+    Consent,
     Entities,
     EventType,
     LastNFeature,
@@ -231,3 +232,43 @@ def check_singletons(features: Mapping[str, Any]) -> Iterator[Problem]:
                 ("features", extra, "kind"),
                 f"only one {label} feature is allowed; {named[0]!r} is already declared",
             )
+
+
+def check_privacy(consent: Consent, events: Mapping[str, EventType] | None) -> Iterator[Problem]:
+    """The consent event must be declared, user-level, not an identify event, and carry
+    the boolean property (in clear: a hashed PII value is no longer a boolean)."""
+    if events is None or consent.event in _unchecked(events):
+        return
+    name, base = consent.event, ("privacy", "consent")
+    if name not in events:
+        yield (
+            (*base, "event"),
+            f"unknown event type {name!r}; declare it under events (entity: null, "
+            f"properties: {{{consent.property}: {{type: bool, required: true}}}}) "
+            f"or use one of: {_names(events)}",
+        )
+        return
+    ev = events[name]
+    where = f"{name!r} is the consent event (privacy.consent.event)"
+    if ev.entity is not None:
+        yield (("events", name, "entity"), f"{where}: consent is per user; set entity: null")
+    if ev.identify:
+        yield (("events", name, "identify"), f"{where}: it cannot link identities too")
+    prop = ev.properties.get(consent.property)
+    if prop is None:
+        yield (
+            (*base, "property"),
+            f"event {name!r} declares no property {consent.property!r}; add "
+            f"{consent.property}: {{type: bool, required: true}} under events.{name}.properties",
+        )
+        return
+    if prop.type != "bool":
+        yield (
+            ("events", name, "properties", consent.property, "type"),
+            f"{where}: property {consent.property!r} must be bool, not {prop.type}",
+        )
+    if prop.pii:
+        yield (
+            ("events", name, "properties", consent.property, "pii"),
+            f"{where}: property {consent.property!r} is read at ingest; remove pii: true",
+        )

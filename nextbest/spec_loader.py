@@ -129,6 +129,8 @@ def _cross_checks(v: dict[str, Any]) -> list[tuple[KeyPath, str]]:
         out += spec_checks.check_actions(actions, features, events, entities)
     if v.get("policies") is not None:
         out += spec_checks.check_policies(v["policies"], actions, features, entities)
+    if v.get("privacy") is not None and v["privacy"].consent is not None:
+        out += spec_checks.check_privacy(v["privacy"].consent, events)
     return out
 
 

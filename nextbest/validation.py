@@ -81,6 +81,15 @@ def validate_event(raw: Any, spec: Spec) -> Event:
         raise EventRejected(
             f"undeclared properties {unknown} for {event.type!r}; declare them in the spec"
         )
+    consent = spec.privacy.consent
+    if (
+        consent is not None
+        and event.type == consent.event
+        and not isinstance(event.properties.get(consent.property), bool)
+    ):
+        raise EventRejected(
+            f"{event.type!r} records consent: property {consent.property!r} must be true or false"
+        )
     return event
 
 

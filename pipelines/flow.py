@@ -4,17 +4,26 @@ Shape (item types between steps)::
 
     input_events          (partition, offset, key, payload bytes)
     parse_records         Record(kind, partition, offset, body)
+    consent_records       with privacy.consent: drops/anonymizes what the API did not judge
       key_lake            (str(partition), Record)            -> sink_lake (Delta)
     select_events         (partition, offset, Event)
+    select_feedback       (partition, offset, Feedback)         with a user and a target
+      route_feedback      from "anon:<id>" users | known users
+        key_anonymous_feedback  ("anon:<id>", (partition, offset, Feedback)) -> stitch
+        key_user_feedback       (user_id, Routed)                          -> merge_actors
       key_item            (item_id, (partition, offset, Event))
       state_item          (item_id, Update)                     -> online
       route_identity      anonymous (and identify) events | known users
         key_anonymous     ("anon:<id>", (partition, offset, Event))
         stitch_identity   ("anon:<id>", Routed)  link + buffered anonymous history
+                          (events and feedback: an anonymous visitor's online model
+                          follows them to the user they identify as)
         rekey_stitched    (actor, Routed)
         key_user          (user_id, Routed)
       merge_actors        (actor, Routed)
       state_user          (actor, Update)                       -> online, vectors
+                          folds events into features and feedback into the online
+                          model (`UserState.session["online_model"]`, same write)
     sink_online           Update                                 (OnlineStore upserts)
     sink_user_vectors     ("lance_users", users row)             (LanceDB, one writer)
 
@@ -40,10 +49,12 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 
 from nextbest.events import Event
+from nextbest.online_model import Feedback
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from nextbest.validation import keyed_hash
 from pipelines.catalog import ItemCatalog, StoreCatalog
+from pipelines.consent import StreamConsent
 from pipelines.profile import FeaturePlan, ItemProfile, Touched, UserProfile
 from pipelines.records import Erase, Record, Routed, SourceItem, Update, parse_record
 from pipelines.sinks import VECTORS_PART, StreamSinks, erase_marker
@@ -57,6 +68,7 @@ S = TypeVar("S")
 V = TypeVar("V")
 W = TypeVar("W")
 Positioned = tuple[int, int, Event]  # (partition, offset, event)
+Incoming = tuple[int, int, Event | Feedback]  # what the stitch step routes
 
 
 def sid(kind: str, name: str) -> str:
@@ -112,10 +124,10 @@ class StitchState:
 
     def __init__(self) -> None:
         self.user: str | None = None
-        self.buffer: list[Positioned] = []
+        self.buffer: list[Incoming] = []
 
 
-def stitch(state: StitchState, batch: list[Positioned], identify: frozenset[str]) -> list[Routed]:
+def stitch(state: StitchState, batch: list[Incoming], identify: frozenset[str]) -> list[Routed]:
     """Route an anonymous visitor's events; on identify, re-send its history to the user.
 
     The user's feature states are idempotent by event_id and order-independent, so
@@ -124,7 +136,14 @@ def stitch(state: StitchState, batch: list[Positioned], identify: frozenset[str]
     """
     out: list[Routed] = []
     for partition, offset, event in batch:
-        if event.type in identify and event.user_id is not None:
+        if isinstance(event, Feedback):
+            if state.user is not None:
+                out.append(Routed(state.user, partition, offset, event))
+            else:
+                state.buffer.append((partition, offset, event))
+                del state.buffer[:-STITCH_BUFFER]
+                out.append(Routed(event.user_id, partition, offset, event))
+        elif event.type in identify and event.user_id is not None:
             if state.user is None:
                 state.user = event.user_id
                 out.append(Routed(event.user_id, partition, offset, event, link=True))
@@ -165,7 +184,7 @@ def build_flow(
     items = catalog if catalog is not None else StoreCatalog(settings, spec)
     out = sinks if sinks is not None else StreamSinks.from_settings(settings, spec)
     pii_key = settings.pseudonymization_key.get_secret_value().encode()
-    needs_items = _needs_catalog(plan)
+    needs_items = _needs_catalog(plan) or bool(plan.online.enabled and plan.online.group_attrs)
 
     def skey(actor: str) -> str:
         return state_key(pii_key, actor)
@@ -177,6 +196,9 @@ def build_flow(
     src = source if source is not None else source_from_settings(settings, tail=tail)
     raw = op.input(sid("input", "events"), flow, src)
     records = op.map(sid("parse", "records"), raw, lambda i: parse_record(i, spec, pii_key=pii_key))
+    consent = StreamConsent(settings, spec, pii_key) if spec.privacy.consent else None
+    if consent is not None:  # records producers wrote past the API (pipelines.consent)
+        records = op.filter_map(sid("consent", "records"), records, consent)
 
     lake = op.map(sid("key", "lake"), records, lambda r: (str(r.partition), r))
     op.output(sid("sink", "lake"), lake, out.lake)
@@ -184,6 +206,11 @@ def build_flow(
     events = op.filter_map(sid("select", "events"), records, _event_of)
     erasures = op.filter_map(
         sid("select", "erasures"), records, lambda r: r.body if r.kind == "erase" else None
+    )
+    feedback = op.filter_map(
+        sid("select", "feedback"),
+        records,
+        lambda r: _feedback_of(r) if plan.online.enabled else None,
     )
 
     # -- item entity features (trending) -------------------------------------------
@@ -206,9 +233,26 @@ def build_flow(
         updates.append(item_updates)
 
     # -- identity stitching ----------------------------------------------------------
-    routes = op.branch(sid("route", "identity"), events, lambda x: _needs_stitch(x, identify))
+    personal = (
+        events
+        if consent is None  # anonymized and consent events build no per-user state
+        else op.filter(sid("select", "personal"), events, lambda x: consent.personal(x[2]))
+    )
+    routes = op.branch(sid("route", "identity"), personal, lambda x: _needs_stitch(x, identify))
     anonymous = op.key_on(
         sid("key", "anonymous"), routes.trues, lambda x: skey(f"anon:{x[2].anonymous_id}")
+    )
+    # Feedback reaches the same keys as events: an `anon:` user's through the stitch step.
+    feedback_routes = op.branch(
+        sid("route", "feedback"), feedback, lambda x: x[2].user_id.startswith("anon:")
+    )
+    anonymous_feedback = op.key_on(
+        sid("key", "anonymous_feedback"), feedback_routes.trues, lambda x: skey(x[2].user_id)
+    )
+    known_feedback = op.map(
+        sid("key", "user_feedback"),
+        feedback_routes.falses,
+        lambda x: (skey(x[2].user_id), Routed(x[2].user_id, x[0], x[1], x[2])),
     )
     anonymous_erasures = op.flat_map(
         sid("key", "anonymous_erasures"),
@@ -216,12 +260,12 @@ def build_flow(
         lambda e: [(skey(f"anon:{a}"), e) for a in e.anonymous_ids],
     )
 
-    def stitch_fold(state: StitchState, batch: list[Positioned]) -> list[Routed]:
+    def stitch_fold(state: StitchState, batch: list[Incoming]) -> list[Routed]:
         return stitch(state, batch, identify)
 
     stitched = op.stateful_batch(
         sid("stitch", "identity"),
-        op.merge(sid("merge", "anonymous"), anonymous, anonymous_erasures),
+        op.merge(sid("merge", "anonymous"), anonymous, anonymous_erasures, anonymous_feedback),
         _builder(StitchState, stitch_fold),
     )
     rekeyed = op.map(sid("rekey", "stitched"), stitched, lambda kv: (skey(kv[1].actor), kv[1]))
@@ -236,7 +280,7 @@ def build_flow(
         erasures,
         lambda e: [(skey(a), e) for a in (e.user_id, *(f"anon:{x}" for x in e.anonymous_ids))],
     )
-    actors = op.merge(sid("merge", "actors"), known, rekeyed, user_erasures)
+    actors = op.merge(sid("merge", "actors"), known, rekeyed, user_erasures, known_feedback)
 
     # -- per-user state ----------------------------------------------------------------
     def user_fold(profile: UserProfile, batch: list[Routed]) -> list[Update]:
@@ -246,8 +290,11 @@ def build_flow(
         newest = (-1, -1)
         for routed in batch:
             event = routed.event
-            profile.fold(plan, event, lookup(event.item_id), offered)
             newest = max(newest, (routed.partition, routed.offset))
+            if isinstance(event, Feedback):
+                profile.learn(plan, event, lookup(event.item_id))
+                continue
+            profile.fold(plan, event, lookup(event.item_id), offered)
             if routed.link and event.anonymous_id is not None:
                 aliases.append(Alias(event.anonymous_id, actor, event.ts_ms))
         vector = profile.session_vector(plan, items.vectors()) if plan.session_vector else None
@@ -291,6 +338,13 @@ def _event_of(record: Record) -> Positioned | None:
     if record.kind != "event":
         return None
     return (record.partition, record.offset, record.body)
+
+
+def _feedback_of(record: Record) -> tuple[int, int, Feedback] | None:
+    if record.kind != "feedback":
+        return None
+    feedback = Feedback.from_row(record.body)
+    return None if feedback is None else (record.partition, record.offset, feedback)
 
 
 def _needs_catalog(plan: FeaturePlan) -> bool:

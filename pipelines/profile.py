@@ -9,6 +9,10 @@ arrival order, which is what makes replays after a crash, re-sent anonymous hist
 Rows are absolute values: a feature row says "the value is now X as of event time T".
 A group that left a window is written once as 0.0, so the online store never keeps
 a stale group.
+
+Feedback records fold into the user's online model (`nextbest.online_model`), which
+is idempotent by (decision_id, target) the same way; it is written with the user's
+state (`session["online_model"]`) and pickled with the rest of the profile.
 """
 
 import bisect
@@ -27,6 +31,7 @@ from nextbest.features import (
     session_vector,
     window_ms,
 )
+from nextbest.online_model import Feedback, OnlinePlan, OnlineState
 from nextbest.spec import (
     LastNFeature,
     SessionVectorFeature,
@@ -63,6 +68,7 @@ class FeaturePlan:
     user_routes: dict[str, tuple[tuple[str, WindowFeature], ...]] = field(default_factory=dict)
     item_routes: dict[str, tuple[tuple[str, WindowFeature], ...]] = field(default_factory=dict)
     last_n_routes: dict[str, tuple[tuple[str, LastNFeature], ...]] = field(default_factory=dict)
+    online: OnlinePlan = field(default_factory=OnlinePlan)
 
     @classmethod
     def from_spec(cls, spec: Spec) -> "FeaturePlan":
@@ -82,6 +88,7 @@ class FeaturePlan:
             user_routes=_routes(user_windows),
             item_routes=_routes(item_windows),
             last_n_routes=_routes(last_n),
+            online=OnlinePlan.from_spec(spec),
         )
 
     @property
@@ -218,6 +225,7 @@ class UserProfile:
     interaction_ids: set[str] = field(default_factory=set)
     latest: tuple[int, str] = (-1, "")  # (ts_ms, event_id) of the newest event
     session_id: str | None = None
+    online: OnlineState | None = None  # learned from feedback (nextbest.online_model)
 
     def fold(
         self, plan: FeaturePlan, event: Event, item: Mapping[str, Any] | None, offered: Touched
@@ -250,6 +258,7 @@ class UserProfile:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("online", None)  # snapshots from before the online model
         self.__dict__.update(state)
         self.interaction_ids = {entry[1] for entry in self.interactions}
 
@@ -266,6 +275,17 @@ class UserProfile:
     def restored(self) -> None:
         """Called after a restore from a snapshot (see `_window_rows`)."""
         self.rewrite = set(self.windows) | set(self.written)
+
+    def learn(self, plan: FeaturePlan, feedback: Feedback, item: Mapping[str, Any] | None) -> bool:
+        """Fold one feedback record into the online model; True when it changed."""
+        online = plan.online
+        targets = online.targets(feedback, item) if online.enabled else []
+        if not targets:
+            return False
+        if self.online is None:
+            self.online = OnlineState()
+        self.online.ensure(online.half_lives_ms)
+        return self.online.learn(feedback.decision_id, targets, feedback.outcome, feedback.ts_ms)
 
     def feature_rows(
         self, plan: FeaturePlan, actor: str, offered: Touched, source: Source
@@ -296,9 +316,13 @@ class UserProfile:
             "history": [[i, t, ts] for ts, _e, i, t in reversed(self.interactions)],
             "seen": {kind: items.ids() for kind, items in sorted(self.seen.items())},
         }
+        newest = self.latest[0]
+        if self.online is not None:
+            session["online_model"] = self.online.to_json()
+            newest = max(newest, self.online.anchor_ms)
         return UserState(
             user_id=actor,
-            event_ts_ms=max(self.latest[0], 0),
+            event_ts_ms=max(newest, 0),
             recent_items=recent.ids() if recent is not None else [],
             session=session,
             session_vector=vector,

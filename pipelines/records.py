@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 from nextbest.events import Event
+from nextbest.online_model import Feedback
 from nextbest.spec import Spec
 from nextbest.validation import EventRejected, keyed_hash, validate_event
 from storage.delta_schemas import DeadLetter
@@ -21,7 +22,7 @@ SourceItem = tuple[int, int, str, bytes]
 """What every source emits: (partition, offset, key, payload)."""
 
 RecordKind = Literal["event", "decision", "feedback", "dead", "erase"]
-FEEDBACK_OUTCOMES = frozenset({"impression", "click", "conversion"})
+FEEDBACK_OUTCOMES = frozenset({"impression", "click", "conversion", "dismiss"})
 _HASH_LEN = len(keyed_hash(b"k", "v"))
 
 
@@ -35,7 +36,8 @@ class Record(NamedTuple):
 
 
 class Routed(NamedTuple):
-    """An event on its way to the per-user state, after identity stitching.
+    """An event (or a feedback record, for the online model) on its way to the
+    per-user state, after identity stitching.
 
     `actor` is the user it now counts for; `link` marks the identify event that
     created the anonymous -> user link (the user step writes the alias for it).
@@ -44,7 +46,7 @@ class Routed(NamedTuple):
     actor: str
     partition: int
     offset: int
-    event: Event
+    event: Event | Feedback
     link: bool = False
 
 

@@ -38,6 +38,7 @@ import anyio.to_thread
 from nextbest.candidates import UserView, user_view
 from nextbest.decide import DecisionRequest, Outcome, decide, policy_for_surface
 from nextbest.spec import Policy
+from serving.consent import NOT_PERSONALIZED, consented, explained, unpersonalized_view
 from serving.runtime import ServingRuntime
 from serving.schemas import ActionOut, DecideIn, DecideOut
 from storage.online_models import now_ms
@@ -75,6 +76,7 @@ def view_of(runtime: ServingRuntime, snap: Snapshot) -> UserView:
         cached_version=cached.model_version if cached else None,
         cap_counts=snap.cap_counts,
         values=values,
+        as_of_ms=now_ms(),  # the online model's feedback fades until the request
     )
 
 
@@ -140,6 +142,12 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
     actor = body.user_id
     snap: Snapshot | None = None
     outcome: Outcome | None = None
+    if runtime.consent is not None and not await consented(runtime, actor, budget_s):
+        view = unpersonalized_view(runtime, actor, policy)  # nothing of the user is read
+        outcome = explained(_decide(runtime, policy, request, view, realtime=False))
+        return _respond(
+            runtime, body, decision_id, request, policy, outcome, None, view, notes, personal=False
+        )
     try:
         if _inline(runtime):
             caps = {a: runtime.cap_periods[a] for a in policy.actions if a in runtime.cap_periods}
@@ -193,6 +201,8 @@ def _respond(
     snap: Snapshot | None,
     view: UserView,
     notes: list[str],
+    *,
+    personal: bool = True,
 ) -> DecideOut:
     now = now_ms()
     surface = request.surface
@@ -230,6 +240,8 @@ def _respond(
     }
     if not outcome.actions and outcome.propensity_none is not None:
         features["propensity"] = outcome.propensity_none
+    if not personal:
+        features["personalized"] = NOT_PERSONALIZED  # and `values` is empty
     record = {
         "record": "decision",
         "decision_id": decision_id,

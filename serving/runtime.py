@@ -30,6 +30,7 @@ from serving.reader import SnapshotReader
 from serving.sinks import DecisionLog, EventSink, open_sink
 from storage.delta import DeltaStore
 from storage.online import OnlineStore
+from storage.online_consent import ConsentCache, ConsentStore
 from storage.online_models import now_ms
 from storage.online_serving import ServingStore
 from storage.vectors import VectorStore
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 ITEMS_TABLE = "items"
 TRENDING_LIMIT = 500
 UPLIFT_POINTER = "uplift.json"
-"""`<home>/models/uplift.json`, written by the Dagster `offer_uplift` asset:
-`{"version", "artifact_path", ...}` pointing at the latest `OfferUplift` .npz."""
+"""`<home>/models/uplift.json`, written by the Dagster `offer_policy` asset when an
+`offer_uplift` candidate passes the OPE gate: `{"version", "artifact_path", ...}`
+pointing at the served `OfferUplift` .npz."""
 
 
 def freeze_heap() -> None:
@@ -87,6 +89,12 @@ class ServingRuntime:
         self.metrics = metrics if metrics is not None else Metrics()
         self.keys = KeyVerifier(online) if require_keys else None
         self.pseudonymization_key = settings.pseudonymization_key.get_secret_value().encode()
+        # Consent (spec privacy.consent): ingest writes through; other writers within 1 s.
+        self.consent = (
+            ConsentCache(ConsentStore(online.engine), ttl_s=1.0)
+            if spec.privacy.consent is not None
+            else None
+        )
         self.assets = Assets()
         self.model_error: str | None = None
         self.uplift: OfferUplift | None = None

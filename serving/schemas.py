@@ -16,7 +16,7 @@ SurfaceName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
 DecisionId = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
 Scalar = str | int | float | bool | None
 ServedFrom = Literal["realtime", "cached", "fallback"]
-Outcome = Literal["impression", "click", "conversion"]
+Outcome = Literal["impression", "click", "conversion", "dismiss"]
 Scope = Literal["ingest", "decide", "admin"]
 MAX_EVENTS_PER_BATCH = 10_000
 
@@ -31,10 +31,21 @@ class RejectedEvent(Struct):
     event_id: str | None = None
 
 
+class DroppedEvent(Struct):
+    """A valid event not stored because its user has not consented (spec privacy)."""
+
+    index: int
+    reason: str
+    event_id: str | None = None
+
+
 class EventsOut(Struct):
     accepted: int
     rejected: list[RejectedEvent]
     event_ids: list[str]
+    dropped: list[DroppedEvent] = []
+    aggregated: int = 0
+    """Accepted events stored without their person (privacy.consent aggregate)."""
 
 
 class DecideIn(Struct, forbid_unknown_fields=True):

@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from nextbest.settings import Settings
+from storage.online_consent import CONSENT
 from storage.online_engine import create_online_engine, is_sqlite, write_engine
 from storage.online_models import (
     ALIASES,
@@ -77,7 +78,7 @@ class OnlineStore:
         with self._writer.begin() as conn:
             if not is_sqlite(self.engine):
                 conn.execute(sa.text("select pg_advisory_xact_lock(:k)"), {"k": _DDL_LOCK_KEY})
-            ONLINE_TABLES[0].metadata.create_all(conn, tables=list(ONLINE_TABLES))
+            ONLINE_TABLES[0].metadata.create_all(conn, tables=[*ONLINE_TABLES, CONSENT])
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -388,8 +389,9 @@ class OnlineStore:
     # --- erasure --------------------------------------------------------------------
 
     def delete_user(self, user_id: str) -> dict[str, int]:
-        """Erase a user: features, state and cached decisions stored under the user id or
-        under any of its anonymous actors (`anon_actor`), and every alias pointing at it.
+        """Erase a user: features, state, cached decisions and consent (`nb_consent`)
+        stored under the user id or under any of its anonymous actors (`anon_actor`), and
+        every alias pointing at it.
         Returns rows removed per table name."""
         with self._writer.begin() as conn:
             anonymous = list(
@@ -399,7 +401,7 @@ class OnlineStore:
             )
             actors = [user_id, *(anon_actor(a) for a in anonymous)]
             counts: dict[str, int] = {}
-            for table in (FEATURES, STATES, DECISIONS):
+            for table in (FEATURES, STATES, DECISIONS, CONSENT):
                 result = conn.execute(sa.delete(table).where(table.c.user_id.in_(actors)))
                 counts[table.name] = result.rowcount
             result = conn.execute(

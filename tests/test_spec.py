@@ -46,6 +46,19 @@ INVALID = {
     "bad_name": (13, "events.View-Page", "lower snake_case"),
     "identify_with_entity": (20, "events.identify.entity", "set entity: null"),
     "invalid_yaml": (8, "", "not valid YAML"),
+    "consent_unknown_event": (50, "privacy.consent.event", "unknown event type 'consent'"),
+    "consent_event_with_entity": (22, "events.consent.entity", "set entity: null"),
+    "consent_property_missing": (
+        55,
+        "privacy.consent.property",
+        "declares no property 'granted'",
+    ),
+    "consent_property_not_bool": (
+        25,
+        "events.consent.properties.granted.type",
+        "must be bool, not string",
+    ),
+    "consent_bad_mode": (55, "privacy.consent.without_consent", "'keep' is not allowed"),
 }
 
 

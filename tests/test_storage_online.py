@@ -13,8 +13,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 import storage.online
+from nextbest.consent import ConsentChange
 from nextbest.settings import Settings
 from storage.online import OnlineStore
+from storage.online_consent import ConsentStore
 from storage.online_engine import create_online_engine, write_engine
 from storage.online_models import (
     Alias,
@@ -275,6 +277,9 @@ def test_delete_user_removes_everything_of_the_user(store: OnlineStore) -> None:
     store.put_cached_decisions(
         [CachedDecision("u1", []), CachedDecision("u1", [], surface="x"), CachedDecision("u2", [])]
     )
+    consent = ConsentStore(store.engine)
+    consent.record([ConsentChange("u1", True, 1), ConsentChange(anon_actor("anon-1"), True, 1)])
+    consent.record([ConsentChange("u2", True, 1)])
 
     removed = store.delete_user("u1")
 
@@ -282,7 +287,11 @@ def test_delete_user_removes_everything_of_the_user(store: OnlineStore) -> None:
         "nb_user_features": 3,
         "nb_user_state": 2,
         "nb_cached_decisions": 2,
+        "nb_consent": 2,
         "nb_identity_aliases": 2,
+    }
+    assert consent.get_many(["u1", anon_actor("anon-1"), "u2"]) == {
+        "u2": ConsentChange("u2", True, 1)
     }
     assert store.get_features("u1") == [] and store.get_state("u1") is None
     assert store.get_features(anon_actor("anon-1")) == []

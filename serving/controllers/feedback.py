@@ -23,7 +23,7 @@ class FeedbackController(Controller):
     @post(
         "/",
         operation_id="recordFeedback",
-        summary="Record an impression, click or conversion for a decision",
+        summary="Record an impression, click, conversion or dismissal for a decision",
         description=(
             "Appends a `record: feedback` entry (key = user_id) to the event log; the "
             "stream writes it to the Delta feedback table where it joins the decision "

@@ -1,0 +1,95 @@
+"""Consent in the stream (spec `privacy.consent`): the API's rules for records that did
+not come through the API (a producer writing straight to Kafka).
+
+`StreamConsent` runs right after the parse step, as a `filter_map`:
+- consent events are recorded in the online store's consent table (newest wins, so
+  re-applying the API's own or a replayed one is harmless) and in the cache;
+- events the API already judged (marked `nextbest.consent.MARK`, or anonymized) pass
+  unchanged, so the stream never drops or rewrites an event that got a 202;
+- any other event is judged as the API would: kept, anonymized (`aggregate`) or
+  dropped (None: it reaches neither Delta nor the online store);
+- feedback of a user without consent loses its `user_id` (the decision id still joins
+  it to the logged decision), so no per-user state is learnt from it;
+- an erasure request forgets the user in the cache.
+
+Ordering caveat: the cache is filled from the store the first time a subject is seen
+and afterwards changes only with the consent events this worker reads, i.e. in log
+order. Within one user (one partition) that order is exact, but the first read after
+a (re)start reflects the store's latest answer, which may be newer than the records
+being replayed; and an anonymous visitor's identify event sits in the user's
+partition, so another worker may judge that visitor's unmarked events before it has
+seen the link. Events from the API are not affected (they are marked).
+"""
+
+import threading
+from typing import Any
+
+from nextbest.consent import anonymize, change_of, is_anonymized, judged, verdict
+from nextbest.events import Event
+from nextbest.settings import Settings
+from nextbest.spec import Spec
+from pipelines.records import Erase, Record
+from storage.online import OnlineStore
+from storage.online_consent import ConsentCache, ConsentStore
+
+
+class StreamConsent:
+    """Callable for `op.filter_map` over parsed records; opens the store on first use."""
+
+    def __init__(
+        self, settings: Settings, spec: Spec, key: bytes, *, cache: ConsentCache | None = None
+    ) -> None:
+        assert spec.privacy.consent is not None
+        self.settings = settings
+        self.spec = spec
+        self.consent = spec.privacy.consent
+        self.key = key
+        self._cache = cache
+        self._lock = threading.Lock()
+
+    @property
+    def cache(self) -> ConsentCache:
+        with self._lock:  # workers of one process share this object
+            if self._cache is None:
+                online = OnlineStore.from_settings(self.settings, pool_size=1)
+                self._cache = ConsentCache(ConsentStore(online.engine), ttl_s=None)
+            return self._cache
+
+    def personal(self, event: Event) -> bool:
+        """Whether the event may build per-user state: not anonymized, and not a consent
+        event (the record of a choice is not behaviour)."""
+        return not is_anonymized(event) and event.type != self.consent.event
+
+    def __call__(self, record: Record) -> Record | None:
+        if record.kind == "erase":
+            erase: Erase = record.body
+            self.cache.forget([erase.user_id, *(f"anon:{a}" for a in erase.anonymous_ids)])
+            return record
+        if record.kind == "feedback":
+            return self._feedback(record)
+        if record.kind != "event":
+            return record
+        event = record.body
+        change = change_of(event, self.consent)
+        if change is not None:
+            self.cache.store.record([change])
+            self.cache.apply(change)
+            return record
+        if judged(event):
+            identify = event.type in self.spec.identify_events()
+            if identify and event.anonymous_id is not None and event.user_id is not None:
+                self.cache.link(event.anonymous_id, event.user_id)
+            return record
+        judgement = verdict(event, self.spec, self.consent, self.cache)
+        if judgement == "keep":
+            return record
+        if judgement == "aggregate":
+            return record._replace(body=anonymize(event, self.spec, self.key))
+        return None
+
+    def _feedback(self, record: Record) -> Record:
+        row: dict[str, Any] = record.body
+        user = row.get("user_id")
+        if user is None or self.cache.allowed(user, self.consent):
+            return record
+        return record._replace(body={**row, "user_id": None})
