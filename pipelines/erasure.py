@@ -13,8 +13,16 @@ Delta tables it appends, so it erases them itself and reports each store in the 
   writer thread (ordered after its pending upserts; one writer for the table).
 - Delta events/decisions/feedback and the online store: on the lake sink's writer
   thread, after every batch that partition sealed before the request.
+- Delta dead_letters: rows whose raw payload names the user or a linked anonymous id,
+  deleted by their source position (opaque), then vacuumed.
+- The tables Dagster derives from bronze (`storage.delta_erasure.DERIVED_TABLES`):
+  after bronze, on the same thread. Each is fenced, its rows deleted and its history
+  purged, so an asset run that read bronze before the erasure cannot write the user
+  back (it fails and recomputes) and one that starts later reads erased bronze. This
+  process does it because it already holds the request in log order, after bronze.
 """
 
+import json
 import logging
 import pickle
 import sqlite3
@@ -30,6 +38,7 @@ import pyarrow.compute as pc
 from nextbest.settings import Settings
 from pipelines.records import Erase
 from storage.delta import DeltaStore
+from storage.delta_erasure import DERIVED_TABLES, erase_derived, store_name
 from storage.online import OnlineStore
 from storage.online_serving import ServingStore, scrub_sqlite
 from storage.vectors import VectorStore
@@ -44,6 +53,12 @@ DELTA_TABLES = {
     "decisions": ("delta_decisions", "decision_id"),
     "feedback": ("delta_feedback", "decision_id"),
 }
+DEAD_LETTERS = "delta_dead_letters"
+DELTA_STORES = (
+    *(name for name, _ in DELTA_TABLES.values()),
+    DEAD_LETTERS,
+    *(store_name(t) for t in DERIVED_TABLES),
+)
 
 
 def erase_marker(request: Erase) -> dict[str, Any]:
@@ -89,7 +104,7 @@ class StreamEraser:
         except Exception as exc:
             log.exception("erasure of the stream's stores failed")
             failed = f"failed: {type(exc).__name__}"
-            _report(self.settings, request.job_id, {n: failed for n, _ in DELTA_TABLES.values()})
+            _report(self.settings, request.job_id, dict.fromkeys(DELTA_STORES, failed))
 
     def _erase(self, request: Erase) -> None:
         updates: dict[str, str] = {}
@@ -99,6 +114,12 @@ class StreamEraser:
                 for anon in request.anonymous_ids:
                     n += self._erase_rows(table, "anonymous_id", anon, key)
             updates[name] = f"done: {n} rows"
+        # Bronze is erased: from here on a recomputation cannot bring the user back.
+        updates[DEAD_LETTERS] = _guarded(lambda: f"done: {self._erase_dead_letters(request)} rows")
+        for table, columns in DERIVED_TABLES.items():
+            updates[store_name(table)] = _guarded(
+                lambda table=table, columns=columns: self._erase_derived(table, columns, request)
+            )
         online = OnlineStore.from_settings(self.settings, pool_size=1)
         try:
             # Events may have reached the online store after the API's own delete.
@@ -129,8 +150,69 @@ class StreamEraser:
             chunk = ", ".join("'" + str(k).replace("'", "''") + "'" for k in ids[i : i + 500])
             deleted += int(self.store.delete(table, f"{key} IN ({chunk})")["num_deleted_rows"])
         if ids:
-            self.store.vacuum(table, retention_hours=0, enforce_retention_duration=False)
+            self._vacuum(table)
         return deleted
+
+    def _vacuum(self, table: str) -> None:
+        time.sleep(0.005)  # files removed this millisecond are not older than the cutoff
+        self.store.vacuum(table, retention_hours=0, enforce_retention_duration=False)
+
+    def _erase_dead_letters(self, request: Erase) -> int:
+        """Dead letters whose raw payload names the user, deleted by source position."""
+        if not self.store.exists("dead_letters"):
+            return 0
+        rows = self.store.read(
+            "dead_letters", columns=["raw", "source_partition", "source_offset"]
+        ).to_pylist()
+        positions: dict[int, set[int]] = {}
+        for row in rows:
+            if row["raw"] and _names_subject(row["raw"], request):
+                if row["source_partition"] is None or row["source_offset"] is None:
+                    raise ValueError("a dead letter naming the user has no source position")
+                positions.setdefault(row["source_partition"], set()).add(row["source_offset"])
+        deleted = 0
+        for partition, offsets in sorted(positions.items()):
+            ordered = sorted(offsets)
+            for i in range(0, len(ordered), 500):
+                chunk = ", ".join(str(int(o)) for o in ordered[i : i + 500])
+                predicate = f"source_partition = {int(partition)} AND source_offset IN ({chunk})"
+                deleted += int(self.store.delete("dead_letters", predicate)["num_deleted_rows"])
+        if positions:
+            self._vacuum("dead_letters")
+        return deleted
+
+    def _erase_derived(self, table: str, columns: tuple[str, ...], request: Erase) -> str:
+        if not self.store.exists(table):
+            return "done: no table"
+        n = erase_derived(
+            self.store.uri(table),
+            actors_of(request),
+            columns,
+            storage_options=self.store.storage_options,
+        )
+        return f"done: {n} rows, history purged"
+
+
+def _guarded(step: Any) -> str:
+    """A store's status from one erasure step; a failure is reported, not raised."""
+    try:
+        return step()
+    except Exception as exc:
+        log.exception("erasure step failed")
+        return f"failed: {type(exc).__name__}"
+
+
+def _names_subject(raw: bytes, request: Erase) -> bool:
+    """Does a raw log payload name the user or a linked anonymous id? In JSON, as a
+    whole string value (so `u1` does not match `u10`); otherwise as any substring."""
+    ids = [request.user_id, *request.anonymous_ids]
+    try:
+        json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        return any(i.encode() in raw for i in ids)
+    names = [*ids, *(f"anon:{a}" for a in request.anonymous_ids)]
+    tokens = {json.dumps(n, ensure_ascii=a).encode() for n in names for a in (True, False)}
+    return any(t in raw for t in tokens)
 
 
 def _scrub_until(scrub: Any, *, timeout_s: float) -> bool:

@@ -129,7 +129,12 @@ class _KafkaPartition(StatefulSourcePartition[SourceItem, Any]):
         self._inner = inner
 
     def next_batch(self) -> Iterable[SourceItem]:
-        return [_to_item(m) for m in self._inner.next_batch() if isinstance(m, KafkaSourceMessage)]
+        # A null value is a tombstone (erasure on a compacted topic): nothing to process.
+        return [
+            _to_item(m)
+            for m in self._inner.next_batch()
+            if isinstance(m, KafkaSourceMessage) and m.value is not None
+        ]
 
     def next_awake(self) -> datetime | None:
         return self._inner.next_awake()

@@ -6,10 +6,16 @@ embedded log (whose only writer is this process), every log record keyed by the
 user or one of their anonymous ids. Then it appends a `record: erase` request keyed by
 the user id, so it reaches the stream worker that owns the user, which erases the
 stores it is the single writer of (Bytewax state, LanceDB users, Delta tables) and
-reports each in the job (`pipelines.erasure`). Once every stream store is done, the
-API removes that erase record from the log too: it names the user. Kafka records
-cannot be deleted by a producer: they age out with the topic's retention, which the
-job says.
+reports each in the job (`pipelines.erasure`), including the Delta tables Dagster
+derives from bronze. Once every stream store is done, the API removes that erase record
+from the log too: it names the user.
+
+Kafka records cannot be deleted by a producer. Once the stream is done, the job's
+`eventlog` says what the topic's configuration does with them: `retention: ...` with
+the date they age out (cleanup.policy=delete), or, on a compacted topic, tombstones
+for every key the API produces the user's records with (the user id and `anon:<id>`)
+so compaction drops them; `failed: ...` when the topic keeps records forever. A job
+whose other stores are done is then `pending`, not `done`.
 
 The job row stores a keyed hash of the user id, never the id itself, so the erasure
 record is not itself a trace of the person.
@@ -20,11 +26,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 
 from nextbest.validation import keyed_hash
 from serving.runtime import ServingRuntime
-from serving.sinks import EventLogSink
+from serving.sinks import EventLogSink, KafkaSink
+from storage.delta_erasure import DERIVED_STORES
 from storage.online_models import now_ms
 from storage.online_serving import ErasureJob
 
@@ -36,6 +44,8 @@ STREAM_STORES = (
     "delta_events",
     "delta_decisions",
     "delta_feedback",
+    "delta_dead_letters",
+    *DERIVED_STORES,
 )
 STORES = ("online", "cached_decisions", "eventlog", *STREAM_STORES)
 STREAM_WAIT_S = 3600.0
@@ -85,7 +95,7 @@ def start_erasure(
     stores = {
         "online": f"done: {sum(counts.values())} rows",
         "cached_decisions": f"done: {cached} rows",
-        "eventlog": "running" if log_owned else "pending: topic retention (Kafka)",
+        "eventlog": "running" if log_owned else "running: erase request to the topic",
         **{name: "pending: stream" for name in STREAM_STORES},
     }
     job = ErasureJob(
@@ -115,7 +125,8 @@ def _hand_over(
     stream_wait_s: float,
 ) -> None:
     """Rewrite the log without the user, append the erase request, and once the stream
-    reports every store done, remove the request itself."""
+    reports every store done, remove the request itself (embedded log) or report what
+    the topic's configuration does with the user's records (Kafka)."""
     sink = runtime.sink
     runtime.decision_log.flush()
     owned = isinstance(sink, EventLogSink)
@@ -133,29 +144,114 @@ def _hand_over(
             job.job_id, {"eventlog": f"failed: {type(exc).__name__}"}
         )
         return
-    if not owned:
-        return
-    deadline = time.monotonic() + stream_wait_s
-    while time.monotonic() < deadline:
-        current = runtime.serving.erasure_job(job.job_id)
-        if current is None:
-            return
-        if all(current.stores.get(s, "").startswith(("done", "failed")) for s in STREAM_STORES):
-            break
-        time.sleep(0.1)
-    else:
+    if not _stream_done(runtime, job.job_id, stream_wait_s):
+        where = "log" if owned else "topic"
         runtime.serving.update_erasure_stores(
-            job.job_id, {"eventlog": "pending: erase request still in the log (stream not done)"}
+            job.job_id,
+            {"eventlog": f"pending: erase request still in the {where} (stream not done)"},
         )
         return
     try:
-        assert isinstance(sink, EventLogSink)
-        sink.log.rewrite_without(
-            lambda key, payload: key in actors or _is_erase_record(payload, job.job_id)
-        )
-        runtime.serving.update_erasure_stores(job.job_id, {"eventlog": "done"})
+        if isinstance(sink, EventLogSink):
+            sink.log.rewrite_without(
+                lambda key, payload: key in actors or _is_erase_record(payload, job.job_id)
+            )
+            status = "done"
+        elif isinstance(sink, KafkaSink):
+            status = kafka_erasure(sink, runtime.settings.kafka_bootstrap or "", sorted(actors))
+        else:
+            status = f"retention: {type(sink).__name__} cannot delete records"
+        runtime.serving.update_erasure_stores(job.job_id, {"eventlog": status})
     except Exception as exc:
         log.exception("event log erasure failed")
         runtime.serving.update_erasure_stores(
             job.job_id, {"eventlog": f"failed: {type(exc).__name__}"}
         )
+
+
+def _stream_done(runtime: ServingRuntime, job_id: str, wait_s: float) -> bool:
+    """Wait until the stream reported every store it owns (done or failed)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        current = runtime.serving.erasure_job(job_id)
+        if current is None:
+            return False
+        if all(current.stores.get(s, "").startswith(("done", "failed")) for s in STREAM_STORES):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def kafka_erasure(
+    sink: KafkaSink, bootstrap: str, keys: Iterable[str], *, timeout_s: float = 10.0
+) -> str:
+    """Read the topic's cleanup configuration; on a compacted topic produce a tombstone
+    for every key; return the `eventlog` status that says what happens to the records."""
+    from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+    resource = ConfigResource(ResourceType.TOPIC, sink.topic)
+    try:
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        entries = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
+        configs = {k: v.value for k, v in entries.result(timeout=timeout_s).items()}
+    except Exception as exc:
+        return (
+            f"retention: Kafka cannot delete single records, and the configuration of topic "
+            f"{sink.topic!r} could not be read ({type(exc).__name__}): they age out with "
+            "its retention"
+        )
+    tombstones = 0
+    if "compact" in (configs.get("cleanup.policy") or ""):
+        tombstones = produce_tombstones(sink, keys, timeout_s=timeout_s)
+    return kafka_log_status(sink.topic, configs, tombstones=tombstones, now_ms=now_ms())
+
+
+def produce_tombstones(sink: KafkaSink, keys: Iterable[str], *, timeout_s: float) -> int:
+    """A null-value record per key, acknowledged by every in-sync replica."""
+    errors: list[str] = []
+
+    def delivered(err: object, _msg: object) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    n = 0
+    for key in keys:
+        sink.producer.produce(sink.topic, None, key.encode(), on_delivery=delivered)
+        n += 1
+    if sink.producer.flush(timeout_s) > 0:
+        raise TimeoutError(f"Kafka did not acknowledge the tombstones within {timeout_s}s")
+    if errors:
+        raise RuntimeError(f"tombstone delivery failed: {errors[0]}")
+    return n
+
+
+def kafka_log_status(
+    topic: str, configs: Mapping[str, str | None], *, tombstones: int, now_ms: int
+) -> str:
+    """What the topic's cleanup policy does with the user's records, as a job status.
+    Unset settings are the broker's defaults (Kafka's: delete after 7 days)."""
+    policy = configs.get("cleanup.policy") or "delete"
+    retention = configs.get("retention.ms")
+    notes: list[str] = []
+    if "compact" in policy:
+        segment = configs.get("segment.ms") or "the default"
+        lag = configs.get("max.compaction.lag.ms") or "the default"
+        notes.append(
+            f"{tombstones} tombstones produced for the user's keys; compaction removes "
+            f"their records once their segment closes (segment.ms={segment}, "
+            f"max.compaction.lag.ms={lag})"
+        )
+    if "delete" in policy:
+        if retention is None:
+            notes.append("records age out with the broker's default retention")
+        elif int(retention) >= 0:
+            until = datetime.fromtimestamp((now_ms + int(retention)) / 1000, tz=UTC)
+            notes.append(f"records age out by {until.isoformat()} (retention.ms={retention})")
+        elif "compact" not in policy:
+            return (
+                f"failed: topic {topic!r} keeps records forever (retention.ms={retention}, "
+                f"cleanup.policy={policy}) and Kafka cannot delete single records: lower its "
+                "retention or make it compacted"
+            )
+    detail = "; ".join(notes) or f"cleanup.policy={policy}"
+    return f"retention: Kafka cannot delete single records from {topic!r}; {detail}"

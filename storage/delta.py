@@ -1,6 +1,7 @@
 """Delta Lake access for nextbest: bronze events, dead letters, the decision log.
 
-The only module that talks to deltalake. Every call opens a fresh `DeltaTable`
+With `storage.delta_erasure` (erasure of derived tables and the fence that keeps a stale
+write out), the only code that talks to deltalake. Every call opens a fresh `DeltaTable`
 snapshot (cheap with checkpoints), so one `DeltaStore` is safe to share across
 threads and any number of processes may write the same table: commits are atomic
 (put-if-absent of the next log entry) and conflicts are retried here.
@@ -25,6 +26,8 @@ from deltalake.table import FilterType
 from pyarrow.parquet import filters_to_expression
 
 from nextbest.settings import Settings
+from storage.delta_erasure import StaleWriteError, fenced_since
+from storage.delta_locks import compaction_lock
 from storage.delta_schemas import (
     TABLES,
     DeadLetter,
@@ -41,6 +44,7 @@ __all__ = [
     "TABLES",
     "DeadLetter",
     "DeltaStore",
+    "StaleWriteError",
     "TableName",
     "TableSpec",
     "dead_letters_to_table",
@@ -170,11 +174,14 @@ class DeltaStore:
         partition_by: Sequence[str] | None = None,
         predicate: str | None = None,
         schema_mode: Literal["merge", "overwrite"] | None = None,
+        based_on: int | None = None,
     ) -> int:
         """Plain write for derived (silver/gold) tables; returns the table version after it.
 
         `predicate` with `mode="overwrite"` replaces only the matching rows (e.g. one
         partition of a backfill). Not idempotent: use `append` for retried batches.
+        `based_on` (from `pin`, taken before reading the inputs) raises
+        `StaleWriteError` when an erasure fenced the table since (`storage.delta_erasure`).
         """
         data = self._prepare(table, data)
         spec = TABLES.get(table)
@@ -183,9 +190,10 @@ class DeltaStore:
         for attempt in range(self.max_attempts):
             try:
                 parts = list(partition_by) if partition_by else None
+                target = self.uri(table) if based_on is None else self._pinned(table, based_on)
                 if mode == "overwrite":
                     write_deltalake(
-                        self.uri(table),
+                        target,
                         data,
                         mode="overwrite",
                         partition_by=parts,
@@ -197,7 +205,7 @@ class DeltaStore:
                     if predicate is not None:
                         raise ValueError("predicate needs mode='overwrite'")
                     write_deltalake(
-                        self.uri(table),
+                        target,
                         data,
                         mode="append",
                         partition_by=parts,
@@ -210,6 +218,23 @@ class DeltaStore:
                     raise
                 self._sleep(attempt)
         raise AssertionError("unreachable")
+
+    def pin(self, table: str) -> int:
+        """The version a derived write is `based_on` (-1 before the table exists); take
+        it before reading the inputs, so an erasure in between fences the write."""
+        return self.version(table) if self.exists(table) else -1
+
+    def erased_since(self, table: str, based_on: int) -> bool:
+        """Did an erasure fence `table` after version `based_on` (from `pin`)?"""
+        return fenced_since(self._open(table) if self.exists(table) else None, based_on)
+
+    def _pinned(self, table: str, based_on: int) -> DeltaTable | str:
+        """The snapshot to write on, unless an erasure fenced the table since `based_on`
+        (a fence landing after this check fails the commit: metadata changed)."""
+        dt = self._open(table) if self.exists(table) else None
+        if fenced_since(dt, based_on):
+            raise StaleWriteError(f"{table}: erased since version {based_on}; recompute")
+        return dt if dt is not None else self.uri(table)
 
     def delete(self, table: str, predicate: str) -> dict[str, Any]:
         """Delete matching rows (a new version; files stay until `vacuum`).
@@ -349,14 +374,19 @@ class DeltaStore:
     # -- maintenance -------------------------------------------------------------
 
     def compact(self, table: str, *, target_size: int | None = None) -> dict[str, Any]:
-        """Bin-pack small files (OPTIMIZE); returns delta-rs metrics."""
-        for attempt in range(self.max_attempts):
-            try:
-                return dict(self._open(table).optimize.compact(target_size=target_size))
-            except CommitFailedError:
-                if attempt + 1 == self.max_attempts:
-                    raise
-                self._sleep(attempt)
+        """Bin-pack small files (OPTIMIZE); returns delta-rs metrics.
+
+        One at a time per table: delta-rs commits overlapping compactions both and
+        duplicates every compacted row (delta-io/delta-rs#3982, `storage.delta_locks`).
+        """
+        with compaction_lock(self.uri(table)):
+            for attempt in range(self.max_attempts):
+                try:
+                    return dict(self._open(table).optimize.compact(target_size=target_size))
+                except CommitFailedError:
+                    if attempt + 1 == self.max_attempts:
+                        raise
+                    self._sleep(attempt)
         raise AssertionError("unreachable")
 
     def vacuum(

@@ -295,6 +295,17 @@ class ServingStore:
         counts[CAPS.name] = caps
         return counts
 
+    def forget_cached_decisions(self, user_ids: Sequence[str]) -> int:
+        """Drop the cached decisions of these users (an asset run that scored a user an
+        erasure removed meanwhile); `scrub` afterwards to drop the bytes too."""
+        removed = 0
+        with self._writer.begin() as conn:
+            for i in range(0, len(user_ids), 500):
+                chunk = list(user_ids[i : i + 500])
+                stmt = sa.delete(DECISIONS).where(DECISIONS.c.user_id.in_(chunk))
+                removed += conn.execute(stmt).rowcount
+        return removed
+
     def put_erasure_job(self, job: ErasureJob) -> None:
         row = {
             "job_id": job.job_id,
@@ -364,10 +375,14 @@ class ServingStore:
 
 
 def erasure_status(stores: Mapping[str, str]) -> str:
-    """failed if any store failed, done when every store is done, else running."""
+    """failed if any store failed, done when every store is done, pending when the rest
+    only waits for a retention (Kafka records age out), else running."""
     if any(v.startswith("failed") for v in stores.values()):
         return "failed"
-    return "done" if all(v.startswith("done") for v in stores.values()) else "running"
+    if all(v.startswith("done") for v in stores.values()):
+        return "done"
+    settled = all(v.startswith(("done", "retention")) for v in stores.values())
+    return "pending" if settled else "running"
 
 
 def scrub_sqlite(path: str, *, busy_timeout_ms: int = 5000) -> bool:

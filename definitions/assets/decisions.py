@@ -16,7 +16,9 @@ from definitions.resources import NextbestResource
 from nextbest.model import ItemModel, interaction_matrix
 from nextbest.spec import Condition, Spec
 from storage.delta import DeltaStore
+from storage.online import OnlineStore
 from storage.online_models import CachedDecision
+from storage.online_serving import ServingStore
 
 _OPS = {
     "eq": lambda a, b: a == b,
@@ -98,6 +100,21 @@ def top_actions(
     }
 
 
+def forget_erased(store: DeltaStore, online: OnlineStore, base: int, users: list[str]) -> int:
+    """After the put: if an erasure fenced gold since it was read (`base`), drop the
+    cached rows of the users gold no longer holds. Either this check sees the fence, or
+    the erasure's own delete from the online store runs after the put."""
+    if not store.erased_since(INTERACTIONS_TABLE, base):
+        return 0
+    kept = set(store.read(INTERACTIONS_TABLE, columns=["user_id"]).column(0).to_pylist())
+    gone = sorted(set(users) - kept)
+    serving = ServingStore(online)
+    removed = serving.forget_cached_decisions(gone) if gone else 0
+    if removed:
+        serving.scrub()
+    return removed
+
+
 @dg.asset(
     deps=[model_registry, gold_interactions],
     group_name="serving",
@@ -115,6 +132,7 @@ def cached_decisions(nextbest: NextbestResource) -> dg.MaterializeResult:
         if promoted is None or not promoted.artifact_path:
             raise RuntimeError("no promoted model; materialize model_registry first")
         model = ItemModel.load(promoted.artifact_path)
+        base = store.pin(INTERACTIONS_TABLE)  # before reading gold: see forget_erased
         histories = active_histories(store, active_days=nextbest.active_days)
         written = 0
         surfaces = item_surfaces(spec)
@@ -125,6 +143,7 @@ def cached_decisions(nextbest: NextbestResource) -> dg.MaterializeResult:
                 for u, actions in ranked.items()
             ]
             written += online.put_cached_decisions(rows)
+        forgotten = forget_erased(store, online, base, histories[0])
     return dg.MaterializeResult(
         metadata={
             "users": len(set(histories[0])),
@@ -132,5 +151,6 @@ def cached_decisions(nextbest: NextbestResource) -> dg.MaterializeResult:
             "surfaces": ", ".join(s for s, _ in surfaces),
             "model_version": promoted.version,
             "k": nextbest.cached_k,
+            "forgotten_erased": forgotten,
         }
     )

@@ -28,6 +28,7 @@ def user_features(nextbest: NextbestResource) -> dg.MaterializeResult:
     keyed `item:<item_id>` as online. The online store is not touched: the stream owns it."""
     spec, store = nextbest.load_spec(), nextbest.delta()
     store.ensure_tables()
+    base = store.pin(FEATURES_TABLE)  # before bronze: an erasure in between fences
     version = store.version("events")
     events = rows_to_events(read_events(store, columns=ALL_COLUMNS, version=version))
     aliases = identity_links(spec, events)
@@ -56,7 +57,7 @@ def user_features(nextbest: NextbestResource) -> dg.MaterializeResult:
             "computed_at_ms": pa.array([computed_at] * n, pa.int64()),
         }
     )
-    store.write(FEATURES_TABLE, table, mode="overwrite", schema_mode="overwrite")
+    store.write(FEATURES_TABLE, table, mode="overwrite", schema_mode="overwrite", based_on=base)
     return dg.MaterializeResult(
         metadata={"rows": n, "events_version": version, "entities_per_feature": per_feature}
     )

@@ -26,6 +26,7 @@ def gold_interactions(nextbest: NextbestResource) -> dg.MaterializeResult:
     newest event (not the wall clock, so a rerun on the same data is identical)."""
     spec, store = nextbest.load_spec(), nextbest.delta()
     store.ensure_tables()
+    base = store.pin(INTERACTIONS_TABLE)  # before bronze: an erasure in between fences
     version = store.version("events")
     inter = interactions_of(spec, read_events(store, version=version))
     reference = int(inter.ts_ms.max()) if len(inter) else int(time.time() * 1000)
@@ -35,7 +36,7 @@ def gold_interactions(nextbest: NextbestResource) -> dg.MaterializeResult:
     n = pairs.num_rows
     pairs = pairs.append_column("events_version", pa.array(np.full(n, version), pa.int64()))
     pairs = pairs.append_column("reference_ts_ms", pa.array(np.full(n, reference), pa.int64()))
-    store.write(INTERACTIONS_TABLE, pairs, mode="overwrite", schema_mode="overwrite")
+    store.write(INTERACTIONS_TABLE, pairs, mode="overwrite", schema_mode="overwrite", based_on=base)
     users = len(pairs.column("user_id").unique()) if n else 0
     items = len(pairs.column("item_id").unique()) if n else 0
     return dg.MaterializeResult(

@@ -42,6 +42,7 @@ def _silver_sessions(context: dg.AssetExecutionContext, nextbest: NextbestResour
     spec, store = nextbest.load_spec(), nextbest.delta()
     first, last = context.partition_key_range.start, context.partition_key_range.end
     columns = ["event_id", "type", "user_id", "anonymous_id", "item_id", "ts", "session_id"]
+    base = store.pin(SESSIONS_TABLE)  # before bronze: an erasure in between fences
     events = read_events(
         store, columns=columns, filters=[("event_date", ">=", first), ("event_date", "<=", last)]
     )
@@ -81,9 +82,11 @@ def _silver_sessions(context: dg.AssetExecutionContext, nextbest: NextbestResour
     dates = pa.compute.strftime(table.column("start_ts"), format="%Y-%m-%d")  # type: ignore[attr-defined]
     table = table.append_column("session_date", dates)
     if store.exists(SESSIONS_TABLE):
-        store.write(SESSIONS_TABLE, table, mode="overwrite", predicate=predicate)
+        store.write(SESSIONS_TABLE, table, mode="overwrite", predicate=predicate, based_on=base)
     else:
-        store.write(SESSIONS_TABLE, table, mode="overwrite", partition_by=["session_date"])
+        store.write(
+            SESSIONS_TABLE, table, mode="overwrite", partition_by=["session_date"], based_on=base
+        )
     return dg.MaterializeResult(
         metadata={"sessions": table.num_rows, "events": events.num_rows, "days": f"{first}..{last}"}
     )

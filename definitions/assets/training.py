@@ -91,6 +91,7 @@ def training_set(nextbest: NextbestResource) -> dg.MaterializeResult:
     (e.g. the affinity to that item's category)."""
     spec, store = nextbest.load_spec(), nextbest.delta()
     store.ensure_tables()
+    base = store.pin(TRAINING_TABLE)  # before bronze: an erasure in between fences
     version = store.version("events")
     events = rows_to_events(read_events(store, columns=ALL_COLUMNS, version=version))
     newest = max((e.ts_ms for e in events), default=0)
@@ -108,7 +109,7 @@ def training_set(nextbest: NextbestResource) -> dg.MaterializeResult:
     columns.update({name: pa.array(values, pa.float64()) for name, values in rows.items()})
     columns["events_version"] = pa.array(np.full(n, version), pa.int64())
     table = pa.table(columns)
-    store.write(TRAINING_TABLE, table, mode="overwrite", schema_mode="overwrite")
+    store.write(TRAINING_TABLE, table, mode="overwrite", schema_mode="overwrite", based_on=base)
     return dg.MaterializeResult(
         metadata={
             "rows": n,

@@ -99,8 +99,11 @@ class UsersController(Controller):
             "Removes the user from the online store, cached decisions and the API's "
             "memory at once; with the embedded event log, rewrites the log without "
             "their records, then appends an erase request the stream acts on: Bytewax "
-            "state and recovery snapshots, LanceDB users, Delta events, decisions and "
-            "feedback. Each store is reported as done or pending. Poll GET .../erasure."
+            "state and recovery snapshots, LanceDB users, Delta events, decisions, "
+            "feedback and dead letters, then the silver/gold tables derived from them "
+            "(history purged). Each store is reported as done, pending or failed; with "
+            "Kafka, `eventlog` is `retention: ...` (records age out or are compacted "
+            "away) and the job `pending`. Poll GET .../erasure."
         ),
         status_code=202,
         sync_to_thread=True,
