@@ -74,7 +74,7 @@ def lance_optimize(context: dg.OpExecutionContext, nextbest: NextbestResource) -
 
 @dg.job(
     description="Delta compact/vacuum/checkpoint and LanceDB optimize/cleanup.",
-    tags=RUN_RETRIES,
+    tags={**RUN_RETRIES, "nextbest/writer": "maintenance"},
     executor_def=dg.in_process_executor,
 )
 def maintenance() -> None:
