@@ -27,7 +27,7 @@ from pyarrow.parquet import filters_to_expression
 
 from nextbest.settings import Settings
 from storage.delta_erasure import StaleWriteError, fenced_since
-from storage.delta_locks import compaction_lock
+from storage.delta_maintenance import DeltaMaintenance
 from storage.delta_schemas import (
     TABLES,
     DeadLetter,
@@ -59,7 +59,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*(/[A-Za-z0-9_][A-Za-z0-9_\-]*)*
 _RETRYABLE = (CommitFailedError, OSError)
 
 
-class DeltaStore:
+class DeltaStore(DeltaMaintenance):
     """Named Delta tables under one root (local folder or object-store URI)."""
 
     def __init__(
@@ -370,79 +370,6 @@ class DeltaStore:
                     raise
                 self._sleep(attempt)
         raise AssertionError("unreachable")
-
-    # -- maintenance -------------------------------------------------------------
-
-    def compact(self, table: str, *, target_size: int | None = None) -> dict[str, Any]:
-        """Bin-pack small files (OPTIMIZE); returns delta-rs metrics.
-
-        One at a time per table: delta-rs commits overlapping compactions both and
-        duplicates every compacted row (delta-io/delta-rs#3982, `storage.delta_locks`).
-        """
-        with compaction_lock(self.uri(table)):
-            for attempt in range(self.max_attempts):
-                try:
-                    return dict(self._open(table).optimize.compact(target_size=target_size))
-                except CommitFailedError:
-                    if attempt + 1 == self.max_attempts:
-                        raise
-                    self._sleep(attempt)
-        raise AssertionError("unreachable")
-
-    def vacuum(
-        self,
-        table: str,
-        *,
-        retention_hours: int,
-        dry_run: bool = False,
-        enforce_retention_duration: bool = True,
-    ) -> list[str]:
-        """Delete files removed from the table longer than `retention_hours` ago.
-
-        delta-rs "lite" mode: only tombstoned files go, never a concurrent writer's
-        not-yet-committed file, so this is safe while the stream appends.
-        """
-        return list(
-            self._open(table).vacuum(
-                retention_hours=retention_hours,
-                dry_run=dry_run,
-                enforce_retention_duration=enforce_retention_duration,
-            )
-        )
-
-    def checkpoint(self, table: str, *, cleanup_log: bool = False) -> int:
-        """Write a checkpoint at the current version (faster opens); returns that version.
-
-        `cleanup_log` also removes log entries older than `delta.logRetentionDuration`.
-        """
-        dt = self._open(table)
-        dt.create_checkpoint()
-        if cleanup_log:
-            dt.cleanup_metadata()
-        return dt.version()
-
-    def maintain(
-        self,
-        table: str,
-        *,
-        retention_hours: int,
-        target_size: int | None = None,
-        enforce_retention_duration: bool = True,
-    ) -> dict[str, Any]:
-        """compact + vacuum + checkpoint, as one plain dict for Dagster metadata."""
-        compacted = self.compact(table, target_size=target_size)
-        removed = self.vacuum(
-            table,
-            retention_hours=retention_hours,
-            enforce_retention_duration=enforce_retention_duration,
-        )
-        version = self.checkpoint(table)
-        return {
-            "compact": compacted,
-            "vacuumed_files": len(removed),
-            "checkpoint_version": version,
-            "files": self.file_count(table),
-        }
 
 
 def _sql_str(value: Any) -> str:
