@@ -38,6 +38,7 @@ from serving.controllers.events import EventsController
 from serving.controllers.feedback import FeedbackController
 from serving.controllers.ops import OpsController
 from serving.controllers.users import UsersController
+from serving.erasure import resume_erasures
 from serving.keys import HEADER, KeyMiddleware
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.ratelimit import DEFAULT_RATE_PER_S, RateLimitMiddleware, TokenBuckets
@@ -132,6 +133,8 @@ def create_app(
         app.state.runtime = runtime
         freeze_heap()
         app.state.key_verifier = runtime.keys
+        # Erasure jobs a killed predecessor left unfinished (serving.erasure).
+        await anyio.to_thread.run_sync(lambda: resume_erasures(runtime))
         task = asyncio.create_task(_refresh_loop(runtime, refresh_interval_s))
         try:
             yield

@@ -18,7 +18,9 @@ so compaction drops them; `failed: ...` when the topic keeps records forever. A 
 whose other stores are done is then `pending`, not `done`.
 
 The job row stores a keyed hash of the user id, never the id itself, so the erasure
-record is not itself a trace of the person.
+record is not itself a trace of the person. The erase request is appended before the job
+is returned, so an API killed mid-job loses nothing: on start, `resume_erasures` finds
+each unfinished job's request in the embedded log (it names the user) and finishes it.
 """
 
 import json
@@ -107,9 +109,74 @@ def start_erasure(
         updated_at_ms=now_ms(),
     )
     runtime.serving.put_erasure_job(job)
+    runtime.decision_log.flush()
+    try:
+        # Durable before the job is returned: the request is what a restarted API resumes.
+        runtime.sink.append([(user_id, erase_record(user_id, job.job_id, sorted(anonymous)))])
+    except Exception as exc:
+        log.exception("erasure request could not be appended")
+        updated = runtime.serving.update_erasure_stores(
+            job.job_id, {"eventlog": f"failed: {type(exc).__name__}; DELETE the user again"}
+        )
+        return updated or job
     run = spawn or _thread
-    run(lambda: _hand_over(runtime, job, user_id, sorted(anonymous), actors, stream_wait_s))
+    run(lambda: _hand_over(runtime, job, actors, stream_wait_s))
     return job
+
+
+def resume_erasures(
+    runtime: ServingRuntime,
+    *,
+    spawn: Callable[[Callable[[], None]], None] | None = None,
+    stream_wait_s: float = STREAM_WAIT_S,
+) -> int:
+    """Finish the API's part of jobs a previous API process left unfinished (it was
+    killed or restarted mid-job); returns how many were resumed. The user's id is only in
+    the job's erase request, so with the embedded log it is read back from there; a Kafka
+    topic is not scanned, so those jobs say to DELETE again (which is idempotent)."""
+    open_jobs = {
+        j.job_id: j
+        for j in runtime.serving.unfinished_erasure_jobs()
+        if not j.stores.get("eventlog", "").startswith(("done", "failed", "retention"))
+    }
+    if not open_jobs:
+        return 0
+    sink = runtime.sink
+    if not isinstance(sink, EventLogSink):
+        for job_id in open_jobs:
+            runtime.serving.update_erasure_stores(
+                job_id, {"eventlog": "failed: the API restarted mid-job; DELETE the user again"}
+            )
+        return 0
+    found = _erase_requests(sink, set(open_jobs))
+    run = spawn or _thread
+    for job_id, job in open_jobs.items():
+        request = found.get(job_id)
+        if request is None:
+            runtime.serving.update_erasure_stores(
+                job_id, {"eventlog": "failed: no erase request in the log; DELETE the user again"}
+            )
+            continue
+        user_id, anonymous = request
+        actors = {user_id, *(f"anon:{a}" for a in anonymous)}
+        run(lambda job=job, actors=actors: _hand_over(runtime, job, actors, stream_wait_s))
+    return len(found)
+
+
+def _erase_requests(sink: EventLogSink, job_ids: set[str]) -> dict[str, tuple[str, list[str]]]:
+    """job_id -> (user_id, anonymous_ids) of the erase requests in the log."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    starts = sink.log.start_offsets()
+    for partition in range(sink.log.partitions):
+        offset = starts.get(partition, 0)
+        while batch := sink.log.read(partition, offset, max_records=5000):
+            for off, _key, payload in batch:
+                if b'"erase"' in payload:
+                    raw = json.loads(payload)
+                    if raw.get("record") == "erase" and raw.get("job_id") in job_ids:
+                        out[raw["job_id"]] = (raw["user_id"], list(raw.get("anonymous_ids") or []))
+                offset = off + 1
+    return out
 
 
 def _thread(fn: Callable[[], None]) -> None:
@@ -117,27 +184,22 @@ def _thread(fn: Callable[[], None]) -> None:
 
 
 def _hand_over(
-    runtime: ServingRuntime,
-    job: ErasureJob,
-    user_id: str,
-    anonymous: list[str],
-    actors: set[str],
-    stream_wait_s: float,
+    runtime: ServingRuntime, job: ErasureJob, actors: set[str], stream_wait_s: float
 ) -> None:
-    """Rewrite the log without the user, append the erase request, and once the stream
-    reports every store done, remove the request itself (embedded log) or report what
-    the topic's configuration does with the user's records (Kafka)."""
+    """Rewrite the log without the user (keeping this job's erase request), and once the
+    stream reports every store done, remove the request itself (embedded log) or report
+    what the topic's configuration does with the user's records (Kafka). Safe to run
+    again after a restart: every step is idempotent."""
     sink = runtime.sink
-    runtime.decision_log.flush()
     owned = isinstance(sink, EventLogSink)
     try:
         if isinstance(sink, EventLogSink):
-            # The erase request is appended after this rewrite, so it survives it.
-            removed = sink.log.rewrite_without(lambda key, _payload: key in actors)
+            removed = sink.log.rewrite_without(
+                lambda key, payload: key in actors and not _is_erase_record(payload, job.job_id)
+            )
             runtime.serving.update_erasure_stores(
                 job.job_id, {"eventlog": f"running: {removed} records removed"}
             )
-        sink.append([(user_id, erase_record(user_id, job.job_id, anonymous))])
     except Exception as exc:
         log.exception("erasure hand-over failed")
         runtime.serving.update_erasure_stores(

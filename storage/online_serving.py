@@ -360,6 +360,17 @@ class ServingStore:
             return True
         return scrub_sqlite(url.database)
 
+    def unfinished_erasure_jobs(self) -> list[ErasureJob]:
+        """Jobs still running or pending, oldest first (resumed when the API starts)."""
+        stmt = (
+            sa.select(ERASURES)
+            .where(ERASURES.c.status.in_(("running", "pending")))
+            .order_by(ERASURES.c.created_at_ms)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).mappings().all()
+        return [ErasureJob(**{**m, "stores": dict(m["stores"] or {})}) for m in rows]
+
     def latest_erasure_job(self, subject: str) -> ErasureJob | None:
         stmt = (
             sa.select(ERASURES)
