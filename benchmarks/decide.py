@@ -189,23 +189,34 @@ async def run_step(
     return dec, ev
 
 
+def cpu_split(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """(utime, stime) of a process and its threads, or of one thread (Linux /proc), s."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process and its threads (Linux /proc), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_split(pid))
 
 
 def measured_step(pid: int, **kw) -> tuple[dict, dict | None, str]:
     load = os.getloadavg()[0]
-    cpu0, t0, me0 = cpu_seconds(pid), time.monotonic(), cpu_seconds(os.getpid())
+    (u0, s0), (m0, _) = cpu_split(pid), cpu_split(pid, pid)
+    cpu0, t0, me0 = u0 + s0, time.monotonic(), cpu_seconds(os.getpid())
     dec, ev = asyncio.run(run_step(**kw))
-    cpu = cpu_seconds(pid) - cpu0
+    (u1, s1), (m1, _) = cpu_split(pid), cpu_split(pid, pid)
+    cpu = u1 + s1 - cpu0
     wall = time.monotonic() - t0
     client = cpu_seconds(os.getpid()) - me0
     note = (
         f"server CPU {cpu / wall * 100:.0f}% of one core "
         f"({cpu / max(1, len(dec['statuses']) and sum(dec['statuses'].values())) * 1e6:.0f} us "
-        f"per decision incl. event ingest); load generator {client / wall * 100:.0f}%; "
+        f"per decision incl. event ingest; user {(u1 - u0) / wall * 100:.0f}%, system "
+        f"{(s1 - s0) / wall * 100:.0f}%, event-loop thread user {(m1 - m0) / wall * 100:.0f}%); "
+        f"load generator {client / wall * 100:.0f}%; "
         f"1-min load average before the step {load:.1f} on {os.cpu_count()} CPUs"
     )
     return dec, ev, note

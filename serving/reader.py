@@ -42,6 +42,22 @@ class SnapshotReader:
         self._queue.put((loop, future, actor, surface, caps))
         return await future
 
+    async def read_within(
+        self, actor: str, *, surface: str, caps: Mapping[str, int], timeout_s: float
+    ) -> Snapshot | None:
+        """`read`, or None when it takes longer than `timeout_s` (the read is then
+        discarded). One loop timer rather than `anyio.move_on_after`: a cancel scope
+        per request (task lookups, a scope stack, a deferred cancel) cost more on the
+        event loop than the snapshot read itself."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Snapshot | None] = loop.create_future()
+        timer = loop.call_later(timeout_s, _expire, future)
+        self._queue.put((loop, future, actor, surface, caps))
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
     def close(self) -> None:
         for _ in self._threads:
             self._queue.put(_STOP)
@@ -65,7 +81,7 @@ class SnapshotReader:
                 batch.append(item)
             done: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
             for loop, future, actor, surface, caps in batch:
-                if future.cancelled():
+                if future.done():  # abandoned: cancelled or timed out
                     continue
                 try:
                     result, ok = self.store.snapshot(actor, surface=surface, caps=caps), True
@@ -77,6 +93,11 @@ class SnapshotReader:
                     loop.call_soon_threadsafe(_resolve, results)
                 except RuntimeError:  # loop closed during shutdown
                     log.debug("event loop closed; %d reads dropped", len(results))
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _resolve(results: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
