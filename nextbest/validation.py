@@ -32,6 +32,11 @@ class EventRejected(ValueError):
     """An event that does not fit the spec; the message says why."""
 
 
+RESERVED_ID_PREFIX = "~nc:"
+"""Ids the system makes for events stored without their person (`nextbest.consent`);
+the API rejects client events whose user or anonymous id starts with it."""
+
+
 @dataclass(frozen=True)
 class Rejection:
     index: int
@@ -53,6 +58,12 @@ def validate_event(raw: Any, spec: Spec) -> Event:
         event = Event.model_validate(raw)
     except ValidationError as exc:
         raise EventRejected(_first_error(exc)) from None
+    return check_event(event, spec)
+
+
+def check_event(event: Event, spec: Spec) -> Event:
+    """The spec's rules on an already well-formed `Event` (what `validate_event` adds
+    to the model's own validation); returns it, or raises `EventRejected`."""
     declared = spec.events.get(event.type)
     if declared is None:
         known = ", ".join(sorted(spec.events))
@@ -110,6 +121,12 @@ def validate_batch(
             continue
         if event.event_id in seen:
             rejected.append(Rejection(i, "event_id repeated within the batch", event.event_id))
+            continue
+        if (event.anonymous_id or "").startswith(RESERVED_ID_PREFIX) or (
+            event.user_id or ""
+        ).startswith(RESERVED_ID_PREFIX):
+            reason = f"ids starting with {RESERVED_ID_PREFIX!r} are reserved"
+            rejected.append(Rejection(i, reason, event.event_id))
             continue
         seen.add(event.event_id)
         accepted.append(pseudonymize(event, spec, key) if key else event)

@@ -38,6 +38,7 @@ linked anonymous id's key; both drop their state (`FoldLogic`), so the next snap
 supersedes the old ones and Bytewax's GC deletes them (`pipelines.erasure`).
 """
 
+import functools
 import pickle
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -63,6 +64,8 @@ from storage.online_models import Alias
 
 STITCH_BUFFER = 1000
 """Anonymous events remembered per visitor until an identify event links them."""
+STATE_KEYS_CACHED = 1 << 16
+"""Actors whose state key (a keyed hash) is remembered: the active users, typically."""
 
 S = TypeVar("S")
 V = TypeVar("V")
@@ -186,7 +189,8 @@ def build_flow(
     pii_key = settings.pseudonymization_key.get_secret_value().encode()
     needs_items = _needs_catalog(plan) or bool(plan.online.enabled and plan.online.group_attrs)
 
-    def skey(actor: str) -> str:
+    @functools.lru_cache(maxsize=STATE_KEYS_CACHED)
+    def skey(actor: str) -> str:  # an HMAC per event and step otherwise
         return state_key(pii_key, actor)
 
     def lookup(item_id: str | None) -> Any:
@@ -207,10 +211,9 @@ def build_flow(
     erasures = op.filter_map(
         sid("select", "erasures"), records, lambda r: r.body if r.kind == "erase" else None
     )
+    learns = plan.online.enabled  # a property: not once per record
     feedback = op.filter_map(
-        sid("select", "feedback"),
-        records,
-        lambda r: _feedback_of(r) if plan.online.enabled else None,
+        sid("select", "feedback"), records, lambda r: _feedback_of(r) if learns else None
     )
 
     # -- item entity features (trending) -------------------------------------------

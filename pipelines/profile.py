@@ -24,6 +24,7 @@ import numpy as np
 
 from nextbest.events import Event
 from nextbest.features import (
+    NO_GROUP,
     RecentItems,
     WindowState,
     field_value,
@@ -38,7 +39,7 @@ from nextbest.spec import (
     Spec,
     WindowFeature,
 )
-from storage.online_models import FeatureRow, UserState
+from storage.online_models import FeatureRow, UserState, now_ms
 
 HISTORY_MAX = 200
 """Entries of `session["history"]` and of each `session["seen"]` list (contracts.md)."""
@@ -121,13 +122,15 @@ def _fold_windows(
     """Fold `event` (at `ts_ms`) into every window feature it applies to, noting in
     `offered` the (feature, group) it was offered to, whether or not the window kept it."""
     for name, feature in routes.get(event.type, ()):
-        group = group_key(feature, item)
+        # The common cases of `group_key` and `field_value` inline (hot path).
+        group = NO_GROUP if feature.group_by is None else group_key(feature, item)
         if group is None:
             continue
         state = windows.get(name)
         if state is None:
             state = windows[name] = WindowState(window_ms=plan.window_ms[name], agg=feature.agg)
-        state.add(ts_ms, event.event_id, group, field_value(plan.spec, feature, event, item))
+        value = 1 if feature.field is None else field_value(plan.spec, feature, event, item)
+        state.add(ts_ms, event.event_id, group, value)
         touched = offered.get(name)
         if touched is None:
             offered[name] = {group}
@@ -156,15 +159,29 @@ def _window_rows(
     rows: list[FeatureRow] = []
     for name in sorted(offered):
         state = windows[name]
-        values = state.values()
-        before = written.get(name, {})
-        groups = set(values) | set(before) | offered[name]
-        if name in rewrite:
-            rewrite.discard(name)
+        touched = offered[name]
+        before = written.get(name)
+        changed = state.take_changed()
+        if name in rewrite or before is None or changed is None:
+            values = state.values()
+            known = before or {}
+            groups = set(values) | set(known) | touched
+            if name in rewrite:
+                rewrite.discard(name)
+            else:
+                groups = {g for g in groups if g in touched or known.get(g) != values.get(g, 0.0)}
+            written[name] = values
         else:
-            groups = {
-                g for g in groups if g in offered[name] or before.get(g) != values.get(g, 0.0)
-            }
+            # `before` mirrors every group's value as of the last call, and only the
+            # groups added to or evicted from since can differ: look at those alone.
+            groups = changed | touched
+            values = state.values_of(groups)
+            groups = {g for g in groups if g in touched or before.get(g) != values.get(g, 0.0)}
+            for group in changed:
+                if group in values:
+                    before[group] = values[group]
+                else:
+                    before.pop(group, None)
         for group in sorted(groups):
             rows.append(
                 FeatureRow(
@@ -177,8 +194,26 @@ def _window_rows(
                     source_offset=source[1],
                 )
             )
-        written[name] = values
     return rows
+
+
+WindowsState = dict[str, tuple[int, str, list[Any]]]
+
+
+def _windows_state(windows: Mapping[str, WindowState]) -> WindowsState:
+    """Window states as builtins for a snapshot (the aggregates are derived)."""
+    return {name: (w.window_ms, w.agg, w.entries) for name, w in windows.items()}
+
+
+def _windows_restore(state: WindowsState) -> dict[str, WindowState]:
+    return {name: WindowState.restore(*w) for name, w in state.items()}
+
+
+def _written(windows: Mapping[str, WindowState]) -> dict[str, dict[str, float]]:
+    """`written` as it stands between two batches: every batch ends with `_window_rows`
+    for each feature it touched, which leaves `written[name] == values()`, and nothing
+    else changes a window; so snapshots leave it out and a restore recomputes it."""
+    return {name: w.values() for name, w in windows.items()}
 
 
 @dataclass
@@ -192,6 +227,17 @@ class ItemProfile:
     def restored(self) -> None:
         """Called after a restore from a snapshot (see `_window_rows`)."""
         self.rewrite = set(self.windows) | set(self.written)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (_windows_state(self.windows), None, self.rewrite)  # see UserProfile
+
+    def __setstate__(self, state: tuple[Any, ...] | dict[str, Any]) -> None:
+        if isinstance(state, dict):  # snapshots pickled before the compact form
+            self.__dict__.update(state)
+            return
+        windows, written, self.rewrite = state
+        self.windows = _windows_restore(windows)
+        self.written = _written(self.windows) if written is None else written
 
     def fold(
         self,
@@ -251,15 +297,36 @@ class UserProfile:
         seen.add(ts_ms, item_id)
         self._interact((ts_ms, event.event_id, item_id, event.type))
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Snapshots skip what `interactions` implies (pickled once per touched key/epoch).
-        state = dict(self.__dict__)
-        del state["interaction_ids"]
-        return state
+    def __getstate__(self) -> tuple[Any, ...]:
+        # Pickled once per touched key and epoch: one flat tuple of builtins (about half
+        # the cost of pickling the nested objects), without what `interactions` implies.
+        return (
+            _windows_state(self.windows),
+            None,  # `written`: what `_written` derives on restore
+            self.rewrite,
+            {name: (r.n, r.items) for name, r in self.recent.items()},
+            {kind: (r.n, r.items) for kind, r in self.seen.items()},
+            self.interactions,
+            self.latest,
+            self.session_id,
+            self.online,
+        )
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("online", None)  # snapshots from before the online model
-        self.__dict__.update(state)
+    def __setstate__(self, state: tuple[Any, ...] | dict[str, Any]) -> None:
+        if isinstance(state, dict):  # snapshots pickled before the compact form
+            state.setdefault("online", None)  # ... and before the online model
+            self.__dict__.update(state)
+        else:
+            windows, written, rewrite, recent, seen, interactions, latest, session, online = state
+            self.windows = _windows_restore(windows)
+            self.written = _written(self.windows) if written is None else written
+            self.rewrite = rewrite
+            self.recent = {name: RecentItems(n, items) for name, (n, items) in recent.items()}
+            self.seen = {kind: RecentItems(n, items) for kind, (n, items) in seen.items()}
+            self.interactions = interactions
+            self.latest = latest
+            self.session_id = session
+            self.online = online
         self.interaction_ids = {entry[1] for entry in self.interactions}
 
     def _interact(self, entry: tuple[int, str, str, str]) -> None:
@@ -285,7 +352,11 @@ class UserProfile:
         if self.online is None:
             self.online = OnlineState()
         self.online.ensure(online.half_lives_ms)
-        return self.online.learn(feedback.decision_id, targets, feedback.outcome, feedback.ts_ms)
+        # A client's ts is unbounded: fold it at most a little past the clock (see
+        # nextbest.online_model, "Time"), so one future-dated record cannot freeze the model.
+        return self.online.learn(
+            feedback.decision_id, targets, feedback.outcome, feedback.ts_ms, now_ms=now_ms()
+        )
 
     def feature_rows(
         self, plan: FeaturePlan, actor: str, offered: Touched, source: Source

@@ -14,7 +14,7 @@ from typing import Any, Literal, NamedTuple
 from nextbest.events import Event
 from nextbest.online_model import Feedback
 from nextbest.spec import Spec
-from nextbest.validation import EventRejected, keyed_hash, validate_event
+from nextbest.validation import EventRejected, check_event, keyed_hash, validate_event
 from storage.delta_schemas import DeadLetter
 from storage.online_models import Alias, FeatureRow, UserState
 
@@ -24,6 +24,7 @@ SourceItem = tuple[int, int, str, bytes]
 RecordKind = Literal["event", "decision", "feedback", "dead", "erase"]
 FEEDBACK_OUTCOMES = frozenset({"impression", "click", "conversion", "dismiss"})
 _HASH_LEN = len(keyed_hash(b"k", "v"))
+_RECORD_FIELD = b'"record"'
 
 
 class Record(NamedTuple):
@@ -71,6 +72,9 @@ class Update(NamedTuple):
 def parse_record(item: SourceItem, spec: Spec, *, pii_key: bytes | None = None) -> Record:
     """Decode one log record; never raises (anything unusable becomes a dead letter)."""
     partition, offset, _key, payload = item
+    event = _event_fast(payload, spec, pii_key)
+    if event is not None:
+        return Record("event", partition, offset, event)
     try:
         raw = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -91,6 +95,21 @@ def parse_record(item: SourceItem, spec: Spec, *, pii_key: bytes | None = None) 
         return _dead(item, str(exc) or type(exc).__name__)
     except Exception as exc:  # never let one record crash the flow
         return _dead(item, f"{type(exc).__name__}: {exc}")
+
+
+def _event_fast(payload: bytes, spec: Spec, pii_key: bytes | None) -> Event | None:
+    """The common case in one step: JSON bytes straight into a valid `Event` with
+    pydantic's own parser (no intermediate dict; about half the cost of `json.loads`
+    then `validate_event`). None sends the record down the general path, which alone
+    decides other record kinds, dead letters and their messages, so the result for
+    any payload is what that path alone would give."""
+    if not isinstance(payload, bytes) or _RECORD_FIELD in payload:
+        return None  # a decision, feedback or erase record (or an event naming one)
+    try:
+        event = check_event(Event.model_validate_json(payload), spec)
+        return event if pii_key is None else pseudonymize_once(event, spec, pii_key)
+    except Exception:
+        return None
 
 
 def _dead(item: SourceItem, error: str) -> Record:

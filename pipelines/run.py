@@ -24,6 +24,7 @@ from bytewax.run import cli_main
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from pipelines.flow import build_flow
+from pipelines.gctune import tune_for_stream
 
 RECOVERY_PARTITIONS = 4
 """Fixed at first start; Bytewax suggests the most workers you will ever run."""
@@ -70,6 +71,7 @@ def run_stream(
     """
     flow = build_flow(settings, spec, tail=tail)
     recovery = RecoveryConfig(ensure_recovery_dir(settings.recovery_dir))
+    tune_for_stream()
     cli_main(
         flow,
         workers_per_process=workers_per_process,

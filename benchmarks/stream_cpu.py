@@ -1,0 +1,118 @@
+"""Stream CPU per event: the whole flow in this process over a fixed demo event list.
+
+    .venv/bin/python -m benchmarks.stream_cpu [--events 50000] [--batch 20] [--profile out.prof]
+
+Wall-clock throughput is noisy on a shared machine; process CPU time per event is not
+(much). The same deterministic demo events are appended to the embedded log, then the
+real flow (log source, recovery on, 1 s epochs, Delta + online store + LanceDB sinks)
+runs to the log's end in-process. CPU = `time.process_time()` across the run, which
+counts every thread of the process (the sinks' background writers included), and
+the worker thread's own CPU (`time.thread_time()`, what limits one worker's rate);
+`--profile` adds a cProfile of the worker thread (sorted by cumulative time, top 40).
+"""
+
+import argparse
+import cProfile
+import json
+import pstats
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from bytewax.recovery import RecoveryConfig
+from bytewax.run import cli_main
+
+from nextbest.demo import DemoConfig, iter_event_dicts
+from nextbest.settings import Settings
+from nextbest.spec_loader import load_spec
+from pipelines.flow import build_flow
+from pipelines.gctune import tune_for_stream
+from pipelines.run import ensure_recovery_dir
+from pipelines.sources import DEFAULT_BATCH, EventLogSource
+from storage.delta import DeltaStore
+from tests.stream_helpers import append_log, write_catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(
+    home: Path,
+    n_events: int,
+    profile: str | None,
+    epoch_ms: int,
+    *,
+    default_gc: bool,
+    batch: int,
+) -> dict[str, float]:
+    settings = Settings(home=home, _env_file=None)  # type: ignore[call-arg]
+    spec = load_spec(ROOT / "nextbest.yaml")
+    cfg = DemoConfig.medium(n_events=n_events)
+    write_catalog(settings, spec, cfg, vectors=True)
+    append_log(settings, iter_event_dicts(cfg), chunk=5000)
+    source = EventLogSource(
+        settings.eventlog_dir, partitions=settings.partitions, tail=False, batch_size=batch
+    )
+    flow = build_flow(settings, spec, source=source, tail=False)
+    recovery = RecoveryConfig(ensure_recovery_dir(settings.recovery_dir))
+    if not default_gc:
+        tune_for_stream()  # as `pipelines.run.run_stream` does
+    profiler = cProfile.Profile() if profile else None
+    cpu0, wall0, worker0 = time.process_time(), time.perf_counter(), time.thread_time()
+    if profiler is not None:
+        profiler.enable()
+    cli_main(
+        flow,
+        workers_per_process=1,
+        epoch_interval=timedelta(milliseconds=epoch_ms),
+        recovery_config=recovery,
+    )
+    if profiler is not None:
+        profiler.disable()
+    worker = time.thread_time() - worker0  # one worker: it runs on this thread
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    bronze = DeltaStore.from_settings(settings).count("events")
+    assert bronze == n_events, f"bronze holds {bronze} of {n_events}"
+    if profiler is not None and profile:
+        profiler.dump_stats(profile)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    return {
+        "events": n_events,
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "cpu_us_per_event": cpu / n_events * 1e6,
+        "worker_cpu_us_per_event": worker / n_events * 1e6,
+        "events_per_cpu_s": n_events / cpu,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--epoch-ms", type=int, default=1000)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH,
+        help="records per source read; small (e.g. 20) mimics a live stream, where each "
+        "key sees about one event per activation and per-key costs dominate",
+    )
+    parser.add_argument("--profile", help="write a cProfile here and print the top")
+    parser.add_argument(
+        "--default-gc", action="store_true", help="skip `pipelines.gctune` (to compare)"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="nb-stream-cpu-") as tmp:
+        result = run(
+            Path(tmp),
+            args.events,
+            args.profile,
+            args.epoch_ms,
+            default_gc=args.default_gc,
+            batch=args.batch,
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
