@@ -11,6 +11,9 @@ What is read from a decision row (the layout an exploring API logs; the simulato
   (their `score`, used by the greedy target), plus the logged arm;
 - the context: numeric `features["values"]` (on the `log_features` scale) and
   `features["surface"]`.
+Decisions for a user without consent (`features["personalized"]` set, see
+`serving.consent`) read nothing of the user, so their empty `values` would pass for a
+user without activity: they are skipped and counted (`not_personalized`).
 The reward of a decision is 1 when any feedback row for it has an outcome in
 `reward_outcomes` (conversion by default), else 0: a conversion counts in the control
 arm too, where no action was shown to attribute it to.
@@ -114,7 +117,7 @@ def read_rounds(
     if table.num_rows == 0:
         return None
     rewarded = rewarded_decisions(store, reward_outcomes)
-    skipped = {"no_propensity": 0, "unreadable": 0}
+    skipped = {"no_propensity": 0, "unreadable": 0, "not_personalized": 0}
     rows: list[tuple[str, str, dict[str, Any], str, float, dict[str, float]]] = []
     arms: dict[str, int] = {}
     cols = [
@@ -125,6 +128,9 @@ def read_rounds(
         features = _load(feat_text, {})
         if not isinstance(actions, list) or not isinstance(features, dict):
             skipped["unreadable"] += 1
+            continue
+        if features.get("personalized"):
+            skipped["not_personalized"] += 1
             continue
         if actions:
             arm, prop = arm_key(actions[0]), actions[0].get("propensity")

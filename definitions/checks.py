@@ -4,6 +4,7 @@ below the metric floor, does not go on to register or serve anything."""
 
 import math
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import dagster as dg
 
@@ -144,10 +145,14 @@ def cached_decisions_current(nextbest: NextbestResource) -> dg.AssetCheckResult:
 @dg.asset_check(asset=offer_policy)
 def offer_policy_registered(nextbest: NextbestResource) -> dg.AssetCheckResult:
     """The offer policy the API serves is the one the registry last promoted, and its
-    artifact loads: nothing reached `uplift.json` around the gate."""
+    artifact loads: nothing reached `uplift.json` around the gate. A pointer written by
+    a version before the gate (no `gate` field, nothing ever promoted, its version
+    unknown to the registry) is legacy-served: it passes with a warning in metadata,
+    and the next candidate is gated against it like any served model."""
     models = nextbest.models_dir()
     pointer = read_json_file(models / UPLIFT_POINTER)
-    promoted = read_registry(models)["served"]
+    registry = read_registry(models)
+    promoted = registry["served"]
     if pointer is None:
         return dg.AssetCheckResult(
             passed=promoted is None,
@@ -156,14 +161,19 @@ def offer_policy_registered(nextbest: NextbestResource) -> dg.AssetCheckResult:
     served = pointer.get("version")
     loads = read_uplift(models) is not None
     registered = promoted is not None and promoted.get("version") == served
-    return dg.AssetCheckResult(
-        passed=loads and registered,
-        metadata={
-            "served": str(served),
-            "registry_promoted": str(promoted.get("version") if promoted else None),
-            "artifact_loads": loads,
-        },
-    )
+    decided = {e.get("version") for e in registry["history"]}
+    legacy = promoted is None and "gate" not in pointer and served not in decided
+    metadata: dict[str, Any] = {
+        "served": str(served),
+        "registry_promoted": str(promoted.get("version") if promoted else None),
+        "artifact_loads": loads,
+    }
+    if legacy:
+        metadata["warning"] = (
+            f"{UPLIFT_POINTER} ({served}) predates the registry: served without an OPE "
+            "gate; the next candidate is evaluated against it"
+        )
+    return dg.AssetCheckResult(passed=loads and (registered or legacy), metadata=metadata)
 
 
 ALL_CHECKS = [

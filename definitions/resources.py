@@ -59,6 +59,13 @@ class NextbestResource(dg.ConfigurableResource):
         "it better than the current one (DR interval above it), or at least not worse "
         "(`not_worse`); `off` serves every trained candidate.",
     )
+    ope_min_coverage: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of held-out offer decisions a candidate offer policy must be "
+        "evaluated on; below it the verdict is `not estimated` and only gate `off` serves it.",
+    )
     freshness_hours: float = Field(
         default=48.0, description="Bronze is stale when nothing was ingested for this long."
     )

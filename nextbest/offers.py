@@ -14,8 +14,11 @@ differ; train the model on every offer of a surface to avoid mixing them).
 Online model (policy `online_model`, `nextbest.online_model`): between retrains the
 user's own feedback moves each offer by weight x (posterior mean - prior mean), at
 most weight/2 either way, with a reason saying what the user did (e.g. dismissed it
-twice). It applies to uplift scores too, so an uplift offer the user keeps dismissing
-can fall to <= 0 and is then not shown.
+twice). On uplift scores it acts in uplift units instead: the predicted uplift is
+scaled by e^term (e^-term below 0), at most e^(weight/2) either way, so the online model
+reorders the offers the uplift model would show but never decides whether one is
+shown (it cannot carry a score across 0): that stays the call of the uplift model the
+OPE gate evaluated, and a single ignored impression cannot suppress an offer.
 
 Exploration (`choose_offers`): the arms are the eligible offers plus `none` (show
 nothing, score 0: the control arm uplift is learned against). Without exploration
@@ -24,6 +27,7 @@ every showable offer is shown, as before; with it, one arm per decision is drawn
 exposure the uplift model and off-policy evaluation need.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -106,9 +110,22 @@ def _online(offers: list[Action], policy: Policy, user: UserView) -> list[Action
         if found is None:
             out.append(a)
             continue
-        score = round(a.score + found.term, 6)
-        out.append(replace(a, score=score, reasons=[*a.reasons, found.reason]))
+        if a.source == "uplift":
+            score = _scaled(a.score, found.term)
+            reason = f"{found.reason}; uplift x{score / a.score:.3f}" if a.score else found.reason
+        else:
+            score, reason = round(a.score + found.term, 6), found.reason
+        out.append(replace(a, score=score, reasons=[*a.reasons, reason]))
     return out
+
+
+def _scaled(uplift: float, term: float) -> float:
+    """`uplift` moved by an online term in uplift units: times e^term (e^-term below 0),
+    so never across 0, where showing the offer is decided."""
+    if uplift == 0:
+        return 0.0
+    scaled = abs(uplift) * math.exp(term if uplift > 0 else -term)
+    return math.copysign(max(round(scaled, 6), 1e-6), uplift)
 
 
 def _scored(

@@ -16,10 +16,24 @@ the request time and adds the policy's prior: old feedback fades towards the pri
 and new feedback always moves the posterior, i.e. the model keeps learning.
 
 Idempotence: the newest `MEMORY` exposures are remembered by (decision_id, target); a
-repeat is a no-op, and a record older than the last forgotten exposure is dropped
-rather than counted twice. Exact within that memory, bounded forever.
+repeat is a no-op. An exposure pushed out of that memory leaves an 8-byte digest of its
+key (the newest `FORGOTTEN` of them are kept), so a late outcome of it (a conversion
+whose own ts is after the forgotten impression's) is dropped rather than counted as a
+second exposure, and any record dated at or before the newest forgotten exposure is
+dropped too. Exact for the last MEMORY + FORGOTTEN exposures, bounded forever.
+
+Time: a record's ts is the client's (`POST /v1/feedback` accepts any `ts`), and the
+evidence is decayed to the newest one, so one record dated a year ahead would decay
+everything real to nothing. The stream therefore folds a record at no later than its
+processing clock + `MAX_SKEW_MS` (`learn(..., now_ms=)`). Nothing in a record bounds
+its ts: it carries no log or ingest time, and a bound from the user's own newest
+records would misdate honest feedback after an idle gap, so the clock it is. A replay
+of the log rebuilds the same model unless a record was future-dated beyond the skew
+when first folded (a replay folds it at its later clock, or at face value once that
+time has passed); records with honest timestamps are never touched by the clamp.
 """
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +43,10 @@ from nextbest.spec import OnlineModel, Spec
 
 MEMORY = 256
 """Exposures per user remembered for idempotence and late, stronger outcomes."""
+FORGOTTEN = 4 * MEMORY
+"""Digests of exposures pushed out of memory kept to drop their late outcomes (8 B each)."""
+MAX_SKEW_MS = 5 * 60_000
+"""How far past the stream's clock a record's ts may lie; later ones are folded at it."""
 
 TAKEN, DISMISSED, IGNORED = 3, 2, 1
 """Signal strengths: a stronger outcome of the same exposure replaces a weaker one."""
@@ -143,6 +161,13 @@ class OnlineState:
     """(decision_id, target) -> (ts_ms, signal) of the newest MEMORY exposures."""
     floor: Key | None = None
     """The newest exposure forgotten so far: records at or below it are dropped."""
+    forgotten: dict[int, None] = field(default_factory=dict)
+    """Digests of the newest FORGOTTEN exposures pushed out of `exposures`, oldest first."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Snapshots pickled before `forgotten` existed restore without it.
+        self.__dict__.update(state)
+        self.__dict__.setdefault("forgotten", {})
 
     def ensure(self, half_lives: Iterable[int]) -> None:
         """Keep sums for exactly these half-lives; a new one is rebuilt from memory."""
@@ -156,11 +181,22 @@ class OnlineState:
                 sums[_SLOT[signal]] += _decay(self.anchor_ms - ts, h)
             self.sums[h] = targets
 
-    def learn(self, decision_id: str, targets: Iterable[str], outcome: str, ts_ms: int) -> bool:
-        """Fold one feedback record in; True when it changed anything."""
+    def learn(
+        self,
+        decision_id: str,
+        targets: Iterable[str],
+        outcome: str,
+        ts_ms: int,
+        *,
+        now_ms: int | None = None,
+    ) -> bool:
+        """Fold one feedback record in; True when it changed anything. With `now_ms`
+        (the stream's clock) a ts later than now_ms + MAX_SKEW_MS is folded at that bound."""
         signal = SIGNALS.get(outcome)
         if signal is None:
             return False
+        if now_ms is not None:
+            ts_ms = min(ts_ms, now_ms + MAX_SKEW_MS)
         changed = False
         for target in targets:
             changed = self._expose(decision_id, target, signal, ts_ms) or changed
@@ -171,6 +207,8 @@ class OnlineState:
             return False
         key = (decision_id, target)
         old = self.exposures.get(key)
+        if old is None and self.forgotten and _digest(decision_id, target) in self.forgotten:
+            return False  # a late outcome of an exposure already counted, then forgotten
         if old is not None:
             new = (min(old[0], ts_ms), max(old[1], signal))
             if new == old:
@@ -185,6 +223,9 @@ class OnlineState:
             (d, t), (ts, _s) = min(self.exposures.items(), key=lambda kv: (kv[1][0], *kv[0]))
             del self.exposures[(d, t)]
             self.floor = (ts, d, t)
+            self.forgotten[_digest(d, t)] = None
+            if len(self.forgotten) > FORGOTTEN:
+                del self.forgotten[next(iter(self.forgotten))]
         return True
 
     def _rescale(self, ts_ms: int) -> None:
@@ -215,6 +256,13 @@ class OnlineState:
             },
             "counts": {t: list(v) for t, v in sorted(self.counts.items())},
         }
+
+
+def _digest(decision_id: str, target: str) -> int:
+    """A stable 64-bit digest of an exposure key (not `hash()`: salted per process, and
+    the digests outlive it in recovery snapshots)."""
+    raw = hashlib.blake2b(f"{decision_id}\x1f{target}".encode(), digest_size=8).digest()
+    return int.from_bytes(raw)
 
 
 def _decay(age_ms: float, half_life_ms: float) -> float:

@@ -4,19 +4,23 @@ not come through the API (a producer writing straight to Kafka).
 `StreamConsent` runs right after the parse step, as a `filter_map`:
 - consent events are recorded in the online store's consent table (newest wins, so
   re-applying the API's own or a replayed one is harmless) and in the cache;
-- events the API already judged (marked `nextbest.consent.MARK`, or anonymized) pass
-  unchanged, so the stream never drops or rewrites an event that got a 202;
+- events the API already judged (a valid `nextbest.consent.MARK`, or anonymized; both
+  keyed hashes of the event id, so a producer cannot forge them) pass unchanged, so the
+  stream never drops or rewrites an event that got a 202;
 - any other event is judged as the API would: kept, anonymized (`aggregate`) or
-  dropped (None: it reaches neither Delta nor the online store);
+  dropped (None: it reaches neither Delta nor the online store); an identify event
+  judged here records the answer its other side inherits, as the API does;
 - feedback of a user without consent loses its `user_id` (the decision id still joins
   it to the logged decision), so no per-user state is learnt from it;
 - an erasure request forgets the user in the cache.
 
-Ordering caveat: the cache is filled from the store the first time a subject is seen
-and afterwards changes only with the consent events this worker reads, i.e. in log
-order. Within one user (one partition) that order is exact, but the first read after
-a (re)start reflects the store's latest answer, which may be newer than the records
-being replayed; and an anonymous visitor's identify event sits in the user's
+Ordering caveat: the cache is filled from the store and re-read every `CACHE_TTL_S`,
+so a decision recorded elsewhere (the API, another worker or partition) is seen within
+that time; between re-reads it changes with the consent events this worker reads, in
+log order. The store holds the latest answer, which may be newer than the records being
+processed (a replay, a lagging partition): a producer's event written before a revoke
+may be judged by that revoke, and one written after a grant the store has not seen yet
+is judged by the older answer. An anonymous visitor's identify event sits in the user's
 partition, so another worker may judge that visitor's unmarked events before it has
 seen the link. Events from the API are not affected (they are marked).
 """
@@ -24,13 +28,16 @@ seen the link. Events from the API are not affected (they are marked).
 import threading
 from typing import Any
 
-from nextbest.consent import anonymize, change_of, is_anonymized, judged, verdict
+from nextbest.consent import Overlay, anonymize, change_of, is_anonymized, judged, verdict
 from nextbest.events import Event
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from pipelines.records import Erase, Record
 from storage.online import OnlineStore
 from storage.online_consent import ConsentCache, ConsentStore
+
+CACHE_TTL_S = 5.0
+"""How long the stream trusts a cached consent answer or link before re-reading it."""
 
 
 class StreamConsent:
@@ -52,13 +59,13 @@ class StreamConsent:
         with self._lock:  # workers of one process share this object
             if self._cache is None:
                 online = OnlineStore.from_settings(self.settings, pool_size=1)
-                self._cache = ConsentCache(ConsentStore(online.engine), ttl_s=None)
+                self._cache = ConsentCache(ConsentStore(online.engine), ttl_s=CACHE_TTL_S)
             return self._cache
 
     def personal(self, event: Event) -> bool:
         """Whether the event may build per-user state: not anonymized, and not a consent
         event (the record of a choice is not behaviour)."""
-        return not is_anonymized(event) and event.type != self.consent.event
+        return not is_anonymized(event, self.key) and event.type != self.consent.event
 
     def __call__(self, record: Record) -> Record | None:
         if record.kind == "erase":
@@ -75,12 +82,19 @@ class StreamConsent:
             self.cache.store.record([change])
             self.cache.apply(change)
             return record
-        if judged(event):
+        if judged(event, self.key):
             identify = event.type in self.spec.identify_events()
             if identify and event.anonymous_id is not None and event.user_id is not None:
                 self.cache.link(event.anonymous_id, event.user_id)
             return record
-        judgement = verdict(event, self.spec, self.consent, self.cache)
+        overlay = Overlay(self.cache)
+        judgement = verdict(event, self.spec, self.consent, overlay, self.key)
+        if overlay.recorded:  # an identify's inherited answer
+            self.cache.store.record(overlay.recorded)
+            for inherited in overlay.recorded:
+                self.cache.apply(inherited)
+        for anonymous_id, user_id in overlay.links.items():
+            self.cache.link(anonymous_id, user_id)
         if judgement == "keep":
             return record
         if judgement == "aggregate":

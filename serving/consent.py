@@ -6,7 +6,10 @@ popular-in-context candidates, `served_from: fallback`, and every action says wh
 Actions with a cap are left out: counting them would keep per-user state. The check
 reads the API's consent cache (`storage.online_consent.ConsentCache`, written through
 by ingest); on a miss one point read runs in a worker thread within the latency
-budget, and a read that fails or overruns counts as no consent.
+budget, and a read that fails or overruns counts as no consent. The decision is logged
+without the person: no feature values, no requested user id, and in place of the user
+id `unlogged_actor` (the decision log's Delta table requires one), which is also the
+log key; feedback for it joins on decision_id.
 """
 
 import dataclasses
@@ -15,6 +18,7 @@ import anyio
 import anyio.to_thread
 
 from nextbest.candidates import UserView
+from nextbest.consent import NO_CONSENT_PREFIX
 from nextbest.decide import Outcome
 from nextbest.spec import Policy
 from serving.runtime import ServingRuntime
@@ -37,6 +41,12 @@ async def consented(runtime: ServingRuntime, actor: str, timeout_s: float) -> bo
     except Exception:  # a store outage must not personalize by accident
         return False
     return False
+
+
+def unlogged_actor(decision_id: str) -> str:
+    """What a decision without consent is logged and keyed under: not the person (the
+    `~nc:` prefix is reserved; `definitions.bandit_log` skips these rows)."""
+    return NO_CONSENT_PREFIX + decision_id
 
 
 def unpersonalized_view(runtime: ServingRuntime, actor: str, policy: Policy) -> UserView:

@@ -38,7 +38,13 @@ import anyio.to_thread
 from nextbest.candidates import UserView, user_view
 from nextbest.decide import DecisionRequest, Outcome, decide, policy_for_surface
 from nextbest.spec import Policy
-from serving.consent import NOT_PERSONALIZED, consented, explained, unpersonalized_view
+from serving.consent import (
+    NOT_PERSONALIZED,
+    consented,
+    explained,
+    unlogged_actor,
+    unpersonalized_view,
+)
 from serving.runtime import ServingRuntime
 from serving.schemas import ActionOut, DecideIn, DecideOut
 from storage.online_models import now_ms
@@ -151,8 +157,9 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
     try:
         if _inline(runtime):
             caps = {a: runtime.cap_periods[a] for a in policy.actions if a in runtime.cap_periods}
-            with anyio.move_on_after(budget_s):
-                snap = await runtime.reader.read(actor, surface=surface, caps=caps)
+            snap = await runtime.reader.read_within(
+                actor, surface=surface, caps=caps, timeout_s=budget_s
+            )
         else:
             pair = await _bounded(
                 lambda: _read_and_decide(runtime, actor, surface, policy, request), budget_s
@@ -242,6 +249,8 @@ def _respond(
         features["propensity"] = outcome.propensity_none
     if not personal:
         features["personalized"] = NOT_PERSONALIZED  # and `values` is empty
+        del features["requested_user_id"]  # no id of a user without consent is logged
+        actor = unlogged_actor(decision_id)  # the record's user_id and log key
     record = {
         "record": "decision",
         "decision_id": decision_id,

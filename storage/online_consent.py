@@ -10,9 +10,12 @@ answer. Erasure deletes the subject's row with the rest of the user
 is back to the spec's default.
 
 `ConsentCache` is a bounded LRU in front of the table that implements
-`nextbest.consent.ScreenState`. With a `ttl_s` (the API) entries are re-read after it,
-so a decision recorded by another process is seen within that time; without one (the
-stream) entries change only through `apply`/`link`/`forget`, i.e. in log order.
+`nextbest.consent.ScreenState`. With a `ttl_s` entries are re-read after it, so a
+decision recorded by another process is seen within that time; without one entries
+change only through `apply`/`link`/`forget`. A read never replaces a live cached
+decision with an older one (by event time), so a read that started before a concurrent
+`apply` cannot undo it; likewise a read that finds no link keeps a link `link` cached (an
+identify the stream has not stored yet), while a link the store holds wins.
 """
 
 import math
@@ -120,6 +123,11 @@ class _Lru(Generic[T]):
         self.data.move_to_end(key)
         return True, hit[0]
 
+    def peek(self, key: str) -> T | None:
+        """The value held, expired or not (None when absent)."""
+        hit = self.data.get(key)
+        return None if hit is None else hit[0]
+
     def put(self, key: str, value: T | None, expires: float) -> None:
         self.data[key] = (value, expires)
         self.data.move_to_end(key)
@@ -168,9 +176,19 @@ class ConsentCache:
         expires = self._expires()
         with self._lock:
             for a in anons:
-                self._links.put(a, links.get(a), expires)
+                self._put_link(a, links.get(a), expires)
             for s in [*rows, *users]:
-                self._rows.put(s, found.get(s), expires)
+                self._put_row(s, found.get(s), expires)
+
+    def _put_row(self, subject: str, read: ConsentChange | None, expires: float) -> None:
+        """Cache what was read, unless an `apply` meanwhile cached a newer decision (an
+        expired entry yields: the store is then the newer, e.g. after an erasure)."""
+        hit, current = self._rows.get(subject, self.clock())
+        self._rows.put(subject, newest(current, read) if hit else read, expires)
+
+    def _put_link(self, anonymous_id: str, read: str | None, expires: float) -> None:
+        """Cache what was read; a link `link` cached stays until the store has one."""
+        self._links.put(anonymous_id, read or self._links.peek(anonymous_id), expires)
 
     def stored(self, subject: str) -> ConsentChange | None:
         with self._lock:
@@ -179,8 +197,8 @@ class ConsentCache:
             return value
         value = self.store.get(subject)
         with self._lock:
-            self._rows.put(subject, value, self._expires())
-        return value
+            self._put_row(subject, value, self._expires())
+            return self._rows.peek(subject)
 
     def linked_user(self, anonymous_id: str) -> str | None:
         with self._lock:
@@ -189,18 +207,20 @@ class ConsentCache:
             return value
         value = self.store.links([anonymous_id]).get(anonymous_id)
         with self._lock:
-            self._links.put(anonymous_id, value, self._expires())
-        return value
+            self._put_link(anonymous_id, value, self._expires())
+            return self._links.peek(anonymous_id)
 
     def apply(self, change: ConsentChange) -> None:
         """Cache a decision just recorded or seen (the newer of it and the stored one)."""
-        current = self.stored(change.subject)
+        self.stored(change.subject)  # the stored decision may be newer
         with self._lock:
-            self._rows.put(change.subject, newest(current, change), self._expires())
+            self._put_row(change.subject, change, self._expires())
 
     def link(self, anonymous_id: str, user_id: str) -> None:
+        """Cache an identify's link unless one is known (the first link wins)."""
         with self._lock:
-            self._links.put(anonymous_id, user_id, self._expires())
+            current = self._links.peek(anonymous_id)
+            self._links.put(anonymous_id, current or user_id, self._expires())
 
     def forget(self, actors: Iterable[str]) -> None:
         """Erasure: drop what is cached about these actors."""

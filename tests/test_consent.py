@@ -12,13 +12,14 @@ from nextbest.consent import (
     NO_CONSENT_PREFIX,
     ConsentChange,
     is_anonymized,
+    judged,
     screen,
 )
 from nextbest.events import Event
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from nextbest.spec_loader import load_spec, parse_spec
-from nextbest.validation import EventRejected, validate_event
+from nextbest.validation import EventRejected, validate_batch, validate_event
 from storage.online import OnlineStore
 from storage.online_consent import ConsentCache, ConsentStore
 
@@ -104,10 +105,16 @@ def test_a_batch_is_judged_in_order() -> None:
     out = screen(batch, spec, Memory({"u2": False}), KEY)
     assert out.dropped == [0, 3, 6]
     assert [i for i, _ in out.kept] == [1, 2, 4, 5]
-    assert out.changes == [ConsentChange("u1", True, grant.ts_ms)]
+    # The identify links a1 to u1, and a1 (no answer of its own) takes u1's.
+    assert out.changes == [
+        ConsentChange("u1", True, grant.ts_ms),
+        ConsentChange("anon:a1", True, grant.ts_ms),
+    ]
+    assert out.links == {"a1": "u1"}
     kept = dict(out.kept)
     assert kept[1] == grant  # the record of the choice is stored as sent
-    assert all((kept[i].context.model_extra or {}).get(MARK) == "granted" for i in (2, 4, 5))
+    assert all(judged(kept[i], KEY) for i in (2, 4, 5))
+    assert all((kept[i].context.model_extra or {})[MARK].startswith("granted:") for i in (2, 4, 5))
 
 
 def test_older_consent_event_does_not_override_a_newer_one() -> None:
@@ -133,13 +140,42 @@ def test_aggregate_keeps_item_events_without_the_person() -> None:
     out = screen([view, ident], spec, Memory(), KEY)
     assert out.aggregated == [0] and out.dropped == [1]  # identify carries no item
     (_, stored), again = out.kept[0], screen([view], spec, Memory(), KEY).kept[0][1]
-    assert is_anonymized(stored) and stored == again  # deterministic: retries deduplicate
+    assert is_anonymized(stored, KEY) and stored == again  # deterministic: retries deduplicate
+    assert not is_anonymized(stored, b"another-key")
     assert stored.user_id is None and (stored.anonymous_id or "").startswith(NO_CONSENT_PREFIX)
     assert stored.item_id == "i7" and stored.type == "view" and stored.ts == view.ts
     assert "u9" not in stored.to_json().decode()
     assert stored.context.session_id is None and stored.context.device == "mobile"
     # Passing through again (the stream) changes nothing.
     assert screen([stored], spec, Memory(), KEY).kept == [(0, stored)]
+
+
+def test_marks_cannot_be_forged() -> None:
+    """A client's `~nc:` id is rejected at ingest; a producer's `~nc:` id or consent mark
+    (written straight to Kafka) is not trusted: the event is judged like any other."""
+    spec = consent_spec(default="denied", mode="drop")
+    raws = [
+        {"type": "view", "anonymous_id": "~nc:cookie-42", "item_id": "i1", "ts": 1},
+        {"type": "view", "user_id": "~nc:u", "item_id": "i1", "ts": 1},
+        {"type": "view", "anonymous_id": "a-ok", "item_id": "i1", "ts": 1},
+    ]
+    accepted, rejected = validate_batch(raws, spec, key=KEY)
+    assert [r.index for r in rejected] == [0, 1] and "reserved" in rejected[0].reason
+    assert [e.anonymous_id for e in accepted] == ["a-ok"]
+
+    forged_anon = ev("view", None, anonymous_id="~nc:cookie-42", item_id="i1")
+    forged_mark = ev("view", "u9", item_id="i1", context={MARK: "granted"})
+    copied_mark = ev("view", "u9", item_id="i1", context={MARK: "granted:" + "0" * 32})
+    for event in (forged_anon, forged_mark, copied_mark):
+        assert not judged(event, KEY) and not is_anonymized(event, KEY)
+    out = screen([forged_anon, forged_mark, copied_mark], spec, Memory(), KEY)
+    assert out.dropped == [0, 1, 2]
+    # What the API marks passes the stream's check, with the same key only.
+    granted = screen([ev("view", "u1", item_id="i1")], spec, Memory({"u1": True}), KEY)
+    marked = granted.kept[0][1]
+    assert judged(marked, KEY) and not judged(marked, b"another-key")
+    moved = marked.model_copy(update={"event_id": "another-event"})
+    assert not judged(moved, KEY)  # a mark is bound to its event id
 
 
 # --- the consent table -----------------------------------------------------------------
@@ -193,5 +229,66 @@ def test_cache_expires_and_peeks_without_io(settings: Settings) -> None:
         assert cache.peek("anon:a1", consent) is False  # follows the linked user
         cache.forget(["u1"])
         assert cache.peek("anon:a1", consent) is None
+    finally:
+        online.dispose()
+
+
+class _SlowStore(ConsentStore):
+    """A store whose reads return what they found before `during` ran: a concurrent
+    writer recording (and caching) a newer decision while the read is in flight."""
+
+    during: Any = None
+
+    def get_many(self, subjects: Any) -> dict[str, ConsentChange]:
+        found = super().get_many(subjects)
+        if self.during is not None:
+            during, self.during = self.during, None
+            during()
+        return found
+
+
+def test_a_read_in_flight_never_replaces_a_newer_cached_decision(settings: Settings) -> None:
+    online = OnlineStore.from_settings(settings)
+    store = _SlowStore(online.engine)
+    now = [0.0]
+    cache = ConsentCache(store, ttl_s=1.0, clock=lambda: now[0])
+    consent = consent_spec(default="denied").privacy.consent
+    assert consent is not None
+    revoke = ConsentChange("u1", False, 20)
+    try:
+        store.record([ConsentChange("u1", True, 10)])
+
+        def record_revoke() -> None:
+            store.record([revoke])
+            cache.apply(revoke)
+
+        for read in (lambda: cache.prefetch(["u1"], fresh=True), lambda: cache.stored("u1")):
+            now[0] += 2  # the cached entry expired: the next read goes to the store
+            store.record([ConsentChange("u1", True, 10)])  # no effect: older
+            store.during = record_revoke
+            read()
+            assert cache.peek("u1", consent) is False  # not the grant the read found
+        # An expired entry yields to the store (e.g. erased by another process).
+        online.delete_user("u1")
+        now[0] += 2
+        cache.prefetch(["u1"], fresh=True)
+        assert cache.stored("u1") is None
+    finally:
+        online.dispose()
+
+
+def test_a_cached_link_stays_until_the_store_has_one(settings: Settings) -> None:
+    online = OnlineStore.from_settings(settings)
+    now = [0.0]
+    cache = ConsentCache(ConsentStore(online.engine), ttl_s=1.0, clock=lambda: now[0])
+    try:
+        cache.link("a1", "u1")  # an identify the stream has not stored yet
+        cache.link("a1", "u2")  # a later link is not followed (the stream keeps the first)
+        now[0] = 5.0
+        cache.prefetch([], ["a1"], fresh=True)
+        assert cache.linked_user("a1") == "u1"
+        online.link_alias("a1", "u3")  # what the store holds wins
+        now[0] = 10.0
+        assert cache.linked_user("a1") == "u3"
     finally:
         online.dispose()

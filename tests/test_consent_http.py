@@ -13,6 +13,7 @@ import pytest
 from bytewax.testing import run_main
 from litestar import Litestar
 
+from definitions.bandit_log import read_rounds
 from nextbest.consent import NO_CONSENT_PREFIX, ConsentChange
 from nextbest.demo import DemoConfig
 from nextbest.settings import Settings
@@ -53,13 +54,14 @@ class Stack:
         """The real flow, to the current end of the log."""
         run_main(build_flow(self.settings, self.spec, tail=False))
 
-    def log(self) -> list[dict[str, Any]]:
+    def log(self, *, keys: bool = False) -> list[dict[str, Any]]:
+        """The log's records (with `keys`, each with its key under `_key`)."""
         s = self.settings
         with EventLog.open(s.eventlog_dir, partitions=s.partitions, mode="reader") as log:
             return [
-                json.loads(payload)
+                {**json.loads(payload), **({"_key": key} if keys else {})}
                 for p in range(s.partitions)
-                for _, _, payload in log.read(p, 0, max_records=100_000)
+                for _, key, payload in log.read(p, 0, max_records=100_000)
             ]
 
     def bronze(self) -> list[dict[str, Any]]:
@@ -144,7 +146,7 @@ def test_without_consent_nothing_is_stored_and_decisions_are_not_personal(drop: 
     bronze = {r["event_id"]: r for r in drop.bronze()}
     assert {"pre-1", "pre-2"}.isdisjoint(logged | set(bronze))
     assert {"grant-1", "post-0", "post-1", "post-2", "post-3"} <= set(bronze)
-    assert json.loads(bronze["post-0"]["context"])["nb_consent"] == "granted"
+    assert json.loads(bronze["post-0"]["context"])["nb_consent"].startswith("granted:")
     assert "u-c" in drop.online_actors()
     personal = drop.decide("u-c")
     assert personal["served_from"] == "realtime", personal
@@ -183,15 +185,19 @@ def test_stream_judges_what_producers_wrote_past_the_api(tmp_path: Path) -> None
     spec = load_spec(path)
     write_catalog(settings, spec, DemoConfig.small(), vectors=True)
     ts = int(time.time()) - 600
+    forged = {"type": "view", "item_id": "i00003", "ts": ts + 3}
     rows = [
         {"type": "consent", "user_id": "u-yes", "ts": ts, "properties": {"granted": True}},
         {"type": "view", "user_id": "u-yes", "item_id": "i00001", "ts": ts + 1, "event_id": "y1"},
         {"type": "view", "user_id": "u-no", "item_id": "i00002", "ts": ts + 2, "event_id": "n1"},
+        # Forged: a mark or an anonymized-looking id a producer set itself.
+        {**forged, "user_id": "u-no", "event_id": "n2", "context": {"nb_consent": "granted"}},
+        {**forged, "anonymous_id": f"{NO_CONSENT_PREFIX}cookie", "event_id": "n3"},
     ]
-    assert append_log(settings, rows) == 3
+    assert append_log(settings, rows) == 5
     run_main(build_flow(settings, spec, tail=False))
     ids = {r["event_id"] for r in DeltaStore.from_settings(settings).read("events").to_pylist()}
-    assert "y1" in ids and "n1" not in ids and len(ids) == 2
+    assert "y1" in ids and not {"n1", "n2", "n3"} & ids and len(ids) == 2
     online = OnlineStore.from_settings(settings)
     try:
         assert ConsentStore(online.engine).get("u-yes") == ConsentChange("u-yes", True, ts * 1000)
@@ -234,3 +240,43 @@ def test_aggregate_keeps_item_counts_but_no_user_rows(aggregate: Stack) -> None:
         store.dispose()
     out = aggregate.decide("u-agg")
     assert out["served_from"] == "fallback"
+
+
+def test_no_id_of_a_user_without_consent_is_logged(drop: Stack) -> None:
+    """A decision and its feedback for a user who never consented: neither the log
+    (payload or key) nor Delta holds the id; the decision still joins its feedback and
+    is left out of the bandit rounds (it read nothing of the user)."""
+    out = drop.decide("u-never")
+    assert out["served_from"] == "fallback"
+    fb = {"decision_id": out["decision_id"], "user_id": "u-never", "outcome": "conversion"}
+    assert drop.http.post("/v1/feedback", json=fb).status_code == 202
+    assert drop.app.state.runtime.decision_log.flush()
+    assert not [r for r in drop.log(keys=True) if "u-never" in json.dumps(r)]
+    drop.stream()
+    delta = DeltaStore.from_settings(drop.settings)
+    for table in ("decisions", "feedback"):
+        rows = delta.read(table).to_pylist()
+        assert not [r for r in rows if "u-never" in json.dumps(r, default=str)]
+        mine = [r for r in rows if r["decision_id"] == out["decision_id"]]
+        assert len(mine) == 1, table
+        assert mine[0]["user_id"] == (
+            f"{NO_CONSENT_PREFIX}{out['decision_id']}" if table == "decisions" else None
+        )
+    rounds = read_rounds(delta)
+    assert rounds is not None and out["decision_id"] not in rounds.decision_ids
+    assert rounds.skipped["not_personalized"] >= 1
+
+
+def test_identify_links_a_visitor_before_the_stream_stores_it(drop: Stack) -> None:
+    """No stream runs here: the visitor of a consenting user is kept from the next
+    request on, and a client cannot pass its events off as anonymized."""
+    drop.post([consent("u-l", True, "l-grant")])
+    drop.post([{"type": "identify", "user_id": "u-l", "anonymous_id": "a-l"}])
+    out = drop.post([{"type": "view", "anonymous_id": "a-l", "item_id": "i00004"}])
+    assert out["accepted"] == 1 and out["dropped"] == []
+    assert drop.app.state.runtime.consent.store.get("anon:a-l").granted  # u-l's, copied
+    r = drop.http.post(
+        "/v1/events",
+        json={"events": [{"type": "view", "anonymous_id": "~nc:x", "item_id": "i1", "ts": 1}]},
+    )
+    assert r.status_code == 422 and "reserved" in r.json()["rejected"][0]["reason"]

@@ -3,16 +3,21 @@ with decay, its idempotence, the spec setting, and how the decide path uses it f
 offers and item groups. Pure: no stores, no HTTP."""
 
 import itertools
+import math
+import pickle
 import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from nextbest.candidates import UserView, user_view
 from nextbest.decide import Assets, DecisionRequest, decide, policy_for_surface
 from nextbest.online_model import (
+    FORGOTTEN,
+    MAX_SKEW_MS,
     MEMORY,
     Feedback,
     OnlinePlan,
@@ -24,6 +29,7 @@ from nextbest.online_model import (
 from nextbest.slate import GroupBoosts
 from nextbest.spec import OnlineModel, Policy, Spec
 from nextbest.spec_loader import load_spec
+from nextbest.uplift import OfferUplift, Standardizer, UpliftModel
 
 ROOT = Path(__file__).resolve().parents[1]
 H = 7 * 86_400_000  # the default half-life, in ms
@@ -118,6 +124,37 @@ def test_the_term_is_bounded_and_the_memory_too() -> None:
     assert not state.learn("d0", [OFFER], "dismiss", T0)
     assert not state.learn("d10", [OFFER], "click", T0 + 10)
     assert state.sums[H][OFFER] == before and state.counts[OFFER][1] == MEMORY + 50
+
+
+def test_a_late_outcome_of_a_forgotten_exposure_is_not_a_second_exposure() -> None:
+    state = _state(*((f"d{n}", OFFER, "impression", T0 + n * 1000) for n in range(MEMORY + 50)))
+    assert ("d10", OFFER) not in state.exposures and state.counts[OFFER] == [0, 0, MEMORY + 50]
+    before = list(state.sums[H][OFFER])
+    # d10's conversion carries its own, later ts (after the floor): still d10's exposure.
+    assert not state.learn("d10", [OFFER], "conversion", T0 + 400 * 1000)
+    assert state.counts[OFFER] == [0, 0, MEMORY + 50] and state.sums[H][OFFER] == before
+    assert state.learn("d-new", [OFFER], "conversion", T0 + 400 * 1000)  # a new one counts
+    # The digests are bounded too, and a snapshot from before them still restores.
+    big = _state(*((f"e{n}", OFFER, "impression", T0 + n) for n in range(MEMORY + FORGOTTEN + 9)))
+    assert len(big.forgotten) == FORGOTTEN and len(big.exposures) == MEMORY
+    old = pickle.loads(pickle.dumps(state))
+    del old.__dict__["forgotten"]
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.forgotten == {} and restored.learn("d-other", [OFFER], "click", T0 + 10**6)
+
+
+def test_a_future_dated_record_is_folded_at_the_clock_and_cannot_freeze_the_model() -> None:
+    now, day = T0, 86_400_000
+    state = _state()
+    state.learn("d-future", [OFFER], "click", now + 365 * day, now_ms=now)  # a bad client clock
+    assert state.anchor_ms == now + MAX_SKEW_MS
+    for i in range(20):  # the user really dismisses the offer 20 times today
+        state.learn(f"d{i}", [OFFER], "dismiss", now + i, now_ms=now + i)
+    found = _view(state, as_of_ms=now + day).adjust(OFFER, "x", DEFAULTS)
+    assert found is not None and found.term < -0.4
+    # Honest timestamps (within the skew) are folded as given.
+    state.learn("d-late", [OFFER], "click", now + 2 * day, now_ms=now + 2 * day - MAX_SKEW_MS)
+    assert state.anchor_ms == now + 2 * day
 
 
 def test_a_new_half_life_is_rebuilt_from_the_remembered_exposures() -> None:
@@ -261,3 +298,38 @@ def test_rerank_equals_a_full_sort_by_adjusted_score() -> None:
         assert [e[2] for e in got] == pytest.approx([e[2] for e in want])
         assert sorted(e[0] for e in got) == sorted(e[0] for e in ranked)
         assert list(GroupBoosts("g", groups, {}).rerank(iter(ranked))) == ranked
+
+
+def _uplift(effects: dict[str, float]) -> OfferUplift:
+    """Constant-effect uplift models over no feature: control converts at 10%."""
+    base, models = math.log(0.1 / 0.9), {}
+    for offer, effect in effects.items():
+        coef = np.array([[base], [base + effect]])
+        models[offer] = UpliftModel("t", "linear", Standardizer(np.zeros(0), np.ones(0)), coef, 0.5)
+    return OfferUplift((), models, "u-test")
+
+
+def test_on_uplift_scores_the_online_model_reorders_but_never_hides(spec: Spec) -> None:
+    """Uplift ~0.04 and ~0.03: an additive term (-0.056 for one ignored impression)
+    would hide both. In uplift units the online model only reorders the offers the
+    uplift model shows (what the OPE gate evaluated): none is hidden."""
+    features: dict[str, float | None] = {"cart_adds_1h": 1.0, "views_1h": 6.0}
+    surface, _, policy, _ = policy_for_surface(spec, "checkout")
+    request = DecisionRequest(surface, k=5, context={"device": "mobile"})
+    uplift = _uplift({"free_shipping": 0.4, "ten_percent_off": 0.3})
+
+    def offers(state: OnlineState | None) -> list[Any]:
+        user = UserView("u1", features=features, online=_view(state) if state else None)
+        return decide(spec, policy, request, user, Assets(), uplift=uplift).actions
+
+    base = offers(None)
+    assert [a.action_id for a in base] == ["free_shipping", "ten_percent_off"]
+    up = {a.action_id: a.score for a in base}
+    assert 0.02 < up["ten_percent_off"] < up["free_shipping"] < 0.056
+    once = offers(_state(("d1", OFFER, "impression", T0)))
+    assert [a.action_id for a in once] == ["free_shipping", "ten_percent_off"]
+    assert once[0].score == pytest.approx(up["free_shipping"] * math.exp(1 / 2.25 - 0.5), abs=2e-6)
+    dismissed = offers(_state(*((f"d{n}", OFFER, "dismiss", T0) for n in range(20))))
+    assert [a.action_id for a in dismissed] == ["ten_percent_off", "free_shipping"]
+    assert 0 < dismissed[1].score < up["ten_percent_off"] and dismissed[1].source == "uplift"
+    assert "uplift x0.6" in dismissed[1].reasons[-1]

@@ -11,6 +11,7 @@ from bytewax.recovery import RecoveryConfig
 from bytewax.testing import run_main
 
 from nextbest.demo import DemoConfig
+from nextbest.online_model import MAX_SKEW_MS
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from nextbest.spec_loader import load_spec
@@ -18,6 +19,7 @@ from pipelines.flow import build_flow
 from pipelines.records import Update
 from pipelines.run import ensure_recovery_dir
 from storage.online import OnlineStore
+from storage.online_models import now_ms
 from tests.stream_helpers import append_log, write_catalog
 from tests.test_pipeline_units import T0, ev, run
 
@@ -67,6 +69,25 @@ def test_feedback_reaches_the_users_online_model_once(settings: Settings, spec: 
     state = [u.state for u in online if u.state and u.state.user_id == "u1"][-1]
     assert state.event_ts_ms == model["anchor_ms"] and state.recent_items == ["i1"]
     assert not any(u.state and u.state.user_id not in ("u1", "item:i1") for u in online)
+
+
+def test_a_future_dated_record_is_folded_at_the_stream_clock(
+    settings: Settings, spec: Spec
+) -> None:
+    """A client's ts 30 years ahead: the model (and the user state's event time) moves
+    to the stream's clock + skew, not to the record's ts."""
+    before = now_ms()
+    years = 30 * 365 * 24 * 60  # minutes
+    payloads = [
+        ev("e1", "view", 0, user_id="u1", item_id="i1"),
+        fb("d1", "u1", "click", years, action_id="free_shipping"),
+    ]
+    _, online, _ = run(settings, spec, payloads)
+    model = model_of(online, "u1")
+    assert before + MAX_SKEW_MS <= model["anchor_ms"] <= now_ms() + MAX_SKEW_MS
+    assert model["counts"] == {OFFER: [1, 0, 0]}
+    state = [u.state for u in online if u.state and u.state.user_id == "u1"][-1]
+    assert state.event_ts_ms == model["anchor_ms"]
 
 
 def test_anonymous_feedback_follows_the_visitor_to_their_user(

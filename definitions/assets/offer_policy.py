@@ -15,7 +15,7 @@ import dagster as dg
 
 from definitions.artifacts import read_json_file, write_json_file
 from definitions.assets.offer_uplift import UPLIFT_CANDIDATE, UPLIFT_POINTER
-from definitions.assets.policy_evaluation import OPE_REPORT, policy_evaluation
+from definitions.assets.policy_evaluation import NOT_ESTIMATED, OPE_REPORT, policy_evaluation
 from definitions.resources import NextbestResource, OpeGate
 
 REGISTRY = "uplift_registry.json"
@@ -24,16 +24,20 @@ HISTORY = 50
 
 
 def gate_decision(gate: OpeGate, verdict: str) -> tuple[bool, str]:
-    """(promote, why) for a candidate's verdict against the current offer policy."""
+    """(promote, why) for a candidate's verdict against the current offer policy. Only
+    an estimate can pass `better` or `not_worse`: a candidate `not estimated` (too few
+    or too little of the held-out decisions) or `not evaluated` (no report on it) is
+    served by gate `off` alone."""
     if gate == "off":
         return True, f"gate off: served without requiring an estimate (verdict {verdict})"
     if verdict == "better":
-        return True, "better than the current policy: DR interval above its value"
+        return True, "better than the current policy: DR difference interval above 0"
     if gate == "not_worse" and verdict == "unclear":
-        return True, "not worse than the current policy: DR interval overlaps its value"
+        return True, "not worse than the current policy: DR difference interval contains 0"
     why = {
-        "worse": "worse than the current policy: DR interval below its value",
-        "unclear": "not shown better than the current policy: DR interval overlaps its value",
+        "worse": "worse than the current policy: DR difference interval below 0",
+        "unclear": "not shown better than the current policy: DR difference interval contains 0",
+        NOT_ESTIMATED: "not estimated: too few of the held-out decisions to value it",
     }.get(verdict, f"no usable evaluation ({verdict})")
     return False, f"{why}; gate {gate} keeps the served policy"
 
@@ -68,11 +72,13 @@ def offer_policy(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     """The offer policy the API serves (`<home>/models/uplift.json`). The uplift
     candidate `offer_uplift` trained is promoted only when `policy_evaluation`'s verdict
     against the current policy passes the `ope_gate` of the resource: `better` (default;
-    the doubly robust interval lies above the served model's value, by a paired
-    difference on the same held-out decisions, or above the logged policy's value while
-    no model is served), `not_worse` (it does not lie below), or `off`. A rejected
-    candidate leaves the served policy unchanged; metadata and `uplift_registry.json`
-    record the verdict, the estimates and why."""
+    the interval of the paired doubly robust difference from the current policy on the
+    same held-out decisions lies above 0; current is the served model, or while none is
+    served the logged policy with exploration off), `not_worse` (it does not lie below
+    0), or `off`. A candidate `not estimated` (too few rows, or coverage below
+    `ope_min_coverage`) passes gate `off` only. A rejected candidate leaves the served
+    policy unchanged; metadata and `uplift_registry.json` record the verdict, the
+    estimates and why."""
     models = nextbest.models_dir()
     candidate = read_json_file(models / UPLIFT_CANDIDATE)
     served = read_json_file(models / UPLIFT_POINTER)
@@ -88,6 +94,8 @@ def offer_policy(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     gate = _evaluation(models, version, served_version)
     verdict = gate["verdict"] if gate is not None else "not evaluated"
     promote, reason = gate_decision(nextbest.ope_gate, verdict)
+    if gate is not None and gate.get("note"):
+        reason = f"{reason} ({gate['note']})"
     now = datetime.now(UTC).isoformat()
     entry: dict[str, Any] = {
         "version": version,
@@ -95,7 +103,9 @@ def offer_policy(context: dg.AssetExecutionContext, nextbest: NextbestResource):
         "decided_at": now,
         "status": "promoted" if promote else "rejected",
         "gate": nextbest.ope_gate,
-        "compared_with": f"served {served_version}" if served_version else "logged policy",
+        "compared_with": (
+            f"served {served_version}" if served_version else "logged policy, exploration off"
+        ),
         "verdict": verdict,
         "reason": reason,
         "previous_version": served_version,
@@ -124,6 +134,7 @@ def offer_policy(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     }
     if gate is not None:
         metadata["rows"] = int(gate.get("rows", 0))
+        metadata["coverage"] = dg.MetadataValue.float(float(gate.get("coverage", 0.0)))
         numbers = {
             **{f"candidate_dr_{k}": v for k, v in gate.get("candidate_dr", {}).items()},
             "current_value": gate.get("current_value"),

@@ -29,28 +29,47 @@ from nextbest.ope import (
 from nextbest.uplift import OfferUplift
 
 OPE_REPORT = "ope.json"
+NOT_ESTIMATED = "not estimated"
+"""The gate's verdict when the candidate could not be valued (too few held-out rows, or
+too small a share of the held-out offer decisions): only gate `off` serves it."""
 
 
-def greedy_target(rounds: Rounds) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, target): the logging policy with exploration off — the best-scored arm
-    among those it could choose — on rows where every choice was logged with a score."""
+def scorable(rounds: Rounds) -> np.ndarray:
+    """Rows where every choice was logged with a score (the greedy policy is known)."""
     scored = np.where(rounds.available, np.isfinite(rounds.scores), True)
-    rows = np.flatnonzero(scored.all(axis=1) & rounds.available.any(axis=1))
+    return np.asarray(scored.all(axis=1) & rounds.available.any(axis=1), dtype=bool)
+
+
+def greedy_target(rounds: Rounds, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, target): the logging policy with exploration off — the best-scored arm
+    among those it could choose — on `rows` (default: every `scorable` row)."""
+    if rows is None:
+        rows = np.flatnonzero(scorable(rounds))
     scores = np.where(rounds.available, np.nan_to_num(rounds.scores, nan=-np.inf), -np.inf)
     return rows, greedy(scores[rows])
 
 
+def offer_decisions(rounds: Rounds, *, seed: int) -> np.ndarray:
+    """Mask of the held-out offer decisions (`none` among the choices): the rows a
+    candidate offer policy should be evaluated on, the denominator of its coverage."""
+    if NO_ACTION not in rounds.arms:
+        return np.zeros(rounds.n, bool)
+    test = held_out(rounds.decision_ids, seed=seed, fraction=HOLDOUT)
+    return rounds.available[:, rounds.arms.index(NO_ACTION)] & test
+
+
 def uplift_rows(rounds: Rounds, models: Sequence[OfferUplift], *, seed: int) -> np.ndarray:
-    """Held-out decisions whose choices are only `none` and offers every one of `models`
-    knows. The split hashes the decision id with the seed, so with an unchanged seed no
-    uplift model trained here (the served one included) ever saw these rows."""
+    """Held-out offer decisions whose choices are only `none` and offers every one of
+    `models` knows, each logged with a score (so the current greedy policy is known on
+    the same rows). The split hashes the decision id with the seed, so with an
+    unchanged seed no uplift model trained here (the served one included) saw them."""
     if NO_ACTION not in rounds.arms:
         return np.zeros(0, int)
     allowed = np.array(
         [a == NO_ACTION or all(a in m.models for m in models) for a in rounds.arms], dtype=bool
     )
-    test = held_out(rounds.decision_ids, seed=seed, fraction=HOLDOUT)
-    return np.flatnonzero(~(rounds.available & ~allowed).any(axis=1) & test)
+    known = ~(rounds.available & ~allowed).any(axis=1)
+    return np.flatnonzero(known & scorable(rounds) & offer_decisions(rounds, seed=seed))
 
 
 def uplift_target(rounds: Rounds, uplift: OfferUplift, rows: np.ndarray) -> np.ndarray:
@@ -145,32 +164,43 @@ def gate_report(
     served: OfferUplift | None,
     *,
     seed: int,
+    coverage: float = 1.0,
+    min_coverage: float = 0.0,
 ) -> dict[str, Any]:
     """What `offer_policy` gates on: the candidate (`uplift`) against the current offer
-    policy on the same held-out rows. Current is the served uplift model when there is
-    one (verdict from the paired DR difference: its interval above / below 0), else the
-    logged policy (verdict: DR's interval above / below the logged value)."""
+    policy on the same held-out rows, by the paired DR difference (verdict: its interval
+    above / below 0). Current is the served uplift model when there is one, else the
+    logged policy with exploration off (`current`: what the API serves greedily; the
+    exploring logged policy itself is a weaker rival than anything really served).
+    `coverage` is the share of held-out offer decisions the candidate was evaluated on:
+    below `min_coverage`, or with too few rows, the verdict is `not estimated`."""
     entry = report.get("uplift", {})
+    baseline = "served" if served is not None else "current"
     out: dict[str, Any] = {
         "candidate": candidate.version,
         "served": served.version if served is not None else None,
-        "current": "served" if served is not None else "logged",
+        "current": "served" if served is not None else "greedy",
         "rows": entry.get("rows", 0),
+        "coverage": coverage,
+        "min_coverage": min_coverage,
     }
     if entry.get("status") != "estimated":
-        return {**out, "verdict": "unclear", "note": "too few held-out rows to estimate"}
+        return {**out, "verdict": NOT_ESTIMATED, "note": "too few held-out rows to estimate"}
+    if coverage < min_coverage:
+        note = (
+            f"evaluated on {coverage:.0%} of the held-out offer decisions, below the "
+            f"required {min_coverage:.0%} (offers the candidate lacks, or unscored choices)"
+        )
+        return {**out, "verdict": NOT_ESTIMATED, "note": note}
     dr = entry["dr"]
     out["candidate_dr"] = {k: dr[k] for k in ("value", "low", "high")}
     out["logged_value"] = entry["logged"]["value"]
-    if served is None:
-        return {**out, "verdict": entry["verdict"], "current_value": entry["logged"]["value"]}
-    served_entry = report.get("served", {})
     rows, target = targets["uplift"]
-    difference = dr_difference(rounds, rows, target, targets["served"][1], seed=seed)
+    difference = dr_difference(rounds, rows, target, targets[baseline][1], seed=seed)
     return {
         **out,
         "verdict": verdict(float(difference["low"]), float(difference["high"]), 0.0),
-        "current_value": served_entry.get("dr", {}).get("value", float("nan")),
+        "current_value": report.get(baseline, {}).get("dr", {}).get("value", float("nan")),
         "difference": difference,
     }
 
@@ -182,12 +212,16 @@ def policy_evaluation(context: dg.AssetExecutionContext, nextbest: NextbestResou
     (cross-fitted per-action ridge reward model) and 95% intervals, the value of
     policies against the logged (exploring) one on the same decisions: `greedy`
     (exploration off), `uplift` (offers ranked by the *candidate* `offer_uplift` just
-    trained, on decisions held out of training) and `served` (the uplift model the API
-    serves now, on those same rows). The candidate's verdict against the current
-    policy (the served model, by a paired DR difference; the logged policy while none
-    is served) is what `offer_policy` gates promotion on. Decisions logged without a
-    propensity are skipped and counted. The report is also written to
-    `<home>/models/ope.json`. With no decisions yet it succeeds."""
+    trained, on held-out offer decisions), and on those same rows `current` (the logged
+    policy with exploration off) and `served` (the uplift model the API serves now).
+    The candidate's verdict against the current policy (the served model, else
+    `current`), by a paired DR difference, is what `offer_policy` gates promotion on;
+    it is `not estimated` when the candidate covers less than `ope_min_coverage` of the
+    held-out offer decisions. The targets rank by predicted uplift alone: the per-user
+    online model only reorders offers the uplift model shows (`nextbest.offers`), so
+    it is not part of what is valued here. Decisions logged without a propensity are
+    skipped and counted. The report is also written to `<home>/models/ope.json`. With
+    no decisions yet it succeeds."""
     store = nextbest.delta()
     rounds = read_rounds(store)
     if rounds is None or rounds.n == 0:
@@ -205,12 +239,25 @@ def policy_evaluation(context: dg.AssetExecutionContext, nextbest: NextbestResou
     uplifts = {"uplift": candidate, "served": served}
     present = [m for m in uplifts.values() if m is not None]
     rows = uplift_rows(rounds, present, seed=seed)
+    offer_rows = int(offer_decisions(rounds, seed=seed).sum())
+    coverage = len(rows) / offer_rows if offer_rows else 0.0
     for name, model in uplifts.items():
         if model is not None:
             targets[name] = (rows, uplift_target(rounds, model, rows))
+    if candidate is not None and served is None:
+        targets["current"] = greedy_target(rounds, rows)
     report = estimate_targets(rounds, targets, seed=seed)
     gate = (
-        gate_report(rounds, report, targets, candidate, served, seed=seed)
+        gate_report(
+            rounds,
+            report,
+            targets,
+            candidate,
+            served,
+            seed=seed,
+            coverage=coverage,
+            min_coverage=nextbest.ope_min_coverage,
+        )
         if candidate is not None
         else None
     )
@@ -238,6 +285,7 @@ def policy_evaluation(context: dg.AssetExecutionContext, nextbest: NextbestResou
         metadata["gate"] = dg.MetadataValue.json(gate)
         metadata["gate/current"] = gate["current"]
         metadata["gate/verdict"] = gate["verdict"]
+        metadata["gate/coverage"] = dg.MetadataValue.float(float(gate["coverage"]))
         for field in ("value", "low", "high"):
             if "difference" in gate:
                 metadata[f"gate/difference_{field}"] = dg.MetadataValue.float(

@@ -6,9 +6,17 @@ followed by events of the same user keeps those events. Consent events are appen
 to the log with the rest and then recorded in the online store's consent table, both
 before the 202: decisions see the new answer at once, and the logged event is the
 durable record (the stream applies it again, newest wins, should the table write be
-lost).
+lost). So are the answers an identify event copies to its side that had none; its
+link is cached until the stream has stored it.
+
+Judging, appending and recording run under one lock per process, so a batch judged
+while another records a revoke cannot append that user's events after the revoke
+(the fresh read runs before the lock: a read older than a cached answer never replaces
+it). Across API processes that remains possible: another process sees the revoke at
+its next fresh read or within the consent cache's TTL.
 """
 
+import threading
 from typing import Annotated
 
 from litestar import Controller, Response, post
@@ -23,6 +31,10 @@ from serving import examples
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
 from serving.runtime import ServingRuntime
 from serving.schemas import DroppedEvent, EventsIn, EventsOut, RejectedEvent
+
+_CONSENT_LOCK = threading.Lock()
+"""Serializes judge + append + record when the spec declares consent (one process
+appends to the embedded log anyway)."""
 
 
 class EventsController(Controller):
@@ -64,16 +76,18 @@ class EventsController(Controller):
         accepted, rejections = validate_batch(
             data.events, runtime.spec, key=runtime.pseudonymization_key
         )
-        screened = _screen(runtime, accepted)
+        if runtime.consent is None or not accepted:
+            screened = Screened(kept=list(enumerate(accepted)))
+            _append(runtime, [e for _, e in screened.kept])
+        else:
+            _prefetch(runtime, accepted)
+            with _CONSENT_LOCK:
+                screened = screen(
+                    accepted, runtime.spec, runtime.consent, runtime.pseudonymization_key
+                )
+                _append(runtime, [e for _, e in screened.kept])
+                _record_consent(runtime, screened)
         kept = [e for _, e in screened.kept]
-        if kept:
-            try:
-                runtime.sink.append([(e.actor, e.to_json()) for e in kept])
-            except Exception as exc:
-                raise ServiceUnavailableException(
-                    f"the event log did not accept the batch ({type(exc).__name__}); retry"
-                ) from exc
-        _record_consent(runtime, screened)
         runtime.metrics.events_accepted.inc(len(kept))
         runtime.metrics.events_rejected.inc(len(rejections))
         # Indices into `accepted` -> indices into the request (validate_batch keeps order).
@@ -91,30 +105,45 @@ class EventsController(Controller):
         return Response(body, status_code=202 if kept or screened.dropped else 422)
 
 
-def _screen(runtime: ServingRuntime, events: list[Event]) -> Screened:
-    """Judge the batch against consent read fresh from the store (no-op without it)."""
-    cache = runtime.consent
-    if cache is None or not events:
-        return Screened(kept=list(enumerate(events)))
-    anonymous = [e.anonymous_id for e in events if e.user_id is None and e.anonymous_id]
+def _append(runtime: ServingRuntime, kept: list[Event]) -> None:
+    if not kept:
+        return
     try:
-        cache.prefetch([e.actor for e in events], anonymous, fresh=True)
+        runtime.sink.append([(e.actor, e.to_json()) for e in kept])
+    except Exception as exc:
+        raise ServiceUnavailableException(
+            f"the event log did not accept the batch ({type(exc).__name__}); retry"
+        ) from exc
+
+
+def _prefetch(runtime: ServingRuntime, events: list[Event]) -> None:
+    """Read the batch's consent fresh from the store (both sides of an identify)."""
+    cache = runtime.consent
+    assert cache is not None
+    subjects = [e.actor for e in events]
+    subjects += [f"anon:{e.anonymous_id}" for e in events if e.anonymous_id and e.user_id]
+    anonymous = [e.anonymous_id for e in events if e.anonymous_id]
+    try:
+        cache.prefetch(subjects, anonymous, fresh=True)
     except Exception as exc:
         raise ServiceUnavailableException(
             f"consent could not be read ({type(exc).__name__}); retry"
         ) from exc
-    return screen(events, runtime.spec, cache, runtime.pseudonymization_key)
 
 
 def _record_consent(runtime: ServingRuntime, screened: Screened) -> None:
+    """Store the batch's decisions (and inherited answers), cache them and its links."""
     cache = runtime.consent
-    if cache is None or not screened.changes:
+    if cache is None:
         return
-    try:
-        cache.store.record(screened.changes)
-    except Exception as exc:  # the events are in the log: a retry is deduplicated
-        raise ServiceUnavailableException(
-            f"consent could not be recorded ({type(exc).__name__}); retry"
-        ) from exc
-    for change in screened.changes:
-        cache.apply(change)
+    if screened.changes:
+        try:
+            cache.store.record(screened.changes)
+        except Exception as exc:  # the events are in the log: a retry is deduplicated
+            raise ServiceUnavailableException(
+                f"consent could not be recorded ({type(exc).__name__}); retry"
+            ) from exc
+        for change in screened.changes:
+            cache.apply(change)
+    for anonymous_id, user_id in screened.links.items():
+        cache.link(anonymous_id, user_id)

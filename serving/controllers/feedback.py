@@ -1,4 +1,10 @@
-"""POST /v1/feedback: the outcome of a decision, appended to the log for the stream."""
+"""POST /v1/feedback: the outcome of a decision, appended to the log for the stream.
+
+With consent declared (spec `privacy.consent`), feedback of a user without consent is
+appended without the user id and keyed by the decision id (it still joins the logged
+decision on decision_id), so the id is stored nowhere and no per-user state learns
+from it. A consent read that fails counts as no consent.
+"""
 
 import json
 from datetime import UTC, datetime
@@ -9,6 +15,7 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi import ResponseSpec
 from litestar.params import Body
 
+from nextbest.consent import allowed
 from serving import examples
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
 from serving.runtime import ServingRuntime
@@ -45,10 +52,11 @@ class FeedbackController(Controller):
         ts = data.ts or datetime.now(UTC)
         if ts.tzinfo is None:
             ts = ts.replace(tzinfo=UTC)
+        user_id = data.user_id if _consents(runtime, data.user_id) else None
         record = {
             "record": "feedback",
             "decision_id": data.decision_id,
-            "user_id": data.user_id,
+            "user_id": user_id,
             "outcome": data.outcome,
             "action_id": data.action_id,
             "item_id": data.item_id,
@@ -56,10 +64,21 @@ class FeedbackController(Controller):
             "value": data.value,
         }
         try:
-            runtime.sink.append([(data.user_id, json.dumps(record).encode())])
+            key = user_id if user_id is not None else data.decision_id
+            runtime.sink.append([(key, json.dumps(record).encode())])
         except Exception as exc:
             raise ServiceUnavailableException(
                 f"the event log did not accept the feedback ({type(exc).__name__}); retry"
             ) from exc
         runtime.metrics.feedback.labels(data.outcome).inc()
         return FeedbackOut(accepted=True, decision_id=data.decision_id)
+
+
+def _consents(runtime: ServingRuntime, user_id: str | None) -> bool:
+    cache, consent = runtime.consent, runtime.spec.privacy.consent
+    if user_id is None or cache is None or consent is None:
+        return True
+    try:
+        return allowed(cache, user_id, consent)
+    except Exception:  # a store outage must not keep the id by accident
+        return False
