@@ -64,6 +64,10 @@ from storage.online_models import Alias
 
 STITCH_BUFFER = 1000
 """Anonymous events remembered per visitor until an identify event links them."""
+FEEDBACK_BUFFER = 256
+"""Anonymous feedback records remembered per visitor, apart from its events: feedback
+(impressions above all) must not push behaviour out of the event buffer, or the stitched
+profile would no longer equal a batch recomputation."""
 STATE_KEYS_CACHED = 1 << 16
 """Actors whose state key (a keyed hash) is remembered: the active users, typically."""
 
@@ -128,6 +132,7 @@ class StitchState:
     def __init__(self) -> None:
         self.user: str | None = None
         self.buffer: list[Incoming] = []
+        self.feedback: list[Incoming] = []
 
 
 def stitch(state: StitchState, batch: list[Incoming], identify: frozenset[str]) -> list[Routed]:
@@ -143,15 +148,19 @@ def stitch(state: StitchState, batch: list[Incoming], identify: frozenset[str]) 
             if state.user is not None:
                 out.append(Routed(state.user, partition, offset, event))
             else:
-                state.buffer.append((partition, offset, event))
-                del state.buffer[:-STITCH_BUFFER]
+                # Snapshots from before the separate buffer have no `feedback` attribute.
+                if not hasattr(state, "feedback"):
+                    state.feedback = []
+                state.feedback.append((partition, offset, event))
+                del state.feedback[:-FEEDBACK_BUFFER]
                 out.append(Routed(event.user_id, partition, offset, event))
         elif event.type in identify and event.user_id is not None:
             if state.user is None:
                 state.user = event.user_id
                 out.append(Routed(event.user_id, partition, offset, event, link=True))
-                out.extend(Routed(event.user_id, p, o, e) for p, o, e in state.buffer)
-                state.buffer = []
+                held = [*state.buffer, *getattr(state, "feedback", [])]
+                out.extend(Routed(event.user_id, p, o, e) for p, o, e in held)
+                state.buffer, state.feedback = [], []
             else:
                 out.append(Routed(event.user_id, partition, offset, event))
         elif state.user is not None:

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from bytewax.testing import TestingSink, TestingSource, run_main
 
+from nextbest.events import Event
 from nextbest.features import session_vector
+from nextbest.online_model import Feedback
 from nextbest.settings import Settings
 from nextbest.spec import SessionVectorFeature, Spec
 from nextbest.spec_loader import load_spec
 from pipelines.catalog import StaticCatalog
-from pipelines.flow import build_flow
+from pipelines.flow import FEEDBACK_BUFFER, STITCH_BUFFER, StitchState, build_flow, stitch
 from pipelines.records import Record, Update
 from pipelines.sinks import LakeBatch, LakeSink, StreamSinks
 from pipelines.sources import EventLogSource
@@ -258,3 +260,27 @@ def test_lake_sink_drops_a_client_retry_of_an_acknowledged_event(
     part.close()
     ids = DeltaStore.from_settings(settings).read("events").column("event_id").to_pylist()
     assert sorted(ids) == sorted([f"e{o}" for o in range(5)] + ["e-new"])
+
+
+def test_anonymous_feedback_never_pushes_events_out_of_the_stitch_buffer() -> None:
+    """Impressions of a visitor are buffered apart from its events: after many of them,
+    identify still re-sends every event (the stitched profile equals a batch recompute)."""
+
+    def ev(n: int, **kw: object) -> Event:
+        body = {"event_id": f"e{n}", "type": "view", "anonymous_id": "a1", "item_id": "i1"}
+        return Event.model_validate({**body, "ts": 1_700_000_000 + n, **kw})
+
+    state = StitchState()
+    events = [(0, n, ev(n)) for n in range(5)]
+    impressions = [
+        (0, 100 + n, Feedback(f"d{n}", "anon:a1", "impression", "offer", None, n))
+        for n in range(STITCH_BUFFER + FEEDBACK_BUFFER)
+    ]
+    stitch(state, [*events, *impressions], frozenset({"identify"}))
+    routed = stitch(
+        state, [(0, 9999, ev(9999, type="identify", user_id="u1"))], frozenset({"identify"})
+    )
+    resent = [r.event for r in routed if not r.link]
+    assert {e.event_id for e in resent if isinstance(e, Event)} == {f"e{n}" for n in range(5)}
+    assert sum(isinstance(e, Feedback) for e in resent) == FEEDBACK_BUFFER
+    assert all(r.actor == "u1" for r in routed)
