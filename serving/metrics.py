@@ -20,6 +20,10 @@ _LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 60
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+MAX_LAG_S = 3600.0
+"""Lags above this are back-dated events, not the stream falling behind."""
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -62,7 +66,12 @@ class Metrics:
         self._lag_seen: OrderedDict[str, int] = OrderedDict()
 
     def observe_lag(self, user_id: str, event_ts_ms: int, updated_at_ms: int | None) -> None:
+        """Event-to-online lag of the state a decision read, once per state write.
+        Back-dated events (imports, replays, clients sending old timestamps) are not
+        freshness: a lag above `MAX_LAG_S` is left out rather than reported as days."""
         if updated_at_ms is None or self._lag_seen.get(user_id) == updated_at_ms:
+            return
+        if updated_at_ms - event_ts_ms > MAX_LAG_S * 1000:
             return
         self._lag_seen[user_id] = updated_at_ms
         self._lag_seen.move_to_end(user_id)
