@@ -4,7 +4,10 @@ Events are checked with `nextbest.validation.validate_event` (the API's own rule
 a bad row is reported with its line number and skipped, never loaded. Accepted rows
 are appended to bronze `events` in chunks with Delta transaction ids
 (`app_id="import-<sha256 of the file>"`, one batch version per chunk), so importing
-the same file twice, or resuming after a crash, never duplicates a row.
+the same file twice, or resuming after a crash, never duplicates a row. With
+`privacy.consent` in the spec each chunk is screened as the API screens a batch
+(`definitions.import_consent`): events without consent are dropped or anonymized, and
+the file's consent events are recorded in the online store.
 
 File formats (`nextbest import`):
 - events JSONL: one Event object per line (DESIGN.md).
@@ -30,10 +33,11 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from definitions.history import ITEMS_TABLE
+from definitions.import_consent import ImportConsent
 from nextbest.events import Event
 from nextbest.settings import Settings
 from nextbest.spec import Spec
-from nextbest.validation import EventRejected, validate_event
+from nextbest.validation import RESERVED_ID_PREFIX, EventRejected, validate_event
 from storage.delta import DeltaStore
 from storage.delta_schemas import events_to_table
 
@@ -49,7 +53,9 @@ ML_GENRES = (
 
 @dataclass
 class ImportSummary:
-    """What an import did; `rejected` holds (line number, reason), first 1000 kept."""
+    """What an import did; `rejected` holds (line number, reason), first 1000 kept.
+    With consent: `dropped` accepted events were not stored, `aggregated` were stored
+    without the person, and `consent_recorded` answers went to `nb_consent`."""
 
     path: str
     read: int = 0
@@ -57,6 +63,10 @@ class ImportSummary:
     written: int = 0
     rejected_count: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    consent: bool = False
+    dropped: int = 0
+    aggregated: int = 0
+    consent_recorded: int = 0
 
     def reject(self, line: int, reason: str) -> None:
         self.rejected_count += 1
@@ -65,11 +75,18 @@ class ImportSummary:
 
     def lines(self) -> list[str]:
         """Human summary: counts, then one line per rejected row."""
-        out = [
+        loaded = self.accepted - self.dropped - self.written
+        head = (
             f"{self.path}: read {self.read}, accepted {self.accepted}, "
-            f"written {self.written} (already loaded: {self.accepted - self.written}), "
+            f"written {self.written} (already loaded: {loaded}), "
             f"rejected {self.rejected_count}"
-        ]
+        )
+        if self.consent:
+            head += (
+                f"; without consent: dropped {self.dropped}, aggregated {self.aggregated}; "
+                f"consent answers recorded {self.consent_recorded}"
+            )
+        out = [head]
         out += [f"  line {line}: {reason}" for line, reason in self.rejected]
         if self.rejected_count > len(self.rejected):
             out.append(f"  ... and {self.rejected_count - len(self.rejected)} more")
@@ -147,8 +164,19 @@ def _is_number(text: str) -> bool:
 
 
 def _append_events(
-    store: DeltaStore, events: list[Event], *, app_id: str, chunk: int, now: datetime
+    store: DeltaStore,
+    events: list[Event],
+    *,
+    app_id: str,
+    chunk: int,
+    now: datetime,
+    consent: ImportConsent | None,
 ) -> int:
+    """Screen a chunk (with consent) and append what is kept as batch `chunk`."""
+    if consent is not None:
+        events = consent.keep(events)
+    if not events:
+        return 0
     table = events_to_table(events, partition=None, offsets=None, ingested_at=now)
     return (
         table.num_rows if store.append("events", table, app_id=app_id, batch_version=chunk) else 0
@@ -165,37 +193,54 @@ def load_events(
     progress: bool = True,
     total: int | None = None,
 ) -> ImportSummary:
-    """Validate and append (line, raw) records; the shared core of every event import."""
+    """Validate, screen for consent and append (line, raw) records; the shared core of
+    every event import. Chunks are cut before screening, so they depend on the file."""
     store = DeltaStore.from_settings(settings)
     store.ensure_tables()
-    summary = ImportSummary(path=label)
+    consent = ImportConsent(settings, spec) if spec.privacy.consent is not None else None
+    summary = ImportSummary(path=label, consent=consent is not None)
     batch: list[Event] = []
     seen: set[str] = set()
     chunk, now = 0, datetime.now(UTC)
     bar = tqdm(total=total, unit="ev", desc=f"import {Path(label).name}", disable=not progress)
-    for line, raw in records:
-        summary.read += 1
-        bar.update(1)
-        try:
-            if isinstance(raw, EventRejected):
-                raise raw
-            event = validate_event(raw, spec)
-        except EventRejected as exc:
-            summary.reject(line, str(exc))
-            continue
-        if event.event_id in seen:
-            summary.reject(line, f"event_id {event.event_id!r} repeated in this file")
-            continue
-        seen.add(event.event_id)
-        batch.append(event)
-        summary.accepted += 1
-        if len(batch) >= CHUNK_ROWS:
-            summary.written += _append_events(store, batch, app_id=app_id, chunk=chunk, now=now)
-            batch, chunk = [], chunk + 1
-    if batch:
-        summary.written += _append_events(store, batch, app_id=app_id, chunk=chunk, now=now)
-    bar.close()
+    try:
+        for line, raw in records:
+            summary.read += 1
+            bar.update(1)
+            try:
+                if isinstance(raw, EventRejected):
+                    raise raw
+                event = validate_event(raw, spec)
+                if event.event_id in seen:
+                    raise EventRejected(f"event_id {event.event_id!r} repeated in this file")
+                if any(i.startswith(RESERVED_ID_PREFIX) for i in _ids(event)):
+                    raise EventRejected(f"ids starting with {RESERVED_ID_PREFIX!r} are reserved")
+            except EventRejected as exc:
+                summary.reject(line, str(exc))
+                continue
+            seen.add(event.event_id)
+            batch.append(event)
+            summary.accepted += 1
+            if len(batch) >= CHUNK_ROWS:
+                summary.written += _append_events(
+                    store, batch, app_id=app_id, chunk=chunk, now=now, consent=consent
+                )
+                batch, chunk = [], chunk + 1
+        if batch:
+            summary.written += _append_events(
+                store, batch, app_id=app_id, chunk=chunk, now=now, consent=consent
+            )
+    finally:
+        bar.close()
+        if consent is not None:
+            consent.close()
+            summary.dropped, summary.aggregated = consent.dropped, consent.aggregated
+            summary.consent_recorded = consent.recorded
     return summary
+
+
+def _ids(event: Event) -> tuple[str, str]:
+    return event.user_id or "", event.anonymous_id or ""
 
 
 def import_events(
