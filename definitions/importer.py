@@ -37,7 +37,7 @@ from definitions.import_consent import ImportConsent
 from nextbest.events import Event
 from nextbest.settings import Settings
 from nextbest.spec import Spec
-from nextbest.validation import RESERVED_ID_PREFIX, EventRejected, validate_event
+from nextbest.validation import RESERVED_ID_PREFIX, EventRejected, pseudonymize, validate_event
 from storage.delta import DeltaStore
 from storage.delta_schemas import events_to_table
 
@@ -199,6 +199,7 @@ def load_events(
     store.ensure_tables()
     consent = ImportConsent(settings, spec) if spec.privacy.consent is not None else None
     summary = ImportSummary(path=label, consent=consent is not None)
+    pii_key = settings.pseudonymization_key.get_secret_value().encode()
     batch: list[Event] = []
     seen: set[str] = set()
     chunk, now = 0, datetime.now(UTC)
@@ -219,7 +220,7 @@ def load_events(
                 summary.reject(line, str(exc))
                 continue
             seen.add(event.event_id)
-            batch.append(event)
+            batch.append(pseudonymize(event, spec, pii_key))  # as the API does at ingest
             summary.accepted += 1
             if len(batch) >= CHUNK_ROWS:
                 summary.written += _append_events(

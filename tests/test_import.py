@@ -133,3 +133,19 @@ def test_movielens_layout(settings: Settings, spec, tmp_path: Path) -> None:
     assert min(events.column("ts").to_pylist()).year == 1997
     again = import_movielens(settings, spec, ml, progress=False)
     assert again["events"].written == 0 and store.count("events") == 2
+
+
+def test_pii_properties_are_pseudonymized_before_they_reach_delta(
+    settings: Settings, spec, tmp_path: Path
+) -> None:
+    email = "import-canary@example.com"
+    identify = _event(1, type="identify", anonymous_id="a1", item_id=None)
+    identify["properties"] = {"email": email}
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(identify) + "\n")
+    summary = import_events(settings, spec, path, progress=False)
+    assert summary.written == 1
+    files = [p for p in Path(settings.delta_root).rglob("*") if p.is_file()]
+    assert files and not any(email.encode() in p.read_bytes() for p in files)
+    rows = DeltaStore.from_settings(settings).read("events").to_pylist()
+    assert str(rows[0]["properties"]).count("h:") == 1  # the keyed hash, not the address
