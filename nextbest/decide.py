@@ -27,6 +27,7 @@ precomputed decision carried it, and `fallback` for popular-in-context answers
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
@@ -302,18 +303,8 @@ def _rank_items(
             return bool(mask[j])
         return not item_where or _item_ok(assets.attributes.get(item), item_where)
 
-    def from_pool() -> Iterator[tuple[str, int | None, float]]:
-        for score, item, j in pool.ordered(mask=mask, banned=banned):
-            if j is not None or eligible(item, None):
-                yield item, j, score
-
-    def with_popular() -> Iterator[tuple[str, int | None, float]]:
-        floor = 1.0
-        for item, j, score in from_pool():
-            floor = score
-            yield item, j, score
-        if "popular" not in policy.fallbacks:
-            return
+    def popular_fill(floor: float) -> Iterator[tuple[str, int | None, float]]:
+        """Popular-in-context items after the pool, scored below its lowest score."""
         extra = popular_in_context(
             assets.popular,
             assets.attributes,
@@ -330,8 +321,16 @@ def _rank_items(
             pool.add_extra(item, "popular", value, raw)
             yield item, j, value
 
+    pooled, low = pool.ordered(
+        mask=mask, banned=banned, keep_extra=lambda item: eligible(item, None)
+    )
+    with_popular: Iterator[tuple[str, int | None, float]] = (
+        chain(pooled, popular_fill(1.0 if low is None else low))
+        if "popular" in policy.fallbacks
+        else pooled
+    )
     boosts = online_boosts(policy, user, assets.attributes)  # the online model's groups
-    stream = boosts.rerank(with_popular()) if boosts is not None else with_popular()
+    stream = boosts.rerank(with_popular) if boosts is not None else with_popular
     slate = diverse(policy, assets.attributes, stream, request.k)
     chosen, p_first = explore_slate(policy, request.seed, action_name, slate, stream, arms)
     because = (

@@ -8,7 +8,7 @@ decision itself well under a millisecond.
 """
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,10 +102,16 @@ class Pool:
         return arr
 
     def ordered(
-        self, *, mask: np.ndarray | None, banned: set[str]
-    ) -> Iterator[tuple[float, str, int | None]]:
-        """(score, item_id, model index or None), best first, for items with a positive
-        blend that pass `mask` and are not banned; extras are merged in by score."""
+        self,
+        *,
+        mask: np.ndarray | None,
+        banned: set[str],
+        keep_extra: Callable[[str], bool] | None = None,
+    ) -> tuple[Iterator[tuple[str, int | None, float]], float | None]:
+        """((item_id, model index or None, score) best first, for items with a positive
+        blend that pass `mask` and are not banned, extras passing `keep_extra` merged in
+        by score; the last (lowest) score, None when empty). The dense part is a C-level
+        zip over precomputed lists: no Python frame per item on the request path."""
         ok = self.total > 0
         if mask is not None and mask.shape == ok.shape:
             ok &= mask
@@ -115,19 +121,23 @@ class Pool:
             if banned_idx:
                 ok[banned_idx] = False
         cand = np.flatnonzero(ok)
-        order = cand[np.argsort(-self.total[cand], kind="stable")]
+        order = cand[np.argsort(-self.total[cand], kind="stable")].tolist()
         ids = model.item_ids if model is not None else []
-        total = self.total
-
-        def dense() -> Iterator[tuple[float, str, int | None]]:
-            for j in order.tolist():
-                yield float(total[j]), ids[j], j
-
+        scores = self.total[order].tolist() if order else []
+        dense = zip(map(ids.__getitem__, order), order, scores, strict=True)
         extras = sorted(
-            ((p.score, item, None) for item, p in self.extra.items() if item not in banned),
-            key=lambda t: (-t[0], t[1]),
+            (
+                (item, None, p.score)
+                for item, p in self.extra.items()
+                if item not in banned and (keep_extra is None or keep_extra(item))
+            ),
+            key=lambda t: (-t[2], t[0]),
         )
-        return heapq.merge(dense(), iter(extras), key=lambda t: -t[0])
+        lows = [v[-1] for v in (scores, [e[2] for e in extras]) if v]
+        floor = min(lows) if lows else None
+        if not extras:
+            return dense, floor
+        return heapq.merge(dense, iter(extras), key=lambda t: -t[2]), floor
 
     def explain(self, item: str, j: int | None) -> Pooled:
         """Per-source contributions and raw scores of one item."""
@@ -145,17 +155,24 @@ class Pool:
         keep = nz[np.argsort(-self.total[nz], kind="stable")[:n]] if nz.size else nz
         ids = self.model.item_ids if self.model is not None else []
         out_ids = [ids[j] for j in keep.tolist()]
-        scores = self.total[keep].tolist()
-        sources = {s: a[keep].tolist() for s, a in self.parts.items()}
+        scores = _logged(self.total[keep])
+        sources = {s: _logged(a[keep]) for s, a in self.parts.items()}
         extras = sorted(self.extra.items(), key=lambda kv: -kv[1].score)[:n]
         for item, p in extras:
             out_ids.append(item)
-            scores.append(p.score)
+            scores.append(round(p.score, 6))
             for s in set(sources) | set(p.parts):
-                sources.setdefault(s, [0.0] * (len(out_ids) - 1)).append(p.parts.get(s, 0.0))
+                part = round(p.parts.get(s, 0.0), 6)
+                sources.setdefault(s, [0.0] * (len(out_ids) - 1)).append(part)
         if extras:
             order = sorted(range(len(scores)), key=lambda r: -scores[r])[:n]
             out_ids = [out_ids[r] for r in order]
             scores = [scores[r] for r in order]
             sources = {s: [v[r] for r in order] for s, v in sources.items()}
         return {"item_id": out_ids, "score": scores, "sources": sources}
+
+
+def _logged(values: np.ndarray) -> list[float]:
+    """Rounded to 6 places like logged action scores: a float32 read as a float64 has a
+    17-digit repr, which made the decision log's pool about half of its record."""
+    return values.astype(np.float64).round(6).tolist()
