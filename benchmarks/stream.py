@@ -43,7 +43,11 @@ def _env() -> dict[str, str]:
     return env
 
 
+EPOCH_MS: list[int] = []  # set by --epoch-ms; empty: the stream's default
+
+
 def _stream(home: Path, *args: str) -> subprocess.Popen[bytes]:
+    epoch = [f"--epoch-ms={EPOCH_MS[0]}"] if EPOCH_MS else []
     argv = [
         sys.executable,
         "-m",
@@ -52,6 +56,7 @@ def _stream(home: Path, *args: str) -> subprocess.Popen[bytes]:
         str(home),
         "--spec",
         str(ROOT / "nextbest.yaml"),
+        *epoch,
     ]
     return subprocess.Popen([*argv, *args], cwd=ROOT, env=_env())
 
@@ -207,7 +212,10 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--epoch-ms", type=int, default=None, help="stream snapshot interval")
     args = parser.parse_args()
+    if args.epoch_ms is not None:
+        EPOCH_MS.append(args.epoch_ms)
     with tempfile.TemporaryDirectory(prefix="nb-stream-") as tmp:
         t = throughput(Path(tmp) / "throughput", args.events)
         f = freshness(Path(tmp) / "freshness", args.rate, args.seconds)
