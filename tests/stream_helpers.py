@@ -3,8 +3,12 @@ and the batch recomputation the online store must equal."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +24,8 @@ from storage.delta import DeltaStore
 from storage.eventlog import EventLog
 from storage.online import OnlineStore
 from storage.vectors import VectorStore
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def payload_key(event: Mapping[str, Any]) -> str:
@@ -147,3 +153,15 @@ def _online_actors(store: OnlineStore) -> set[str]:
 
     with store.engine.connect() as conn:
         return set(conn.execute(sa.select(FEATURES.c.user_id).distinct()).scalars())
+
+
+def start_stream(settings: Settings, *, epoch_ms: int = 200) -> subprocess.Popen[bytes]:
+    """`python -m pipelines` on the settings' home, tailing the log, output in logs/."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXTBEST_", "BYTEWAX_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [sys.executable, "-m", "pipelines", "--home", str(settings.home_dir)]
+    argv += ["--spec", str(settings.spec), "--epoch-ms", str(epoch_ms)]
+    logs = settings.home_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stream.log", "ab") as out:
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out)

@@ -6,9 +6,7 @@ Delta table or of LanceDB yields them, and nobody else lost anything. Plus the f
 that stops an asset run which read bronze before the erasure, and the Kafka status."""
 
 import json
-import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,11 +37,10 @@ from storage.online_models import CachedDecision
 from storage.online_serving import erasure_status
 from storage.vectors import VectorStore
 from tests.broker import TansuBroker, read_topic
-from tests.stream_helpers import write_catalog
+from tests.stream_helpers import start_stream, write_catalog
 from tests.test_serving_world import train_and_promote
 from tests.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 TAG = uuid.uuid4().hex[:10]
 USER = f"canary-user-{TAG}"
 ANON = f"canary-anon-{TAG}"
@@ -53,17 +50,6 @@ CANARIES = [USER.encode(), ANON.encode(), PROP.encode()]
 # A small recent history, so the derived tables hold more than our two users and the
 # day-partitioned sessions cover a few days only.
 HISTORY = DemoConfig(n_users=30, n_items=60, n_events=500, days=3)
-
-
-def _stream(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXTBEST_", "BYTEWAX_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    argv = [sys.executable, "-m", "pipelines", "--home", str(settings.home_dir)]
-    argv += ["--spec", str(settings.spec), "--epoch-ms", "200"]
-    logs = settings.home_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "stream.log", "ab") as out:
-        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
 @pytest.fixture
@@ -81,7 +67,7 @@ def stack(
     store.dispose()
     app = create_app(settings, require_keys=False, rate_limit_per_s=None, refresh_interval_s=0.2)
     with TestClient(app) as client:
-        proc = _stream(settings)
+        proc = start_stream(settings)
         try:
             yield client, proc
         finally:

@@ -4,9 +4,7 @@ after feedback, without a retrain. Real HTTP (uvicorn) and the real stream
 features, dismissals go through POST /v1/feedback, and the next /v1/decide ranks the
 offers differently and says why."""
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 from nextbest.settings import Settings
 from serving.app import create_app
 from serving.keys import create_key
+from tests.stream_helpers import start_stream
 from tests.test_serving_world import World, build_world, start_server, stop_server
 from tests.waiting import wait_until
 
@@ -33,17 +32,6 @@ def _uncapped_spec(path: Path) -> Path:
     assert len(lines) - len(kept) == 2
     path.write_text("".join(kept))
     return path
-
-
-def _stream(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXTBEST_", "BYTEWAX_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    argv = [sys.executable, "-m", "pipelines", "--home", str(settings.home_dir)]
-    argv += ["--spec", str(settings.spec), "--epoch-ms", "200"]
-    logs = settings.home_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "stream.log", "ab") as out:
-        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
 class Live:
@@ -87,7 +75,7 @@ def live(tmp_path: Path) -> Iterator[Live]:
     settings = Settings(home=tmp_path / "home", spec=spec, _env_file=None)  # type: ignore[call-arg]
     world = build_world(settings)
     server = start_server(create_app(settings, refresh_interval_s=0.1))
-    proc = _stream(settings)
+    proc = start_stream(settings)
     try:
         yield Live(world, server.url, proc)
     finally:
