@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from nextbest.settings import Settings
 from pipelines.records import Erase
 from storage.delta import DeltaStore
-from storage.delta_erasure import DERIVED_TABLES, erase_derived, store_name
+from storage.delta_erasure import DERIVED_STORES, DERIVED_TABLES, erase_derived, store_name
 from storage.online import OnlineStore
 from storage.online_serving import ServingStore, scrub_sqlite
 from storage.vectors import VectorStore
@@ -57,7 +57,7 @@ DEAD_LETTERS = "delta_dead_letters"
 DELTA_STORES = (
     *(name for name, _ in DELTA_TABLES.values()),
     DEAD_LETTERS,
-    *(store_name(t) for t in DERIVED_TABLES),
+    *DERIVED_STORES,
 )
 
 

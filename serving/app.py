@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -133,8 +134,11 @@ def create_app(
         app.state.runtime = runtime
         freeze_heap()
         app.state.key_verifier = runtime.keys
-        # Erasure jobs a killed predecessor left unfinished (serving.erasure).
-        await anyio.to_thread.run_sync(lambda: resume_erasures(runtime))
+        # Erasure jobs a killed predecessor left unfinished (serving.erasure): in the
+        # background, since finding their requests may read the whole embedded log.
+        threading.Thread(
+            target=resume_erasures, args=(runtime,), name="erasure-resume", daemon=True
+        ).start()
         task = asyncio.create_task(_refresh_loop(runtime, refresh_interval_s))
         try:
             yield

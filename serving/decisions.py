@@ -154,15 +154,16 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
         return _respond(
             runtime, body, decision_id, request, policy, outcome, None, view, notes, personal=False
         )
+    left_s = max(budget_s - (time.perf_counter() - started), 0.0)  # after the consent read
     try:
         if _inline(runtime):
             caps = {a: runtime.cap_periods[a] for a in policy.actions if a in runtime.cap_periods}
             snap = await runtime.reader.read_within(
-                actor, surface=surface, caps=caps, timeout_s=budget_s
+                actor, surface=surface, caps=caps, timeout_s=left_s
             )
         else:
             pair = await _bounded(
-                lambda: _read_and_decide(runtime, actor, surface, policy, request), budget_s
+                lambda: _read_and_decide(runtime, actor, surface, policy, request), left_s
             )
             snap, outcome = pair if pair is not None else (None, None)
         if snap is None:

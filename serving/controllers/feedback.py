@@ -32,7 +32,8 @@ class FeedbackController(Controller):
         operation_id="recordFeedback",
         summary="Record an impression, click, conversion or dismissal for a decision",
         description=(
-            "Appends a `record: feedback` entry (key = user_id) to the event log; the "
+            "Appends a `record: feedback` entry (key = user_id; decision_id, without the "
+            "user id, for a user without consent) to the event log; the "
             "stream writes it to the Delta feedback table where it joins the decision "
             "log on decision_id. 202 once durable."
         ),
