@@ -1,7 +1,8 @@
 """Historical loads into Delta: events and items from JSONL/CSV, and MovieLens 100k.
 
-Events are checked with `nextbest.validation.validate_event` (the API's own rules);
-a bad row is reported with its line number and skipped, never loaded. Accepted rows
+Events are checked with `nextbest.validation.validate_event` (the API's own rules and
+bounds, `nextbest.limits.Limits`: old history is fine, future timestamps are not); a
+bad row is reported with its line number and skipped, never loaded. Accepted rows
 are appended to bronze `events` in chunks with Delta transaction ids
 (`app_id="import-<sha256 of the file>"`, one batch version per chunk), so importing
 the same file twice, or resuming after a crash, never duplicates a row. With
@@ -35,9 +36,10 @@ from tqdm import tqdm
 from definitions.history import ITEMS_TABLE
 from definitions.import_consent import ImportConsent
 from nextbest.events import Event
+from nextbest.limits import Limits
 from nextbest.settings import Settings
 from nextbest.spec import Spec
-from nextbest.validation import RESERVED_ID_PREFIX, EventRejected, pseudonymize, validate_event
+from nextbest.validation import EventRejected, pseudonymize, validate_event
 from storage.delta import DeltaStore
 from storage.delta_schemas import events_to_table
 
@@ -122,6 +124,8 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as exc:
                     yield n, EventRejected(f"not JSON: {exc.msg} at column {exc.colno}")
+                except RecursionError:
+                    yield n, EventRejected("nested too deep")
         return
     with path.open(encoding="utf-8", newline="") as fh:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -200,6 +204,7 @@ def load_events(
     consent = ImportConsent(settings, spec) if spec.privacy.consent is not None else None
     summary = ImportSummary(path=label, consent=consent is not None)
     pii_key = settings.pseudonymization_key.get_secret_value().encode()
+    limits = Limits.from_settings(settings)
     batch: list[Event] = []
     seen: set[str] = set()
     chunk, now = 0, datetime.now(UTC)
@@ -211,11 +216,10 @@ def load_events(
             try:
                 if isinstance(raw, EventRejected):
                     raise raw
-                event = validate_event(raw, spec)
+                # The API's bounds too: old history is fine, the future is not.
+                event = validate_event(raw, spec, limits=limits)
                 if event.event_id in seen:
                     raise EventRejected(f"event_id {event.event_id!r} repeated in this file")
-                if any(i.startswith(RESERVED_ID_PREFIX) for i in _ids(event)):
-                    raise EventRejected(f"ids starting with {RESERVED_ID_PREFIX!r} are reserved")
             except EventRejected as exc:
                 summary.reject(line, str(exc))
                 continue
@@ -238,10 +242,6 @@ def load_events(
             summary.dropped, summary.aggregated = consent.dropped, consent.aggregated
             summary.consent_recorded = consent.recorded
     return summary
-
-
-def _ids(event: Event) -> tuple[str, str]:
-    return event.user_id or "", event.anonymous_id or ""
 
 
 def import_events(

@@ -46,7 +46,10 @@ class Event(BaseModel):
         if isinstance(v, bool):
             raise ValueError("ts must be ISO 8601 or epoch seconds")
         if isinstance(v, int | float):
-            return datetime.fromtimestamp(float(v), tz=UTC)
+            try:
+                return datetime.fromtimestamp(float(v), tz=UTC)
+            except (OverflowError, OSError, ValueError):  # 1e20, NaN: not a 500
+                raise ValueError("epoch seconds out of the representable range") from None
         return v
 
     @field_validator("ts")
@@ -54,7 +57,10 @@ class Event(BaseModel):
     def _utc(cls, v: datetime) -> datetime:
         if v.tzinfo is None:
             return v.replace(tzinfo=UTC)
-        return v.astimezone(UTC)
+        try:
+            return v.astimezone(UTC)
+        except OverflowError:  # "0001-01-01T00:00:00+14:00" has no UTC equivalent
+            raise ValueError("out of the representable range in UTC") from None
 
     @field_validator("value")
     @classmethod

@@ -4,10 +4,16 @@ Built once by the entry point and passed into factories; nothing here reads the
 environment or touches disk at import time.
 """
 
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEVELOPMENT_PSEUDONYMIZATION_KEY = "nextbest-local-development-key"
+"""Public, so fine for a laptop only: `serving.run` refuses to serve it off loopback."""
+KEY_FILE = "pseudonymization_key"
 
 
 class Settings(BaseSettings):
@@ -49,9 +55,66 @@ class Settings(BaseSettings):
         default=None, description="Key that client commands (replay, simulate) send to the API."
     )
     pseudonymization_key: SecretStr = Field(
-        default=SecretStr("nextbest-local-development-key"),
-        description="Keyed hash for PII properties; set a real secret in production.",
+        default=SecretStr(DEVELOPMENT_PSEUDONYMIZATION_KEY),
+        description=(
+            "Keyed hash for PII properties. Unset: read from `<home>/pseudonymization_key` "
+            "(written by `nextbest init`), else a public development constant."
+        ),
     )
+
+    # Limits at the door (nextbest.validation.Limits): what the API and importer accept.
+    max_future_s: float = Field(
+        default=300.0, ge=0, description="Event/feedback ts at most this far past the clock."
+    )
+    min_event_ts: datetime = Field(
+        default=datetime(1970, 1, 1, tzinfo=UTC), description="Earliest accepted ts."
+    )
+    max_id_length: int = Field(
+        default=200, ge=8, le=240, description="Ids leave room for system prefixes (<256)."
+    )
+    max_abs_number: float = Field(
+        default=1e12, gt=0, description="Bound on |value| and numeric properties/context."
+    )
+    max_nesting: int = Field(
+        default=8, ge=1, le=64, description="Nesting depth of an event's properties/context."
+    )
+    max_array_length: int = Field(
+        default=1000, ge=1, description="Items in one array of properties/context."
+    )
+    max_body_depth: int = Field(
+        default=32, ge=4, le=256, description="Nesting of a whole request body, checked raw."
+    )
+    max_body_array: int = Field(
+        default=10_000, ge=1, description="Items in one array of a request body, checked raw."
+    )
+    rate_limit_per_s: float | None = Field(
+        default=5000.0, gt=0, description="Requests per second per API key (per IP without keys)."
+    )
+    rate_limit_burst: float | None = Field(
+        default=None, ge=1, description="Bucket size; one second's worth if unset."
+    )
+    auth_failures_per_min: float = Field(
+        default=30.0, gt=0, description="Failed authentications per client address per minute."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_from_home(cls, data: Any) -> Any:
+        """No key in the environment: the one `nextbest init` wrote into the data home."""
+        if not isinstance(data, dict) or data.get("pseudonymization_key"):
+            return data
+        home = Path(data.get("home") or ".nextbest").expanduser()
+        path = home / KEY_FILE
+        try:
+            key = path.read_text().strip() if path.is_file() else ""
+        except OSError:
+            key = ""
+        return {**data, "pseudonymization_key": key} if key else data
+
+    @property
+    def default_pseudonymization_key(self) -> bool:
+        """True while the public development key is in use (refused off loopback)."""
+        return self.pseudonymization_key.get_secret_value() == DEVELOPMENT_PSEUDONYMIZATION_KEY
 
     @property
     def api_url(self) -> str:

@@ -4,18 +4,23 @@ The API uses it to accept the valid events of a batch and reject the rest; the s
 uses it again on what it reads, so an event that bypassed the API (a file, a Kafka
 producer of the user's) goes to the dead-letter table instead of crashing the flow.
 PII properties declared in the spec are replaced by a keyed hash before any store
-sees them.
+sees them. With `limits` (`nextbest.limits.Limits`: the API and the importer pass
+them), an event must also fit the door's bounds: ts window, id length and characters,
+reserved prefixes, finite bounded numbers, bounded nesting.
 """
 
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from nextbest.events import Event
+from nextbest.limits import RESERVED_ID_PREFIX as RESERVED_ID_PREFIX  # re-exported
+from nextbest.limits import LimitExceeded, Limits
 from nextbest.spec import Spec
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {
@@ -32,11 +37,6 @@ class EventRejected(ValueError):
     """An event that does not fit the spec; the message says why."""
 
 
-RESERVED_ID_PREFIX = "~nc:"
-"""Ids the system makes for events stored without their person (`nextbest.consent`);
-the API rejects client events whose user or anonymous id starts with it."""
-
-
 @dataclass(frozen=True)
 class Rejection:
     index: int
@@ -50,15 +50,40 @@ def _type_ok(kind: str, value: Any) -> bool:
     return isinstance(value, _PY_TYPES[kind])
 
 
-def validate_event(raw: Any, spec: Spec) -> Event:
-    """One raw JSON object -> an `Event` that fits the spec, or `EventRejected`."""
+def validate_event(
+    raw: Any, spec: Spec, *, limits: Limits | None = None, now: datetime | None = None
+) -> Event:
+    """One raw JSON object -> an `Event` that fits the spec (and `limits`, when given),
+    or `EventRejected`."""
     if not isinstance(raw, Mapping):
         raise EventRejected("an event must be a JSON object")
     try:
         event = Event.model_validate(raw)
     except ValidationError as exc:
         raise EventRejected(_first_error(exc)) from None
+    except RecursionError:  # nested past Python's stack: not a 500, not a crash
+        raise EventRejected("properties/context: nested too deep") from None
+    if limits is not None:
+        check_limits(event, limits, now)
     return check_event(event, spec)
+
+
+def check_limits(event: Event, limits: Limits, now: datetime | None = None) -> None:
+    """The door's bounds on a well-formed event; `EventRejected` naming the field."""
+    try:
+        limits.check_ts("ts", event.ts, now)
+        limits.check_id("event_id", event.event_id)
+        limits.check_id("user_id", event.user_id, actor=True)
+        limits.check_id("anonymous_id", event.anonymous_id, actor=True)
+        limits.check_id("item_id", event.item_id)
+        limits.check_number("value", event.value)
+        context = event.context
+        for name in ("session_id", "geo", "device"):
+            limits.check_id(f"context.{name}", getattr(context, name))
+        limits.check_json("context", context.model_extra or {})
+        limits.check_json("properties", event.properties)
+    except LimitExceeded as exc:
+        raise EventRejected(str(exc)) from None
 
 
 def check_event(event: Event, spec: Spec) -> Event:
@@ -105,28 +130,31 @@ def check_event(event: Event, spec: Spec) -> Event:
 
 
 def validate_batch(
-    raws: Sequence[Any], spec: Spec, *, key: bytes | None = None
+    raws: Sequence[Any],
+    spec: Spec,
+    *,
+    key: bytes | None = None,
+    limits: Limits | None = None,
+    now: datetime | None = None,
 ) -> tuple[list[Event], list[Rejection]]:
     """Split a batch into accepted events (pseudonymized when `key` is given) and
-    rejections with their index; one bad event never sinks its neighbours."""
+    rejections with their index; one bad event never sinks its neighbours. `limits`
+    default to `Limits()`: a batch always comes from outside."""
+    limits = limits if limits is not None else Limits()
     accepted: list[Event] = []
     rejected: list[Rejection] = []
     seen: set[str] = set()
     for i, raw in enumerate(raws):
         try:
-            event = validate_event(raw, spec)
+            event = validate_event(raw, spec, limits=limits, now=now)
         except EventRejected as exc:
             event_id = raw.get("event_id") if isinstance(raw, Mapping) else None
-            rejected.append(Rejection(i, str(exc), event_id if isinstance(event_id, str) else None))
+            if not isinstance(event_id, str) or len(event_id) > limits.max_id_length:
+                event_id = None  # never echo an unbounded string back
+            rejected.append(Rejection(i, str(exc), event_id))
             continue
         if event.event_id in seen:
             rejected.append(Rejection(i, "event_id repeated within the batch", event.event_id))
-            continue
-        if (event.anonymous_id or "").startswith(RESERVED_ID_PREFIX) or (
-            event.user_id or ""
-        ).startswith(RESERVED_ID_PREFIX):
-            reason = f"ids starting with {RESERVED_ID_PREFIX!r} are reserved"
-            rejected.append(Rejection(i, reason, event.event_id))
             continue
         seen.add(event.event_id)
         accepted.append(pseudonymize(event, spec, key) if key else event)

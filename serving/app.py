@@ -6,10 +6,14 @@ memory, and runs one background task that reloads the model when the promoted
 version changes and refreshes trending counts. Handlers get the runtime through a
 `Provide` dependency; sync store work runs in worker threads, never on the loop.
 
-Hardening: a token bucket per API key (per client IP when keys are off) answers 429
-with `Retry-After` (`serving.ratelimit`), bodies over `settings.max_body_bytes` get
-413, and an unhandled error is logged with a request id and answered with a generic
-500 carrying only that id, never a message or trace from the inside.
+Hardening, outermost first: metrics (bounded labels); the key check, with a limit on
+failed authentications per client address (`serving.keys`); a token bucket per
+*verified* API key (per client IP when keys are off) answering 429 with `Retry-After`
+(`serving.ratelimit`); bodies over `settings.max_body_bytes` get 413 and bodies nested
+too deep or with too long an array 400, before decoding (`serving.bodyguard`); each
+value is then checked against `nextbest.limits.Limits` by the controllers. An
+unhandled error is logged with a request id and answered with a generic 500 carrying
+only that id, never a message or trace from the inside.
 """
 
 import asyncio
@@ -17,7 +21,8 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from types import EllipsisType
 from typing import Any
 
 import anyio.to_thread
@@ -29,11 +34,13 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, Yaml
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from nextbest.limits import Limits
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from nextbest.spec_loader import load_spec
+from serving.bodyguard import BodyGuardMiddleware
 from serving.controllers.common import provide_runtime
-from serving.controllers.decide import DecideController
+from serving.controllers.decide import DecideController, known_surfaces
 from serving.controllers.docs import docs_page
 from serving.controllers.events import EventsController
 from serving.controllers.feedback import FeedbackController
@@ -42,7 +49,7 @@ from serving.controllers.users import UsersController
 from serving.erasure import resume_erasures
 from serving.keys import HEADER, KeyMiddleware
 from serving.metrics import Metrics, MetricsMiddleware
-from serving.ratelimit import DEFAULT_RATE_PER_S, RateLimitMiddleware, TokenBuckets
+from serving.ratelimit import RateLimitMiddleware, TokenBuckets
 from serving.runtime import ServingRuntime, freeze_heap
 
 log = logging.getLogger(__name__)
@@ -103,25 +110,41 @@ def internal_error(request: Request, exc: Exception) -> Response[dict[str, objec
     )
 
 
+def _constant(value: Limits) -> Callable[[], Limits]:
+    def provide() -> Limits:
+        return value
+
+    return provide
+
+
 def create_app(
     settings: Settings,
     *,
     spec: Spec | None = None,
     require_keys: bool = True,
     refresh_interval_s: float = REFRESH_INTERVAL_S,
-    rate_limit_per_s: float | None = DEFAULT_RATE_PER_S,
-    rate_limit_burst: float | None = None,
+    rate_limit_per_s: float | EllipsisType | None = ...,
+    rate_limit_burst: float | EllipsisType | None = ...,
 ) -> Litestar:
     """The API. `require_keys=False` turns the key guard off (local demos only).
     `rate_limit_per_s` requests per second per API key (per client IP without keys),
-    bursts up to `rate_limit_burst` (default: one second's worth); None: no limit."""
+    bursts up to `rate_limit_burst` (default: one second's worth); None: no limit;
+    both default to `settings.rate_limit_per_s` / `settings.rate_limit_burst`."""
+    rate = settings.rate_limit_per_s if rate_limit_per_s is ... else rate_limit_per_s
+    burst = settings.rate_limit_burst if rate_limit_burst is ... else rate_limit_burst
+    limits = Limits.from_settings(settings)
     metrics = Metrics()
-    middleware: list[Any] = [DefineMiddleware(MetricsMiddleware, metrics=metrics)]
-    if rate_limit_per_s is not None:
-        burst = rate_limit_burst if rate_limit_burst is not None else max(rate_limit_per_s, 1.0)
-        buckets = TokenBuckets(rate_limit_per_s, burst)
+    failures = TokenBuckets(settings.auth_failures_per_min / 60, settings.auth_failures_per_min)
+    middleware: list[Any] = [
+        DefineMiddleware(MetricsMiddleware, metrics=metrics),
+        DefineMiddleware(KeyMiddleware, failures=failures),
+    ]
+    if rate is not None:
+        buckets = TokenBuckets(rate, burst if burst is not None else max(rate, 1.0))
         middleware.append(DefineMiddleware(RateLimitMiddleware, buckets=buckets))
-    middleware.append(KeyMiddleware)
+    middleware.append(
+        DefineMiddleware(BodyGuardMiddleware, limits=limits, max_body_bytes=settings.max_body_bytes)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -132,6 +155,7 @@ def create_app(
             )
         )
         app.state.runtime = runtime
+        metrics.allow_surfaces(known_surfaces(the_spec))
         freeze_heap()
         app.state.key_verifier = runtime.keys
         # Erasure jobs a killed predecessor left unfinished (serving.erasure): in the
@@ -157,7 +181,10 @@ def create_app(
             OpsController,
             docs_page,
         ],
-        dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
+        dependencies={
+            "runtime": Provide(provide_runtime, sync_to_thread=False),
+            "limits": Provide(_constant(limits), sync_to_thread=False),
+        },
         middleware=middleware,
         exception_handlers={HTTP_500_INTERNAL_SERVER_ERROR: internal_error},
         lifespan=[lifespan],

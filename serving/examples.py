@@ -187,3 +187,30 @@ METRICS_OUT = [
         value='nextbest_decisions_total{served_from="realtime",surface="default"} 42.0\n',
     )
 ]
+
+UNKNOWN_SURFACE = [
+    Example(
+        summary="A surface the spec does not declare",
+        value={
+            "status_code": 422,
+            "detail": "context.surface: unknown surface 'hmoe'; known: checkout, default",
+            "extra": {"field": "context.surface", "known": ["checkout", "default"]},
+        },
+    )
+]
+OUT_OF_BOUNDS = [
+    Example(
+        summary="A value outside the configured bounds",
+        value={
+            "status_code": 422,
+            "detail": "ts: more than 300 s ahead of the server clock",
+            "extra": {"field": "ts"},
+        },
+    )
+]
+BODY_REFUSED = [
+    Example(
+        summary="Nested too deep (checked before decoding)",
+        value={"status_code": 400, "detail": "request body: nested deeper than 32 levels"},
+    )
+]

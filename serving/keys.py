@@ -8,24 +8,39 @@ a revoked key keeps working; the cache holds hashes only, never a secret.
 
 Scopes: `ingest` (POST /v1/events), `decide` (decide, feedback, feature reads),
 `admin` (erasure; implies every other scope).
+
+A client address whose authentications keep failing (invented key ids, a guessed
+secret) is answered 429 for a while (`failures`: a token bucket per address, one
+token per failure), before any store read; a verified key's id is left in the ASGI
+scope (`KEY_ID_SCOPE`) for the rate limiter, which keys its buckets on it.
 """
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio.to_thread
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import (
+    NotAuthorizedException,
+    PermissionDeniedException,
+    TooManyRequestsException,
+)
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from storage.online import OnlineStore
 
+if TYPE_CHECKING:  # serving.ratelimit imports this module
+    from serving.ratelimit import TokenBuckets
+
 SCOPES = ("ingest", "decide", "admin")
 HEADER = "X-API-Key"
 _PREFIX = "nb"
+KEY_ID_SCOPE = "nextbest.key_id"
+"""ASGI scope entry holding the verified key id (set by `KeyMiddleware`)."""
 
 
 def _digest(salt: str, secret: str) -> str:
@@ -117,8 +132,9 @@ class KeyMiddleware:
     which costs more than the check itself on the /v1/decide hot path.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, failures: "TokenBuckets | None" = None) -> None:
         self.app = app
+        self.failures = failures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -126,13 +142,33 @@ class KeyMiddleware:
             verifier: KeyVerifier | None = scope["litestar_app"].state.get("key_verifier")
             if needed is not None and verifier is not None:
                 key = _header(scope, _HEADER_BYTES)
-                if verifier.cached(key):
-                    scopes = verifier.scopes(key)
-                else:
-                    scopes = await anyio.to_thread.run_sync(verifier.scopes, key)
+                address = client_address(scope)
+                failures = self.failures
+                if failures is not None and (wait := failures.wait(address)) > 0:
+                    raise TooManyRequestsException(
+                        "too many failed authentications from this address; retry later",
+                        headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                    )
+                try:
+                    if verifier.cached(key):
+                        scopes = verifier.scopes(key)
+                    else:
+                        scopes = await anyio.to_thread.run_sync(verifier.scopes, key)
+                except NotAuthorizedException:
+                    if failures is not None:
+                        failures.take(address)
+                    raise
+                parsed = parse_key(key or "")
+                if parsed is not None:
+                    cast(dict[str, Any], scope)[KEY_ID_SCOPE] = parsed[0]
                 if needed not in scopes and "admin" not in scopes:
                     raise PermissionDeniedException(f"this API key lacks the {needed!r} scope")
         await self.app(scope, receive, send)
+
+
+def client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else "unknown"
 
 
 _HEADER_BYTES = HEADER.lower().encode()

@@ -9,7 +9,8 @@ event visible), once per state version, so repeated decisions do not over-count 
 
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Generic, TypeVar
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -18,6 +19,41 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 _LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+OTHER = "other"
+MAX_LABEL_VALUES = 32
+"""Distinct values a label may take before the rest collapse into `other`."""
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+M = TypeVar("M", Counter, Histogram)
+
+
+class Bounded(Generic[M]):
+    """A labelled metric whose label values are bounded: `allowed` values per label
+    (when given), else the first `cap` distinct values seen; the rest become `other`."""
+
+    def __init__(self, metric: M, *, cap: int = MAX_LABEL_VALUES) -> None:
+        self.metric = metric
+        self.cap = cap
+        self._allowed: dict[int, frozenset[str]] = {}
+        self._seen: dict[int, set[str]] = {}
+
+    def allow(self, position: int, values: Iterable[str]) -> None:
+        """Only these values (and `other`) for the label at `position`."""
+        self._allowed[position] = frozenset(values)
+
+    def labels(self, *values: str) -> M:
+        return self.metric.labels(*(self._bound(i, v) for i, v in enumerate(values)))
+
+    def _bound(self, position: int, value: str) -> str:
+        allowed = self._allowed.get(position)
+        if allowed is not None:
+            return value if value in allowed else OTHER
+        seen = self._seen.setdefault(position, set())
+        if value in seen:
+            return value
+        if len(seen) >= self.cap:
+            return OTHER
+        seen.add(value)
+        return value
 
 
 MAX_LAG_S = 3600.0
@@ -28,42 +64,58 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.request_latency = Histogram(
-            "nextbest_http_request_duration_seconds",
-            "HTTP request latency by route and status.",
-            ["method", "route", "status"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.request_latency = Bounded(
+            Histogram(
+                "nextbest_http_request_duration_seconds",
+                "HTTP request latency by route and status.",
+                ["method", "route", "status"],
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            )
         )
+        self.request_latency.allow(0, _METHODS)
         self.events_accepted = Counter(
             "nextbest_events_accepted", "Events accepted and durable in the log.", registry=r
         )
         self.events_rejected = Counter(
             "nextbest_events_rejected", "Events rejected by validation.", registry=r
         )
-        self.decisions = Counter(
-            "nextbest_decisions", "Decisions by origin.", ["served_from", "surface"], registry=r
+        self.decisions = Bounded(
+            Counter(
+                "nextbest_decisions", "Decisions by origin.", ["served_from", "surface"], registry=r
+            )
         )
-        self.degraded = Counter(
-            "nextbest_decisions_degraded", "Decision paths that degraded.", ["reason"], registry=r
+        self.degraded = Bounded(
+            Counter(
+                "nextbest_decisions_degraded",
+                "Decision paths that degraded.",
+                ["reason"],
+                registry=r,
+            )
         )
         self.decision_log_dropped = Counter(
             "nextbest_decision_log_dropped", "Decision records not logged.", registry=r
         )
-        self.feedback = Counter("nextbest_feedback", "Feedback records.", ["outcome"], registry=r)
+        self.feedback = Bounded(
+            Counter("nextbest_feedback", "Feedback records.", ["outcome"], registry=r)
+        )
         self.online_lag = Histogram(
             "nextbest_event_to_online_lag_seconds",
             "Event time to online-store write time of the state read at decide time.",
             buckets=_LAG_BUCKETS,
             registry=r,
         )
-        self.model_loaded = Gauge(
+        self.model_loaded = Gauge(  # one version at a time: the runtime removes the old
             "nextbest_model_loaded_timestamp_seconds",
             "When the promoted model was loaded.",
             ["version"],
             registry=r,
         )
         self._lag_seen: OrderedDict[str, int] = OrderedDict()
+
+    def allow_surfaces(self, surfaces: Iterable[str]) -> None:
+        """The spec's surfaces are the only `surface` label values (the rest: `other`)."""
+        self.decisions.allow(1, surfaces)
 
     def observe_lag(self, user_id: str, event_ts_ms: int, updated_at_ms: int | None) -> None:
         """Event-to-online lag of the state a decision read, once per state write.

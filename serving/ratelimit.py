@@ -2,10 +2,12 @@
 off), answered with 429 and `Retry-After` when empty.
 
 Only routes that name a key scope (`opt["scope"]`) are limited: probes and scrapers
-(/health, /ready, /metrics) and the docs never are. The bucket is keyed by the key id
-parsed from the `X-API-Key` header, before the key is verified, so a flood is refused
-without touching the key store; a client that invents key ids gets 401s from
-`serving.keys.KeyMiddleware` instead (whose cache bounds what those cost).
+(/health, /ready, /metrics) and the docs never are. The limiter runs after
+`serving.keys.KeyMiddleware` and keys its bucket on the *verified* key id: a header
+naming someone else's key id with a wrong secret is a 401 that never touches that
+key's bucket, and invented key ids are counted by the failed-authentication limit of
+`KeyMiddleware` (per client address) rather than each getting a fresh bucket.
+Rates come from `Settings.rate_limit_per_s` / `rate_limit_burst`, the same for every key.
 
 Runs on the event loop only, so the buckets need no lock. Each bucket is two floats;
 the table is bounded (`max_clients`) by dropping the buckets idle longest, which can
@@ -18,10 +20,9 @@ import time
 from litestar.exceptions import TooManyRequestsException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from serving.keys import HEADER, parse_key, required_scope
+from serving.keys import KEY_ID_SCOPE, client_address, required_scope
 
 DEFAULT_RATE_PER_S = 5000.0
-_HEADER_BYTES = HEADER.lower().encode()
 
 
 class TokenBuckets:
@@ -51,6 +52,15 @@ class TokenBuckets:
         bucket[0] = tokens
         return (1.0 - tokens) / self.rate
 
+    def wait(self, client: str, now: float | None = None) -> float:
+        """Seconds until `client` has a token (0.0: now), taking none."""
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            return 0.0
+        t = time.monotonic() if now is None else now
+        tokens = min(self.burst, bucket[0] + (t - bucket[1]) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def _evict(self, now: float) -> None:
         """Drop the idle-longest half (a full bucket is the same as no bucket)."""
         by_age = sorted(self._buckets.items(), key=lambda kv: kv[1][1])
@@ -59,15 +69,11 @@ class TokenBuckets:
 
 
 def client_of(scope: Scope) -> str:
-    """`key:<key id>` when the request carries a well-formed key, else `ip:<address>`."""
-    for name, value in scope.get("headers", ()):
-        if name == _HEADER_BYTES:
-            parsed = parse_key(value.decode("latin-1"))
-            if parsed is not None:
-                return f"key:{parsed[0]}"
-            break
-    client = scope.get("client")
-    return f"ip:{client[0] if client else 'unknown'}"
+    """`key:<verified key id>` behind `KeyMiddleware`, else `ip:<address>`."""
+    key_id = scope.get(KEY_ID_SCOPE)  # type: ignore[misc]
+    if isinstance(key_id, str):
+        return f"key:{key_id}"
+    return f"ip:{client_address(scope)}"
 
 
 class RateLimitMiddleware:

@@ -136,3 +136,11 @@ class ReadyOut(Struct):
     ready: bool
     checks: dict[str, str]
     model_version: str | None
+
+
+class ErrorOut(Struct):
+    """Litestar's error body: `detail` names the field; `extra` may add details."""
+
+    status_code: int
+    detail: str
+    extra: dict[str, Any] | list[Any] | None = None

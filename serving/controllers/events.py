@@ -26,11 +26,12 @@ from litestar.params import Body
 
 from nextbest.consent import DROP_REASON, Screened, screen
 from nextbest.events import Event
+from nextbest.limits import Limits
 from nextbest.validation import validate_batch
 from serving import examples
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
 from serving.runtime import ServingRuntime
-from serving.schemas import DroppedEvent, EventsIn, EventsOut, RejectedEvent
+from serving.schemas import DroppedEvent, ErrorOut, EventsIn, EventsOut, RejectedEvent
 
 _CONSENT_LOCK = threading.Lock()
 """Serializes judge + append + record when the spec declares consent (one process
@@ -51,7 +52,12 @@ class EventsController(Controller):
             "returned with their index and reason, valid ones are appended to the event "
             "log (key = the event's actor). The 202 is sent only after the append is "
             "durable. 422 only when no event is valid; 413 when the body exceeds the "
-            "configured limit. Missing event_ids are assigned and returned. When the spec "
+            "configured limit; 400 when it nests too deep or holds too long an array "
+            "(checked before decoding). Besides the spec, each event must fit the "
+            "configured bounds: ts not in the future (beyond a small skew) nor before "
+            "1970, bounded ids without control characters or the reserved prefixes "
+            "`anon:`, `item:`, `~nc:`, finite bounded numbers, bounded nesting. Missing "
+            "event_ids are assigned and returned. When the spec "
             "declares consent (privacy.consent), events of users without consent are "
             "listed under `dropped` (not stored) or stored without the person "
             "(`aggregated`, counted in `accepted`)."
@@ -62,7 +68,10 @@ class EventsController(Controller):
         raises=AUTH_AND_UNAVAILABLE,
         responses={
             202: ResponseSpec(EventsOut, description="Accepted", examples=examples.EVENTS_OUT),
-            413: ResponseSpec(None, description="Request body too large"),
+            400: ResponseSpec(
+                ErrorOut, description="Malformed body", examples=examples.BODY_REFUSED
+            ),
+            413: ResponseSpec(ErrorOut, description="Request body too large"),
             422: ResponseSpec(
                 EventsOut, description="No event was valid", examples=examples.EVENTS_NONE
             ),
@@ -72,9 +81,10 @@ class EventsController(Controller):
         self,
         data: Annotated[EventsIn, Body(examples=examples.EVENTS_IN)],
         runtime: ServingRuntime,
+        limits: Limits,
     ) -> Response[EventsOut]:
         accepted, rejections = validate_batch(
-            data.events, runtime.spec, key=runtime.pseudonymization_key
+            data.events, runtime.spec, key=runtime.pseudonymization_key, limits=limits
         )
         if runtime.consent is None or not accepted:
             screened = Screened(kept=list(enumerate(accepted)))

@@ -16,10 +16,12 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Body
 
 from nextbest.consent import allowed
+from nextbest.limits import LimitExceeded, Limits
 from serving import examples
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
+from serving.controllers.decide import unprocessable
 from serving.runtime import ServingRuntime
-from serving.schemas import FeedbackIn, FeedbackOut
+from serving.schemas import ErrorOut, FeedbackIn, FeedbackOut
 
 
 class FeedbackController(Controller):
@@ -42,17 +44,23 @@ class FeedbackController(Controller):
         opt={"scope": "decide"},
         raises=AUTH_AND_UNAVAILABLE,
         responses={
-            202: ResponseSpec(FeedbackOut, description="Recorded", examples=examples.FEEDBACK_OUT)
+            202: ResponseSpec(FeedbackOut, description="Recorded", examples=examples.FEEDBACK_OUT),
+            400: ResponseSpec(
+                ErrorOut, description="Malformed body", examples=examples.BODY_REFUSED
+            ),
+            413: ResponseSpec(ErrorOut, description="Request body too large"),
+            422: ResponseSpec(
+                ErrorOut, description="A value outside the bounds", examples=examples.OUT_OF_BOUNDS
+            ),
         },
     )
     def feedback(
         self,
         data: Annotated[FeedbackIn, Body(examples=examples.FEEDBACK_IN)],
         runtime: ServingRuntime,
+        limits: Limits,
     ) -> FeedbackOut:
-        ts = data.ts or datetime.now(UTC)
-        if ts.tzinfo is None:
-            ts = ts.replace(tzinfo=UTC)
+        ts = _checked(data, limits)
         user_id = data.user_id if _consents(runtime, data.user_id) else None
         record = {
             "record": "feedback",
@@ -61,7 +69,7 @@ class FeedbackController(Controller):
             "outcome": data.outcome,
             "action_id": data.action_id,
             "item_id": data.item_id,
-            "ts": ts.astimezone(UTC).isoformat(),
+            "ts": ts.isoformat(),
             "value": data.value,
         }
         try:
@@ -73,6 +81,18 @@ class FeedbackController(Controller):
             ) from exc
         runtime.metrics.feedback.labels(data.outcome).inc()
         return FeedbackOut(accepted=True, decision_id=data.decision_id)
+
+
+def _checked(data: FeedbackIn, limits: Limits) -> datetime:
+    """The feedback's UTC ts (now when absent), or a 422 naming the offending field."""
+    try:
+        limits.check_actor_ref("user_id", data.user_id)
+        limits.check_id("action_id", data.action_id)
+        limits.check_id("item_id", data.item_id)
+        limits.check_number("value", data.value)
+        return limits.check_ts("ts", data.ts) if data.ts is not None else datetime.now(UTC)
+    except LimitExceeded as exc:
+        raise unprocessable(exc) from None
 
 
 def _consents(runtime: ServingRuntime, user_id: str | None) -> bool:

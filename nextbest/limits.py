@@ -1,0 +1,155 @@
+"""Bounds on what the door accepts: timestamps, ids, numbers, nesting, array sizes.
+
+Everything here is pure and cheap. `Limits` is built from `Settings` by the API and the
+importer; `scan_json` checks a raw request body's nesting and array sizes before any
+JSON decoder sees it (a decoder recursing 3,000 levels deep is the failure it prevents).
+Each check raises `LimitExceeded` with a message that starts with the field it names.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+RESERVED_ID_PREFIX = "~nc:"
+"""Ids the system makes for events stored without their person (`nextbest.consent`)."""
+ACTOR_PREFIXES = ("anon:", "item:", RESERVED_ID_PREFIX)
+"""Prefixes the system writes in front of ids to key its stores (`Event.actor` for
+visitors, `pipelines.profile` for items, consent's `~nc:`): a client id starting with one
+would collide with the system's own keys (erasing `item:X` would wipe an item)."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class LimitExceeded(ValueError):
+    """A value outside the configured bounds; the message names the field."""
+
+
+class _LimitSettings(Protocol):
+    max_future_s: float
+    min_event_ts: datetime
+    max_id_length: int
+    max_abs_number: float
+    max_nesting: int
+    max_array_length: int
+    max_body_depth: int
+    max_body_array: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Defaults match `Settings`; `from_settings` takes the configured ones."""
+
+    max_future_s: float = 300.0
+    min_ts: datetime = datetime(1970, 1, 1, tzinfo=UTC)
+    max_id_length: int = 200
+    max_abs_number: float = 1e12
+    max_nesting: int = 8
+    max_array_length: int = 1000
+    max_body_depth: int = 32
+    max_body_array: int = 10_000
+
+    @classmethod
+    def from_settings(cls, settings: _LimitSettings) -> "Limits":
+        min_ts = settings.min_event_ts
+        return cls(
+            max_future_s=settings.max_future_s,
+            min_ts=min_ts if min_ts.tzinfo else min_ts.replace(tzinfo=UTC),
+            max_id_length=settings.max_id_length,
+            max_abs_number=settings.max_abs_number,
+            max_nesting=settings.max_nesting,
+            max_array_length=settings.max_array_length,
+            max_body_depth=settings.max_body_depth,
+            max_body_array=settings.max_body_array,
+        )
+
+    def check_ts(self, field: str, ts: datetime, now: datetime | None = None) -> datetime:
+        """An aware UTC `ts` inside [min_ts, now + max_future_s]; old history is fine."""
+        try:
+            ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise LimitExceeded(f"{field}: out of the representable range") from None
+        now = now or datetime.now(UTC)
+        if ts < self.min_ts:
+            raise LimitExceeded(f"{field}: before {self.min_ts.isoformat()}")
+        if ts - now > timedelta(seconds=self.max_future_s):
+            raise LimitExceeded(
+                f"{field}: more than {self.max_future_s:g} s ahead of the server clock"
+            )
+        return ts
+
+    def check_id(self, field: str, value: str | None, *, actor: bool = False) -> None:
+        """Bounded length, no control characters; `actor` ids (user/anonymous) must not
+        start with a prefix the system uses."""
+        if value is None:
+            return
+        if len(value) > self.max_id_length:
+            raise LimitExceeded(f"{field}: longer than {self.max_id_length} characters")
+        if _CONTROL.search(value):
+            raise LimitExceeded(f"{field}: control characters (e.g. NUL) are not allowed")
+        if actor and value.startswith(ACTOR_PREFIXES):
+            raise LimitExceeded(f"{field}: ids starting with {list(ACTOR_PREFIXES)} are reserved")
+
+    def check_actor_ref(self, field: str, value: str) -> None:
+        """A user id as decide/feedback take it: a user id or `anon:<anonymous id>`."""
+        if value.startswith("anon:"):
+            self.check_id(field, value.removeprefix("anon:"), actor=True)
+        else:
+            self.check_id(field, value, actor=True)
+
+    def check_number(self, field: str, value: float | None) -> None:
+        if value is None:
+            return
+        if not math.isfinite(value) or abs(value) > self.max_abs_number:
+            raise LimitExceeded(f"{field}: must be finite with |value| <= {self.max_abs_number:g}")
+
+    def check_json(self, field: str, value: Any, depth: int = 0) -> None:
+        """Nesting, array/object sizes and numbers of a decoded JSON value."""
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return
+        if isinstance(value, int | float):
+            try:
+                self.check_number(field, float(value))
+            except OverflowError:
+                raise LimitExceeded(f"{field}: number out of range") from None
+            return
+        if depth >= self.max_nesting:
+            raise LimitExceeded(f"{field}: nested deeper than {self.max_nesting} levels")
+        if isinstance(value, dict | list) and len(value) > self.max_array_length:
+            raise LimitExceeded(f"{field}: more than {self.max_array_length} entries")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                self.check_json(f"{field}.{k}", v, depth + 1)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                self.check_json(f"{field}[{i}]", v, depth + 1)
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STRUCTURE = bytes(range(256)).translate(None, b"[]{},")
+_OPEN = frozenset(b"[{")
+
+
+def scan_json(body: bytes, *, max_depth: int, max_array: int) -> str | None:
+    """Why `body` nests too deep or holds too long an array, else None; raw bytes, no
+    decoding: strings are blanked by one regex, the rest filtered to brackets and commas
+    (C speed), and only that skeleton is walked."""
+    if body.count(b"[") + body.count(b"{") == 0:
+        return None
+    skeleton = _STRING.sub(b'""', body).translate(None, _STRUCTURE)
+    stack: list[list[int]] = []  # [is_array, commas]
+    for c in skeleton:
+        if c in _OPEN:
+            if len(stack) >= max_depth:
+                return f"request body: nested deeper than {max_depth} levels"
+            stack.append([c == 0x5B, 0])
+        elif c == 0x2C:
+            if stack:
+                top = stack[-1]
+                top[1] += 1
+                if top[0] and top[1] >= max_array:
+                    return f"request body: an array holds more than {max_array} items"
+        elif stack:
+            stack.pop()
+    return None
