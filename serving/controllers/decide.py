@@ -91,13 +91,19 @@ class DecideController(Controller):
         responses={
             200: ResponseSpec(DecideOut, description="Decision", examples=examples.DECIDE_OUT),
             400: ResponseSpec(
-                ErrorOut, description="Malformed body", examples=examples.BODY_REFUSED
+                ErrorOut,
+                description="Malformed body",
+                examples=examples.BODY_REFUSED,
+                generate_examples=False,
             ),
-            413: ResponseSpec(ErrorOut, description="Request body too large"),
+            413: ResponseSpec(
+                ErrorOut, description="Request body too large", generate_examples=False
+            ),
             422: ResponseSpec(
                 ErrorOut,
                 description="Unknown surface, or a value outside the bounds",
                 examples=examples.UNKNOWN_SURFACE + examples.OUT_OF_BOUNDS,
+                generate_examples=False,
             ),
         },
     )

@@ -69,9 +69,14 @@ class EventsController(Controller):
         responses={
             202: ResponseSpec(EventsOut, description="Accepted", examples=examples.EVENTS_OUT),
             400: ResponseSpec(
-                ErrorOut, description="Malformed body", examples=examples.BODY_REFUSED
+                ErrorOut,
+                description="Malformed body",
+                examples=examples.BODY_REFUSED,
+                generate_examples=False,
             ),
-            413: ResponseSpec(ErrorOut, description="Request body too large"),
+            413: ResponseSpec(
+                ErrorOut, description="Request body too large", generate_examples=False
+            ),
             422: ResponseSpec(
                 EventsOut, description="No event was valid", examples=examples.EVENTS_NONE
             ),

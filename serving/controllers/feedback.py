@@ -46,11 +46,19 @@ class FeedbackController(Controller):
         responses={
             202: ResponseSpec(FeedbackOut, description="Recorded", examples=examples.FEEDBACK_OUT),
             400: ResponseSpec(
-                ErrorOut, description="Malformed body", examples=examples.BODY_REFUSED
+                ErrorOut,
+                description="Malformed body",
+                examples=examples.BODY_REFUSED,
+                generate_examples=False,
             ),
-            413: ResponseSpec(ErrorOut, description="Request body too large"),
+            413: ResponseSpec(
+                ErrorOut, description="Request body too large", generate_examples=False
+            ),
             422: ResponseSpec(
-                ErrorOut, description="A value outside the bounds", examples=examples.OUT_OF_BOUNDS
+                ErrorOut,
+                description="A value outside the bounds",
+                examples=examples.OUT_OF_BOUNDS,
+                generate_examples=False,
             ),
         },
     )
