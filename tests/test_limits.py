@@ -75,7 +75,7 @@ def test_import_keeps_old_history_and_rejects_the_future_and_reserved_ids(
         {**base, "event_id": "future", "user_id": "u1", "ts": time.time() + 86_400},
         {**base, "event_id": "item", "user_id": "item:i1", "ts": 1_736_000_000},
         {**base, "event_id": "nul", "user_id": "u\u0000", "ts": 1_736_000_000},
-        {**base, "event_id": "deep", "user_id": "u2", "ts": 1, "context": {"x": [[[[[[[[[]]]]]]]]]}},
+        {**base, "event_id": "deep", "user_id": "u2", "ts": 1, "context": {"x": [[[[[[[[1]]]]]]]]}},
     ]
     path = tmp_path / "events.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "[" * 100_000 + "\n")
