@@ -40,12 +40,13 @@ from nextbest.spec import Spec
 from nextbest.spec_loader import load_spec
 from serving.bodyguard import BodyGuardMiddleware
 from serving.controllers.common import provide_runtime
-from serving.controllers.decide import DecideController, known_surfaces
+from serving.controllers.decide import DecideController
 from serving.controllers.docs import docs_page
 from serving.controllers.events import EventsController
 from serving.controllers.feedback import FeedbackController
 from serving.controllers.ops import OpsController
 from serving.controllers.users import UsersController
+from serving.door import known_surfaces
 from serving.erasure import resume_erasures
 from serving.keys import HEADER, KeyMiddleware
 from serving.metrics import Metrics, MetricsMiddleware

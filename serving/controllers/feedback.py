@@ -7,7 +7,6 @@ from it. A consent read that fails counts as no consent.
 """
 
 import json
-from datetime import UTC, datetime
 from typing import Annotated
 
 from litestar import Controller, post
@@ -16,10 +15,10 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Body
 
 from nextbest.consent import allowed
-from nextbest.limits import LimitExceeded, Limits
+from nextbest.limits import Limits
 from serving import examples
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
-from serving.controllers.decide import unprocessable
+from serving.door import check_feedback
 from serving.runtime import ServingRuntime
 from serving.schemas import ErrorOut, FeedbackIn, FeedbackOut
 
@@ -68,7 +67,7 @@ class FeedbackController(Controller):
         runtime: ServingRuntime,
         limits: Limits,
     ) -> FeedbackOut:
-        ts = _checked(data, limits)
+        ts = check_feedback(data, limits)
         user_id = data.user_id if _consents(runtime, data.user_id) else None
         record = {
             "record": "feedback",
@@ -89,18 +88,6 @@ class FeedbackController(Controller):
             ) from exc
         runtime.metrics.feedback.labels(data.outcome).inc()
         return FeedbackOut(accepted=True, decision_id=data.decision_id)
-
-
-def _checked(data: FeedbackIn, limits: Limits) -> datetime:
-    """The feedback's UTC ts (now when absent), or a 422 naming the offending field."""
-    try:
-        limits.check_actor_ref("user_id", data.user_id)
-        limits.check_id("action_id", data.action_id)
-        limits.check_id("item_id", data.item_id)
-        limits.check_number("value", data.value)
-        return limits.check_ts("ts", data.ts) if data.ts is not None else datetime.now(UTC)
-    except LimitExceeded as exc:
-        raise unprocessable(exc) from None
 
 
 def _consents(runtime: ServingRuntime, user_id: str | None) -> bool:
