@@ -231,3 +231,24 @@ def test_non_loopback_api_refused_with_the_default_key(
     assert _settings(tmp_path / "elsewhere").pseudonymization_key.get_secret_value() == (
         DEVELOPMENT_PSEUDONYMIZATION_KEY
     )
+
+
+def test_bounds_come_from_settings(tmp_path: Path) -> None:
+    settings = _settings(
+        tmp_path / "home",
+        max_future_s=3600,
+        max_id_length=20,
+        min_event_ts="2000-01-01T00:00:00Z",
+        max_abs_number=10,
+    )
+    app = create_app(settings, require_keys=False, rate_limit_per_s=None)
+    with TestClient(app=app) as client:
+        events = [
+            _view(1, ts=time.time() + 1800),  # inside the wider skew
+            _view(2, user_id="u" * 21),
+            _view(3, ts="1999-12-31T23:59:59Z"),
+            {**_view(4), "type": "rate", "value": 11},
+        ]
+        body = client.post("/v1/events", json={"events": events}).json()
+        assert body["event_ids"] == ["ok-1"]
+        assert [r["reason"].split(":")[0] for r in body["rejected"]] == ["user_id", "ts", "value"]
