@@ -354,7 +354,17 @@ def mixed_batch(tag: str, item: str) -> tuple[dict[str, Any], list[str]]:
 # --- Records a producer wrote straight to the log (the stream's own door) --------------
 
 
-def raw_records(tag: str, item: str) -> list[tuple[str, bytes]]:
+@dataclass(frozen=True)
+class RawRecords:
+    """`dead`: records the stream must turn into dead letters (kept, they would poison
+    an aggregate, collide with a system key or cannot be read at all); `tolerated`:
+    odd but harmless records it may keep (the door refuses them, the stream need not)."""
+
+    dead: list[tuple[str, bytes]]
+    tolerated: list[tuple[str, bytes]]
+
+
+def raw_records(tag: str, item: str) -> RawRecords:
     """What the API would refuse, appended to the log as a buggy or hostile producer
     (or an older API version) would: the stream must dead-letter each and go on."""
     now = time.time()
@@ -364,7 +374,7 @@ def raw_records(tag: str, item: str) -> list[tuple[str, bytes]]:
         return key, dumps({"event_id": f"raw-{tag}-{uuid.uuid4().hex[:8]}", **event})
 
     rate = {"type": "rate", "user_id": u, "item_id": item, "ts": now - 5}
-    out = [
+    dead = [
         rec({**rate, "value": 1.7e308}),
         rec({**rate, "value": 1.7e308}),  # two for one user: the sum overflows
         rec({**rate, "value": math.nan}),
@@ -372,14 +382,10 @@ def raw_records(tag: str, item: str) -> list[tuple[str, bytes]]:
         rec({**rate, "value": math.inf}),
         rec(_view(u, item, "9999-01-01T00:00:00Z")),
         rec(_view(u, item, 1e20)),
-        rec(_view(u, item, -1e9)),
         rec(_view(u, item, "0001-01-01T00:00:00+14:00")),
         rec(_view("u" * 300, item, now), "u" * 300),
         rec(_view(f"u\x00{tag}", item, now), f"u\x00{tag}"),
-        rec(_view(f"item:{item}", item, now), f"item:{item}"),
-        rec(_view(f"~nc:{tag}", item, now), f"~nc:{tag}"),
         rec(_view(u, "i" * 300, now)),
-        rec(_view(u, item, now, context={"surface": "x" * 10_000})),
         rec({"type": "no_such_type", "user_id": u, "ts": now}),
         rec({"type": "view", "ts": now}),
         (u, b"not json at all"),
@@ -389,5 +395,15 @@ def raw_records(tag: str, item: str) -> list[tuple[str, bytes]]:
         (u, b'"a string"'),
         (u, b"[" * 3000 + b"]" * 3000),
         (u, b'{"type": "view", "user_id": ' + b"[" * 3000 + b"]" * 3000 + b"}"),
+        # Reserved prefixes: kept, `item:<id>` would write user features into the
+        # item's own online row (the door refuses these for that reason).
+        rec(_view(f"item:{item}", item, now), f"item:{item}"),
+        rec(_view(f"~nc:{tag}", item, now), f"~nc:{tag}"),
+        rec(_view(f"anon:{tag}", item, now), f"anon:{tag}"),
+        rec({"type": "view", "anonymous_id": f"item:{item}", "item_id": item, "ts": now}),
     ]
-    return out
+    tolerated = [
+        rec(_view(u, item, -1e9)),  # 1938: old history, windows ignore it
+        rec(_view(u, item, now, context={"surface": "x" * 10_000})),
+    ]
+    return RawRecords(dead, tolerated)
