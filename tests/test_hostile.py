@@ -77,6 +77,8 @@ class Run:
     mismatches: list[str] = field(default_factory=list)
     mismatches_after: list[str] = field(default_factory=list)
     lost: set[str] = field(default_factory=set)
+    erase_wrong_status: list[str] = field(default_factory=list)
+    collateral: dict[str, Any] = field(default_factory=dict)  # what `DELETE` of others took
     errors: dict[str, str] = field(default_factory=dict)  # phase -> what went wrong
 
     @property
@@ -249,6 +251,39 @@ def _erase(run: Run) -> None:
     run.lost = stack.api.tally.acknowledged - erased - set(bronze_ids(stack.settings))
 
 
+def _item_views(run: Run, item: str) -> float | None:
+    online = run.stack.world.store
+    rows = online.get_features(f"item:{item}")
+    return next((r.value for r in rows if r.feature == "item_views_1h"), None)
+
+
+def _erase_others(run: Run, item: str) -> None:
+    """Erasure requests that must take nothing of anyone else: ids with a prefix the
+    system keys its own rows by (`item:<id>` is the item's online row), and an id any
+    record spells (`view`, an event type) that never sent an event."""
+    stack = run.stack
+    views = _item_views(run, item)
+    for bad in (f"item:{item}", f"~nc:{run.tag}", f"anon:item:{item}", "u%00x", "u" * 300):
+        r = stack.api.send("DELETE", f"/v1/users/{bad}")
+        if not 400 <= r.status_code < 500:
+            run.erase_wrong_status.append(f"DELETE {bad[:40]}: {r.status_code} {r.text[:200]}")
+    bronze = set(bronze_ids(stack.settings))
+    r = stack.api.send("DELETE", "/v1/users/view")
+    assert r.status_code == 202, r.text
+
+    def finished() -> dict[str, Any] | None:
+        assert _alive(run, "erasure of others"), "the stream died"
+        job = stack.api.http.get("/v1/users/view/erasure").json()
+        return job if job["status"] in ("done", "failed") else None
+
+    job = wait_until(finished, timeout=ERASURE_TIMEOUT_S, what="erasing 'view'", every=0.1)
+    run.collateral = {
+        "job": job["status"],
+        "events lost": len(bronze - set(bronze_ids(stack.settings))),
+        f"item:{item} item_views_1h": (views, _item_views(run, item)),
+    }
+
+
 def _phase(run: Run, name: str, fn: Any, *args: Any) -> None:
     """Run a phase; a failure is recorded for the test that owns it, not the run."""
     try:
@@ -275,6 +310,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
             r.kept_poison = _poison_kept(r)
             r.mismatches = _compare(r)
             _phase(r, "erasure", _erase)
+            _phase(r, "erase others", _erase_others, item)
             if _alive(r, "end"):
                 # Item aggregates keep the erased users' past views until they leave
                 # their window (a count is not personal data): compare people only.
@@ -335,6 +371,14 @@ def test_a_subject_whose_event_ids_name_them_is_in_no_file(run: Run) -> None:
     assert s.before
     assert s.leftovers == []
     assert s.error is None and s.job["status"] == "done", s.error or json.dumps(s.job, indent=1)
+
+
+def test_erasing_a_system_key_or_a_common_word_takes_nothing_else(run: Run) -> None:
+    assert "erase others" not in run.errors, run.errors["erase others"]
+    assert run.erase_wrong_status == []
+    views = run.collateral.pop(next(k for k in run.collateral if k.startswith("item:")))
+    assert run.collateral == {"job": "done", "events lost": 0}
+    assert views[0] is not None and views[1] == views[0], views
 
 
 def test_summary_counts_are_zero(run: Run) -> None:
