@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         description="Keyed hash for PII properties; set a real secret in production.",
     )
 
+    automation: bool = Field(
+        default=True,
+        description="Dagster schedules and the retrain sensor start RUNNING; off: STOPPED.",
+    )
+
     @property
     def api_url(self) -> str:
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
