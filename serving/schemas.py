@@ -59,12 +59,17 @@ class DecideIn(Struct, forbid_unknown_fields=True):
 
 
 class ActionOut(Struct):
+    """`title`: the offer's title, or an item's `title` attribute; `attributes`: the
+    item's catalogue attributes the spec declares (empty for offers), so an answer can
+    be read, and rendered, without a catalogue lookup."""
+
     action_id: str
     item_id: str | None
     score: float
     source: str
     reasons: list[str]
     title: str | None = None
+    attributes: dict[str, Scalar] = {}
 
 
 class DecideOut(Struct):
