@@ -202,11 +202,20 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import datetime
+
     from nextbest.demo import DemoConfig, write_demo
 
     cfg = {"small": DemoConfig.small, "medium": DemoConfig.medium, "large": DemoConfig.large}[
         args.size
     ]().replace(seed=args.seed)
+    if args.ending != "fixed":  # default: the history ends now, so features start fresh
+        try:
+            end = None if args.ending == "now" else datetime.fromisoformat(args.ending)
+        except ValueError:
+            print(f"--ending: not now, fixed or an ISO time: {args.ending!r}", file=sys.stderr)
+            return 2
+        cfg = cfg.ending_at(end)
     counts = write_demo(Path(args.out), cfg)
     print(", ".join(f"{k}: {v}" for k, v in counts.items()))
     return EXIT_OK
@@ -267,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-data")
     demo.add_argument("--size", choices=["small", "medium", "large"], default="small")
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument(
+        "--ending",
+        default="now",
+        help="when the history ends: now (default), an ISO time, or fixed (early 2025)",
+    )
     return parser
 
 

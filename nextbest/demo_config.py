@@ -7,7 +7,7 @@ the behaviour model is a field so a benchmark can switch the drift off (e.g.
 
 import dataclasses
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 DEFAULT_START = datetime(2025, 1, 6, tzinfo=UTC)
@@ -23,6 +23,10 @@ class DemoConfig:
     n_events: int = 5_000
     days: int = 14
     start: datetime = field(default=DEFAULT_START)
+    end: datetime | None = None
+    """When set, the history ends at `end`: it starts `days` before (overriding `start`)
+    and the few events of sessions running past `end` are clamped to it. Same seed and
+    `end`, same events; another `end` shifts every timestamp and nothing else."""
     mean_session_events: float = 8.0
     """Sessions = n_events / this; session lengths are geometric around it (min 2)."""
     favourite_intent: float = 0.4
@@ -64,10 +68,24 @@ class DemoConfig:
                 raise ValueError(f"DemoConfig.{name} is a probability, got {v}")
         start = self.start if self.start.tzinfo else self.start.replace(tzinfo=UTC)
         object.__setattr__(self, "start", start.astimezone(UTC))
+        if self.end is not None:
+            end = (self.end if self.end.tzinfo else self.end.replace(tzinfo=UTC)).astimezone(UTC)
+            object.__setattr__(self, "end", end)
+            object.__setattr__(self, "start", end - timedelta(days=self.days))
 
     @property
     def start_ms(self) -> int:
         return round(self.start.timestamp() * 1000)
+
+    @property
+    def end_ms(self) -> int | None:
+        return None if self.end is None else round(self.end.timestamp() * 1000)
+
+    def ending_at(self, now: datetime | None = None) -> Self:
+        """This shop with its history ending at `now` (default: the current second), as
+        `nextbest demo` writes it, so the first decision's features are fresh."""
+        end = now if now is not None else datetime.now(UTC).replace(microsecond=0)
+        return self.replace(end=end)
 
     def replace(self, **changes: Any) -> Self:
         return dataclasses.replace(self, **changes)

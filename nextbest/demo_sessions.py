@@ -116,6 +116,8 @@ def _block(world: World, b: int) -> Cols:
         )
         gap = np.clip(GAP_MEDIAN_MS[nxt] * jitter[a:z], 1000, MAX_GAP_MS).astype(np.int64)
         ts[a:z] = ts[p : p + k] + gap
+    if cfg.end_ms is not None:  # sessions still running at `end` stop there
+        np.minimum(ts, cfg.end_ms, out=ts)
     item[kind == IDENTIFY] = -1
 
     value = np.where(kind == RATE, 1 + rng.choice(5, size=n, p=RATING_P), 0)

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Failed authentications per client address per minute."
     )
 
+    automation: bool = Field(
+        default=True,
+        description="Dagster schedules and the retrain sensor start RUNNING; off: STOPPED.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _key_from_home(cls, data: Any) -> Any:

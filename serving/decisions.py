@@ -28,7 +28,7 @@ values in `features["values"]`, the pooled candidates with their per-source part
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +36,7 @@ import anyio
 import anyio.to_thread
 
 from nextbest.candidates import UserView, user_view
-from nextbest.decide import DecisionRequest, Outcome, decide, policy_for_surface
+from nextbest.decide import Action, DecisionRequest, Outcome, decide, policy_for_surface
 from nextbest.spec import Policy
 from serving.consent import (
     NOT_PERSONALIZED,
@@ -221,10 +221,8 @@ def _respond(
         model_version = model.version if model is not None else None
     age = _feature_age(runtime, snap, now)
     runtime.metrics.decisions.labels(outcome.served_from, surface).inc()
-    actions = [
-        ActionOut(a.action_id, a.item_id, a.score, a.source, a.reasons, a.title)
-        for a in outcome.actions
-    ]
+    catalog = runtime.assets.attributes
+    actions = [_action_out(a, catalog) for a in outcome.actions]
     actor = view.actor
     caps = [
         (actor, a.action_id, runtime.cap_periods[a.action_id])
@@ -283,6 +281,17 @@ def _respond(
         feature_age_ms=age,
         degraded=notes,
     )
+
+
+def _action_out(a: Action, catalog: Mapping[str, dict[str, Any]]) -> ActionOut:
+    """An item action shows its item's catalogue attributes from the in-memory catalog
+    (one dict lookup, shared not copied: no I/O per decision); an offer its own title."""
+    attrs = catalog.get(a.item_id) if a.item_id is not None else None
+    if not attrs:
+        return ActionOut(a.action_id, a.item_id, a.score, a.source, a.reasons, a.title)
+    title = a.title if a.title is not None else attrs.get("title")
+    title = title if isinstance(title, str) else None
+    return ActionOut(a.action_id, a.item_id, a.score, a.source, a.reasons, title, attrs)
 
 
 def _feature_age(runtime: ServingRuntime, snap: Snapshot | None, now: int) -> int | None:

@@ -8,6 +8,7 @@ import dagster as dg
 import numpy as np
 
 from definitions.artifacts import write_json_file
+from definitions.assets.logs import decision_log, feedback_log
 from definitions.assets.offer_uplift import (
     HOLDOUT,
     UPLIFT_CANDIDATE,
@@ -205,7 +206,7 @@ def gate_report(
     }
 
 
-@dg.asset(deps=[offer_uplift], group_name="policy", kinds={"numpy"})
+@dg.asset(deps=[offer_uplift, decision_log, feedback_log], group_name="policy", kinds={"numpy"})
 def policy_evaluation(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     """Off-policy evaluation on the decision log joined with feedback (reward: the
     decision converted). Estimates, with IPS, self-normalized IPS and doubly robust
