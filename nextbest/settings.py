@@ -53,6 +53,21 @@ class Settings(BaseSettings):
         description="Keyed hash for PII properties; set a real secret in production.",
     )
 
+    stream_max_ahead_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="Events dated more than this past the stream clock become dead letters.",
+    )
+    stream_heartbeat_s: float = Field(
+        default=2.0, gt=0, description="How often the stream writes its status row."
+    )
+    stream_stale_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="/ready reports the stream down when events are pending and it has not"
+        " made progress (or sent a heartbeat) for this long.",
+    )
+
     @property
     def api_url(self) -> str:
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host

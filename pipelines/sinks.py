@@ -20,6 +20,7 @@ background thread (`pipelines.background`) so slow commits never stall the worke
 batches not yet written at a snapshot are part of that epoch's recovery state.
 """
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ from nextbest.spec import Spec
 from pipelines.background import BackgroundWriter
 from pipelines.dedupe import RecentIds
 from pipelines.erasure import ERASE_MARKER, StreamEraser, erase_marker, erase_vectors
-from pipelines.records import Erase, Record, Update
+from pipelines.records import Erase, Record, Update, dead_record
+from pipelines.status import BOARD
 from storage.delta import (
     DeltaStore,
     dead_letters_to_table,
@@ -50,6 +52,8 @@ from storage.delta import (
 from storage.online import OnlineStore
 from storage.online_models import Alias, FeatureRow, UserState
 from storage.vectors import VectorStore
+
+log = logging.getLogger(__name__)
 
 # kind -> (Delta table, app id prefix)
 LAKE_TABLES: dict[str, tuple[str, str]] = {
@@ -103,12 +107,13 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
         resume: list[LakeWork] | None,
         name: str,
         eraser: StreamEraser | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self._store = store
         self._eraser = eraser
         self._max_rows = max_rows
         self._max_delay_s = max_delay_s
-        self._buffer: dict[tuple[str, int], list[Record]] = {}
+        self._buffer: dict[tuple[str, int, str], list[Record]] = {}
         self._rows = 0
         self._first_at: float | None = None
         self._recorded: dict[str, int] = {}  # app id -> committed batch version
@@ -116,6 +121,9 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
         self._writer: BackgroundWriter[LakeWork] = BackgroundWriter(self._apply, name=name)
         for batch in resume or []:
             self._writer.submit(batch)
+        self._settings = settings
+        if settings is not None:
+            BOARD.attach(settings)
 
     def write_batch(self, values: list[Record]) -> None:
         self._writer.check()
@@ -125,7 +133,8 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
                 self._seal()
                 self._writer.submit(record.body)
                 continue
-            self._buffer.setdefault((record.kind, record.partition), []).append(record)
+            key = (record.kind, record.partition, _app_prefix(record))
+            self._buffer.setdefault(key, []).append(record)
         self._rows += len(values)
         if self._first_at is None and values:
             self._first_at = time.monotonic()
@@ -135,8 +144,8 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
             self._seal()
 
     def _seal(self) -> None:
-        for (kind, partition), records in sorted(self._buffer.items()):
-            table, prefix = LAKE_TABLES[kind]
+        for (kind, partition, prefix), records in sorted(self._buffer.items()):
+            table = LAKE_TABLES[kind][0]
             unique = sorted({r.offset: r for r in records}.values(), key=lambda r: r.offset)
             self._writer.submit(
                 LakeBatch(
@@ -168,10 +177,30 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
         if not keep:
             self._recorded[batch.app_id] = recorded
             return
-        data = _lake_table(batch.kind, batch.partition, keep)
         top = keep[-1].offset
+        try:
+            data = _lake_table(batch.kind, batch.partition, keep)
+        except Exception:  # one row Arrow cannot take: keep the others, dead-letter it
+            keep, dead = _convertible(batch.kind, batch.partition, keep)
+            if dead:
+                self._append_dead(batch, dead)
+            data = _lake_table(batch.kind, batch.partition, keep)
         self._store.append(batch.table, data, app_id=batch.app_id, batch_version=top)
         self._recorded[batch.app_id] = top
+        if batch.kind == "dead":
+            BOARD.dead(batch.partition, len(keep))
+
+    def _append_dead(self, batch: LakeBatch, dead: list[Record]) -> None:
+        """Dead letters of rows the sink could not convert (their own app id, so they
+        are written once however often the batch is replayed)."""
+        app_id = f"dead_letters-sink_{batch.kind}-p{batch.partition}"
+        version = self._store.transaction_version("dead_letters", app_id)
+        dead = [r for r in dead if version is None or r.offset > version]
+        if not dead:
+            return
+        data = dead_letters_to_table([r.body for r in dead])
+        self._store.append("dead_letters", data, app_id=app_id, batch_version=dead[-1].offset)
+        BOARD.dead(batch.partition, len(dead))
 
     def snapshot(self) -> list[LakeWork]:
         # Seal, don't wait: batches not yet committed ride along in the epoch's recovery
@@ -182,6 +211,8 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
     def close(self) -> None:
         self._seal()
         self._writer.drain()
+        if self._settings is not None:
+            BOARD.detach()
 
 
 class LakeSink(FixedPartitionedSink[Record, list[LakeWork]]):
@@ -220,7 +251,42 @@ class LakeSink(FixedPartitionedSink[Record, list[LakeWork]]):
             resume=resume_state,
             name=f"{step_id}-{for_part}",
             eraser=StreamEraser(self._settings, store),
+            settings=self._settings,
         )
+
+
+def _app_prefix(record: Record) -> str:
+    """The Delta app id prefix of a record: its table's, and for dead letters from a
+    step after parsing (`source` "stream:<step>") one per step, since those arrive out
+    of offset order with the parse step's and the app version drops anything below it."""
+    prefix = LAKE_TABLES[record.kind][1]
+    source = getattr(record.body, "source", None) if record.kind == "dead" else None
+    if source and source.startswith("stream:"):
+        return f"{prefix}-{source.removeprefix('stream:')}"
+    return prefix
+
+
+def _convertible(
+    kind: str, partition: int, records: list[Record]
+) -> tuple[list[Record], list[Record]]:
+    """Split records into those that convert to Arrow rows and dead letters for the rest."""
+    good: list[Record] = []
+    dead: list[Record] = []
+    for record in records:
+        try:
+            _lake_table(kind, partition, [record])
+            good.append(record)
+        except Exception as exc:
+            raw = (
+                record.body.model_dump_json()
+                if hasattr(record.body, "model_dump_json")
+                else repr(record.body)
+            )
+            error = f"sink_lake: {type(exc).__name__}: {exc}"
+            dead.append(
+                dead_record(partition, record.offset, raw, error, source="stream:sink_lake")
+            )
+    return good, dead
 
 
 def merge_updates(
@@ -246,8 +312,26 @@ class _OnlinePartition(StatelessSinkPartition[Update]):
 
     def write_batch(self, items: list[Update]) -> None:
         features, states, aliases = merge_updates(items)
-        if features or states or aliases:
+        if not (features or states or aliases):
+            return
+        try:
             self._store.write_stream_rows(features, states, aliases)
+        except Exception:
+            if not self._store.ping():
+                raise  # the store is down: stop, and resume from the last snapshot
+            self._write_each(items)
+
+    def _write_each(self, items: list[Update]) -> None:
+        """A row the store refuses (an id too long for its column, a NUL byte) must not
+        stop the stream: write update by update and skip (log) the ones refused."""
+        for update in items:
+            try:
+                self._store.write_stream_rows(
+                    update.features, [update.state] if update.state else [], update.aliases
+                )
+            except Exception as exc:
+                who = update.state.user_id if update.state else "?"
+                log.warning("online sink: rows of %r refused, skipped: %r", who[:80], exc)
 
     def close(self) -> None:
         self._store.dispose()

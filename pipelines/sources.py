@@ -16,6 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING
 
 from nextbest.settings import Settings
 from pipelines.records import SourceItem
+from pipelines.status import BOARD
 from storage.eventlog import EventLog
 
 DEFAULT_BATCH = 2000
@@ -44,6 +45,7 @@ class _LogPartition(StatefulSourcePartition[SourceItem, int]):
         self._awake: datetime | None = None
 
     def next_batch(self) -> list[SourceItem]:
+        BOARD.touch(self._partition, self._offset)  # the heartbeat (pipelines.status)
         limit = self._batch_size
         if self._stop_at is not None:
             if self._offset >= self._stop_at:
@@ -66,6 +68,7 @@ class _LogPartition(StatefulSourcePartition[SourceItem, int]):
         self._awake = None
         self._offset = records[-1][0] + 1
         p = self._partition
+        BOARD.touch(p, self._offset)
         return [(p, offset, key, payload) for offset, key, payload in records]
 
     def next_awake(self) -> datetime | None:
@@ -130,11 +133,16 @@ class _KafkaPartition(StatefulSourcePartition[SourceItem, Any]):
 
     def next_batch(self) -> Iterable[SourceItem]:
         # A null value is a tombstone (erasure on a compacted topic): nothing to process.
-        return [
+        items = [
             _to_item(m)
             for m in self._inner.next_batch()
             if isinstance(m, KafkaSourceMessage) and m.value is not None
         ]
+        if items:
+            BOARD.touch(items[-1][0], items[-1][1] + 1)
+        else:
+            BOARD.touch()  # alive; the broker's end offsets are not known here
+        return items
 
     def next_awake(self) -> datetime | None:
         return self._inner.next_awake()
