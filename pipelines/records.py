@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple
 from nextbest.events import Event
 from nextbest.online_model import Feedback
 from nextbest.spec import Spec
+from nextbest.windows import VALUE_BOUND
 from nextbest.validation import EventRejected, check_event, keyed_hash, validate_event
 from storage.delta_schemas import DeadLetter
 from storage.online_models import Alias, FeatureRow, UserState
@@ -141,7 +142,8 @@ def _event_fast(payload: bytes, spec: Spec, pii_key: bytes | None) -> Event | No
 
 def unusable_event(event: Event, max_ahead_ms: int | None) -> str | None:
     """Why the stream cannot keep a valid event (None when it can): an id that would not
-    fit the online store or that a SQL driver refuses (NUL), or a far-future ts."""
+    fit the online store or that a SQL driver refuses (NUL), a value beyond what the
+    aggregates keep exact (`nextbest.windows.VALUE_BOUND`), or a far-future ts."""
     try:
         _check_id("user_id", event.user_id)
         _check_id("anonymous_id", event.anonymous_id)
@@ -150,6 +152,9 @@ def unusable_event(event: Event, max_ahead_ms: int | None) -> str | None:
         _check_id("context.session_id", event.context.session_id)
     except ValueError as exc:
         return str(exc)
+    value = event.value
+    if value is not None and not -VALUE_BOUND <= value <= VALUE_BOUND:
+        return f"value: {value!r} is beyond +-{VALUE_BOUND:g}"
     if max_ahead_ms is not None:
         ahead = event.ts_ms - time.time_ns() // 1_000_000
         if ahead > max_ahead_ms:
