@@ -156,3 +156,48 @@ def test_long_and_nul_ids_do_not_stop_the_stream_on_postgres(
     assert len(errors) == 3
     assert sum("characters, at most 251" in e for e in errors) == 2
     assert sum("NUL" in e for e in errors) == 1
+
+
+def _latest_snaps(settings: Settings, step: str) -> dict[str, bytes | None]:
+    """state key -> its newest snapshot in Bytewax's recovery files (None: discarded)."""
+    import sqlite3
+
+    out: dict[str, tuple[int, bytes | None]] = {}
+    for path in settings.recovery_dir.glob("part-*.sqlite3"):
+        with sqlite3.connect(path) as db:
+            rows = db.execute(
+                "select state_key, snap_epoch, ser_change from snaps where step_id like ?",
+                (f"%.{step}",),
+            ).fetchall()
+        for key, epoch, snap in rows:
+            if key not in out or epoch > out[key][0]:
+                out[key] = (epoch, snap)
+    return {k: v[1] for k, v in out.items()}
+
+
+def test_idle_actors_state_is_evicted_after_the_spec_ttl(tmp_path: Path) -> None:
+    """With `state: {ttl: ...}`, an actor whose newest event is older than the ttl (never
+    shorter than the longest window, 30d here) loses its stream state and snapshot; a
+    recent one keeps it."""
+    from pipelines.flow import state_key
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text((ROOT / "nextbest.yaml").read_text() + "\nstate:\n  ttl: 1d\n")
+    settings = Settings(home=tmp_path / "home", spec=spec_path, _env_file=None)  # type: ignore[call-arg]
+    spec = load_spec(spec_path)
+    assert spec.state.ttl == "1d"
+    _prepare(settings, spec)
+    old = _event(1, "view", "u-old", ts=(datetime.now(UTC) - timedelta(days=40)).isoformat())
+    append_log(settings, [old, _event(2, "view", "u-new")])
+    _run(settings, spec)
+    append_log(settings, [_event(3, "view", "u-later")])  # the next run wakes due keys
+    _run(settings, spec)
+
+    key = settings.pseudonymization_key.get_secret_value().encode()
+    snaps = _latest_snaps(settings, "state_user")
+    assert snaps[state_key(key, "u-new")] is not None
+    assert snaps[state_key(key, "u-later")] is not None
+    gone = state_key(key, "u-old")
+    assert gone in snaps and snaps[gone] is None  # snapshotted once, then a tombstone
+    items = _latest_snaps(settings, "state_item")
+    assert items["i-1"] is not None  # viewed recently (by u-new)
