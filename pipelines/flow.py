@@ -27,6 +27,13 @@ Shape (item types between steps)::
     sink_online           Update                                 (OnlineStore upserts)
     sink_user_vectors     ("lance_users", users row)             (LanceDB, one writer)
 
+A record that raises in any step (consent, a state step, stitching) becomes a dead
+letter (`pipelines.stateful.failed`) that joins the lake sink's input, so it lands in
+Delta `dead_letters` with the step and the reason, and the rest of its batch goes on:
+a record that fails again on replay fails the same way, never the worker. The parse
+step dead-letters what no store could keep (ids too long or with NUL, values beyond
+`nextbest.windows.VALUE_BOUND`, events dated past `stream_max_ahead_s`).
+
 Step ids come from `Spec.step_id(kind, name)` and never from code positions: they key
 the recovery state, so renaming one would orphan its snapshots.
 
@@ -39,17 +46,12 @@ supersedes the old ones and Bytewax's GC deletes them (`pipelines.erasure`).
 """
 
 import functools
-import json
-import logging
-import pickle
-from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
-from bytewax.operators import StatefulBatchLogic
 
 from nextbest.events import Event
 from nextbest.online_model import Feedback
@@ -59,206 +61,31 @@ from nextbest.validation import keyed_hash
 from pipelines.catalog import ItemCatalog, StoreCatalog
 from pipelines.consent import StreamConsent
 from pipelines.profile import FeaturePlan, ItemProfile, Touched, UserProfile
-from pipelines.records import (
-    Erase,
-    Record,
-    Routed,
-    SourceItem,
-    Update,
-    dead_record,
-    parse_record,
-)
+from pipelines.records import Record, Routed, SourceItem, Update, parse_record
 from pipelines.sinks import VECTORS_PART, StreamSinks, erase_marker
 from pipelines.sources import source_from_settings
-from storage.online_models import Alias, now_ms
+from pipelines.stateful import (
+    FEEDBACK_BUFFER,
+    STITCH_BUFFER,
+    Incoming,
+    StitchState,
+    failed,
+    retention_of,
+    state_builder,
+    stitch,
+)
+from storage.online_models import Alias
 
-log = logging.getLogger(__name__)
+__all__ = ["FEEDBACK_BUFFER", "STITCH_BUFFER", "StitchState", "build_flow", "state_key", "stitch"]
 
-STITCH_BUFFER = 1000
-"""Anonymous events remembered per visitor until an identify event links them."""
-FEEDBACK_BUFFER = 256
-"""Anonymous feedback records remembered per visitor, apart from its events: feedback
-(impressions above all) must not push behaviour out of the event buffer, or the stitched
-profile would no longer equal a batch recomputation."""
 STATE_KEYS_CACHED = 1 << 16
 """Actors whose state key (a keyed hash) is remembered: the active users, typically."""
 
-S = TypeVar("S")
-V = TypeVar("V")
-W = TypeVar("W")
 Positioned = tuple[int, int, Event]  # (partition, offset, event)
-Incoming = tuple[int, int, Event | Feedback]  # what the stitch step routes
 
 
 def sid(kind: str, name: str) -> str:
     return Spec.step_id(kind, name)
-
-
-class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
-    """A keyed state folded one batch at a time; snapshots are pickled bytes.
-
-    Folding a whole batch per key (instead of per item) computes aggregates once per
-    batch, and pickling once is far cheaper than the deepcopy `stateful_map` does on
-    every snapshot, while being just as immutable. An `Erase` in the batch forgets
-    everything before it; if nothing follows, the key is discarded.
-
-    With a `retention` (spec `state.ttl`), the key asks Bytewax to wake it `ttl` after
-    its newest event time and is discarded then if nothing newer came (its recovery
-    state goes with it): the hot path pays one `notify_at` per touched key, no more.
-    """
-
-    def __init__(
-        self,
-        state: S,
-        fold: Callable[[S, list[V]], list[W]],
-        new: Callable[[], S],
-        retention: "Retention | None" = None,
-    ) -> None:
-        self.state = state
-        self._fold = fold
-        self._new = new
-        self._retention = retention
-
-    def on_batch(self, values: list[Any]) -> tuple[Iterable[W], bool]:
-        cut = max((i for i, v in enumerate(values) if isinstance(v, Erase)), default=-1)
-        if cut >= 0:
-            self.state = self._new()
-            values = values[cut + 1 :]
-            if not values:
-                return [], StatefulBatchLogic.DISCARD
-        return self._fold(self.state, values), StatefulBatchLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        retention = self._retention
-        if retention is None:
-            return None
-        return datetime.fromtimestamp(retention.expires_ms(self.state) / 1000, tz=UTC)
-
-    def on_notify(self) -> tuple[Iterable[W], bool]:
-        retention = self._retention
-        if retention is not None and retention.expires_ms(self.state) <= now_ms():
-            return [], StatefulBatchLogic.DISCARD
-        return [], StatefulBatchLogic.RETAIN
-
-    def snapshot(self) -> bytes:
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-class Retention(NamedTuple):
-    """When an idle key's state expires: its newest event time (`newest`) plus `ttl_ms`."""
-
-    ttl_ms: int
-    newest: Callable[[Any], int]
-
-    def expires_ms(self, state: Any) -> int:
-        try:
-            return self.newest(state) + self.ttl_ms
-        except Exception:  # the bookkeeping must never stop the stream: keep the state
-            return now_ms() + self.ttl_ms
-
-
-def _builder(
-    new: Callable[[], S],
-    fold: Callable[[S, list[V]], list[W]],
-    retention: Retention | None = None,
-) -> Callable[[bytes | None], FoldLogic[S, V, W]]:
-    def build(resume: bytes | None) -> FoldLogic[S, V, W]:
-        if resume is None:
-            return FoldLogic(new(), fold, new, retention)
-        state = pickle.loads(resume)
-        restored = getattr(state, "restored", None)
-        if restored is not None:
-            restored()  # rows written after this snapshot are unknown: rewrite them
-        return FoldLogic(state, fold, new, retention)
-
-    return build
-
-
-class StitchState:
-    """Per anonymous visitor: the user it was linked to, or its buffered history."""
-
-    def __init__(self) -> None:
-        self.user: str | None = None
-        self.buffer: list[Incoming] = []
-        self.feedback: list[Incoming] = []
-        self.newest_ms = -1  # newest event or feedback time seen (for `state.ttl`)
-
-
-def stitch(
-    state: StitchState, batch: list[Incoming], identify: frozenset[str]
-) -> list[Routed | Record]:
-    """Route an anonymous visitor's events; on identify, re-send its history to the user.
-
-    The user's feature states are idempotent by event_id and order-independent, so
-    re-sending the buffered events merges the anonymous profile into the user's exactly
-    as a batch recomputation with `identity_links` would. The first link wins. A record
-    that raises becomes a dead letter (a `Record`) and the others go on.
-    """
-    out: list[Routed | Record] = []
-    for partition, offset, event in batch:
-        try:
-            _stitch_one(state, partition, offset, event, identify, out)
-        except Exception as exc:  # one bad record never stops the stream
-            out.append(failed(partition, offset, event, exc, "stitch_identity"))
-    return out
-
-
-def _stitch_one(
-    state: StitchState,
-    partition: int,
-    offset: int,
-    event: Event | Feedback,
-    identify: frozenset[str],
-    out: list[Any],
-) -> None:
-    """One record of `stitch` (appends what it routes to `out`)."""
-    state.newest_ms = max(getattr(state, "newest_ms", -1), event.ts_ms)
-    if isinstance(event, Feedback):
-        if state.user is not None:
-            out.append(Routed(state.user, partition, offset, event))
-        else:
-            # Snapshots from before the separate buffer have no `feedback` attribute.
-            if not hasattr(state, "feedback"):
-                state.feedback = []
-            state.feedback.append((partition, offset, event))
-            del state.feedback[:-FEEDBACK_BUFFER]
-            out.append(Routed(event.user_id, partition, offset, event))
-    elif event.type in identify and event.user_id is not None:
-        if state.user is None:
-            state.user = event.user_id
-            out.append(Routed(event.user_id, partition, offset, event, link=True))
-            held = [*state.buffer, *getattr(state, "feedback", [])]
-            out.extend(Routed(event.user_id, p, o, e) for p, o, e in held)
-            state.buffer, state.feedback = [], []
-        else:
-            out.append(Routed(event.user_id, partition, offset, event))
-    elif state.user is not None:
-        out.append(Routed(state.user, partition, offset, event))
-    else:
-        state.buffer.append((partition, offset, event))
-        del state.buffer[:-STITCH_BUFFER]
-        out.append(Routed(event.actor, partition, offset, event))
-
-
-def failed(partition: int, offset: int, item: Any, exc: BaseException, step: str) -> Record:
-    """The dead letter of a record that raised in a step (logged once, then kept going)."""
-    log.warning("stream step %s: record p%d@%d failed: %r", step, partition, offset, exc)
-    error = f"{step}: {type(exc).__name__}: {exc}"
-    return dead_record(partition, offset, _raw(item), error, source=f"stream:{step}")
-
-
-def _raw(item: Any) -> str:
-    """A failed record as JSON text, for inspection and replay."""
-    try:
-        if isinstance(item, Event):
-            return item.model_dump_json()
-        if isinstance(item, Feedback):
-            return json.dumps(item._asdict(), default=str)
-        if isinstance(item, Erase):
-            return json.dumps({"record": "erase", **item._asdict()}, default=str)
-        return json.dumps(item, default=str)
-    except Exception:
-        return repr(item)[:10_000]
 
 
 def _needs_stitch(item: Positioned, identify: frozenset[str]) -> bool:
@@ -325,7 +152,6 @@ def build_flow(
     feedback = op.filter_map(
         sid("select", "feedback"), records, lambda r: _feedback_of(r) if learns else None
     )
-    retention = _retention(plan)
 
     # -- item entity features (trending) -------------------------------------------
     updates: list[Any] = []
@@ -364,7 +190,7 @@ def build_flow(
         item_updates = op.stateful_batch(
             sid("state", "item"),
             by_item,
-            _builder(ItemProfile, item_fold, retention and retention._replace(newest=_item_ms)),
+            state_builder(ItemProfile, item_fold, retention_of(plan, ItemProfile)),
         )
         item_split = op.branch(sid("route", "dead_item"), item_updates, _is_dead)
         dead.append(item_split.trues)
@@ -404,7 +230,7 @@ def build_flow(
     stitched = op.stateful_batch(
         sid("stitch", "identity"),
         op.merge(sid("merge", "anonymous"), anonymous, anonymous_erasures, anonymous_feedback),
-        _builder(StitchState, stitch_fold, retention and retention._replace(newest=_stitch_ms)),
+        state_builder(StitchState, stitch_fold, retention_of(plan, StitchState)),
     )
     stitch_split = op.branch(sid("route", "dead_stitch"), stitched, _is_dead)
     dead.append(stitch_split.trues)
@@ -455,7 +281,7 @@ def build_flow(
     user_states = op.stateful_batch(
         sid("state", "user"),
         actors,
-        _builder(UserProfile, user_fold, retention and retention._replace(newest=_user_ms)),
+        state_builder(UserProfile, user_fold, retention_of(plan, UserProfile)),
     )
     user_split = op.branch(sid("route", "dead_user"), user_states, _is_dead)
     dead.append(user_split.trues)
@@ -538,25 +364,3 @@ def _user_update(
         event_ts = datetime.fromtimestamp(state.event_ts_ms / 1000, tz=UTC)
         vector_row = {"user_id": actor, "vector": vector, "event_ts": event_ts}
     return Update(rows, state, aliases, vector_row)
-
-
-def _retention(plan: FeaturePlan) -> Retention | None:
-    """The spec's `state.ttl`, never shorter than the longest window (see StateRetention)."""
-    ttl = plan.spec.state.ttl
-    if ttl is None:
-        return None
-    longest = max(plan.window_ms.values(), default=0)
-    return Retention(max(int(ttl.seconds * 1000), longest), _user_ms)
-
-
-def _user_ms(profile: UserProfile) -> int:
-    online = profile.online
-    return max(profile.latest[0], online.anchor_ms if online is not None else -1)
-
-
-def _item_ms(profile: ItemProfile) -> int:
-    return max((w.anchor_ms or -1 for w in profile.windows.values()), default=-1)
-
-
-def _stitch_ms(state: StitchState) -> int:
-    return getattr(state, "newest_ms", -1)

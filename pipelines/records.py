@@ -15,8 +15,8 @@ from typing import Any, Literal, NamedTuple
 from nextbest.events import Event
 from nextbest.online_model import Feedback
 from nextbest.spec import Spec
-from nextbest.windows import VALUE_BOUND
 from nextbest.validation import EventRejected, check_event, keyed_hash, validate_event
+from nextbest.windows import VALUE_BOUND
 from storage.delta_schemas import DeadLetter
 from storage.online_models import Alias, FeatureRow, UserState
 
@@ -144,14 +144,13 @@ def unusable_event(event: Event, max_ahead_ms: int | None) -> str | None:
     """Why the stream cannot keep a valid event (None when it can): an id that would not
     fit the online store or that a SQL driver refuses (NUL), a value beyond what the
     aggregates keep exact (`nextbest.windows.VALUE_BOUND`), or a far-future ts."""
-    try:
-        _check_id("user_id", event.user_id)
-        _check_id("anonymous_id", event.anonymous_id)
-        _check_id("item_id", event.item_id)
-        _check_id("event_id", event.event_id)
-        _check_id("context.session_id", event.context.session_id)
-    except ValueError as exc:
-        return str(exc)
+    for name, text in (
+        ("user_id", event.user_id),
+        ("anonymous_id", event.anonymous_id),
+        ("item_id", event.item_id),
+    ):
+        if text is not None and (len(text) > MAX_ID_CHARS or "\x00" in text):
+            return _id_problem(name, text)
     value = event.value
     if value is not None and not -VALUE_BOUND <= value <= VALUE_BOUND:
         return f"value: {value!r} is beyond +-{VALUE_BOUND:g}"
@@ -166,12 +165,15 @@ def unusable_event(event: Event, max_ahead_ms: int | None) -> str | None:
 
 
 def _check_id(name: str, value: str | None) -> None:
-    if value is None:
-        return
-    if len(value) > MAX_ID_CHARS:
-        raise ValueError(f"{name}: {len(value)} characters, at most {MAX_ID_CHARS} allowed")
+    if value is not None and (len(value) > MAX_ID_CHARS or "\x00" in value):
+        raise ValueError(_id_problem(name, value))
+
+
+def _id_problem(name: str, value: str) -> str:
+    """Ids end up in VARCHAR(256) columns (prefixed) and SQL text, which refuses NUL."""
     if "\x00" in value:
-        raise ValueError(f"{name}: contains a NUL character")
+        return f"{name}: contains a NUL character"
+    return f"{name}: {len(value)} characters, at most {MAX_ID_CHARS} allowed"
 
 
 def dead_record(

@@ -61,8 +61,9 @@ class StatusBoard:
             self._users += 1
             if self._thread is not None and self._settings == settings:
                 return
-        self._stop_thread()
+        self._stop_thread()  # a flow on other stores (tests) left it running
         with self._lock:
+            self._users = 1
             self._settings = settings
             try:
                 self._store = OnlineStore.from_settings(settings, pool_size=1)

@@ -23,12 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    settings = Settings(
-        home=tmp_path / "home",
-        spec=ROOT / "nextbest.yaml",
-        stream_heartbeat_s=0.1,  # the API's refresh of the stream's health
-        _env_file=None,
-    )  # type: ignore[call-arg]
+    # stream_heartbeat_s: also how often the API refreshes the stream's health.
+    home, spec = tmp_path / "home", ROOT / "nextbest.yaml"
+    settings = Settings(home=home, spec=spec, stream_heartbeat_s=0.1, _env_file=None)  # type: ignore[call-arg]
     w = build_world(settings)
     yield w
     w.store.dispose()

@@ -31,7 +31,8 @@ def spec(settings: Settings) -> Spec:
 
 def _event(n: int, type_: str, user: str, item: str | None = "i-1", **over: Any) -> dict[str, Any]:
     ts = datetime.now(UTC) - timedelta(minutes=10) + timedelta(seconds=n)
-    event = {"event_id": f"e-{n}", "type": type_, "user_id": user, "ts": ts.isoformat()}
+    event: dict[str, Any] = {"event_id": f"e-{n}", "type": type_, "user_id": user}
+    event["ts"] = ts.isoformat()
     if item is not None:
         event["item_id"] = item
     if type_ == "rate":
@@ -132,14 +133,11 @@ def test_a_future_dated_record_does_not_take_over_trending(settings: Settings, s
 
 
 @pytest.mark.postgres
-def test_long_and_nul_ids_do_not_stop_the_stream_on_postgres(
-    tmp_path: Path, pg_url: str
-) -> None:
+def test_long_and_nul_ids_do_not_stop_the_stream_on_postgres(tmp_path: Path, pg_url: str) -> None:
     """A 254-character id overflowed VARCHAR(256) once prefixed (`item:`, `anon:`), an id
     with a NUL byte was refused by the driver: either stopped the worker."""
-    settings = Settings(
-        home=tmp_path / "home", spec=ROOT / "nextbest.yaml", online_url=pg_url, _env_file=None
-    )  # type: ignore[call-arg]
+    home, spec_path = tmp_path / "home", ROOT / "nextbest.yaml"
+    settings = Settings(home=home, spec=spec_path, online_url=pg_url, _env_file=None)  # type: ignore[call-arg]
     spec = load_spec(settings.spec)
     _prepare(settings, spec)
     long_id = "x" * 254
