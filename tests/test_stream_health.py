@@ -94,3 +94,29 @@ def test_ready_and_decisions_report_a_stream_that_is_down(world: World) -> None:
     finally:
         http.close()
         stop_server(live)
+
+
+def test_on_kafka_the_lag_is_unknown_and_only_a_stale_heartbeat_is_down(tmp_path: Path) -> None:
+    """The broker's end offsets are not read by the API: no heartbeat yet is not an
+    error, a fresh one is up, a stale one is down; the lag is reported unknown."""
+    from serving.stream_health import StreamProbe
+    from storage.online import OnlineStore
+
+    home, spec = tmp_path / "home", ROOT / "nextbest.yaml"
+    settings = Settings(home=home, spec=spec, kafka_bootstrap="127.0.0.1:9", _env_file=None)  # type: ignore[call-arg]
+    store = OnlineStore.from_settings(settings)
+    probe = StreamProbe(settings, store.engine)
+    try:
+        first = probe.check()
+        assert first.up and first.lag_events is None and first.heartbeat_age_s is None
+        at = now_ms()
+        write_status(store.engine, [PartitionStatus(0, 10, 0, at, at)])
+        assert probe.check().up
+        old = at - 60_000
+        write_status(store.engine, [PartitionStatus(0, 10, 1, old, old)])
+        down = probe.check()
+        assert not down.up and down.detail.startswith("down: no heartbeat for 60 s")
+        assert down.dead_letters == 1 and down.lag_events is None
+    finally:
+        probe.close()
+        store.dispose()
