@@ -199,3 +199,25 @@ def test_idle_actors_state_is_evicted_after_the_spec_ttl(tmp_path: Path) -> None
     assert gone in snaps and snaps[gone] is None  # snapshotted once, then a tombstone
     items = _latest_snaps(settings, "state_item")
     assert items["i-1"] is not None  # viewed recently (by u-new)
+
+
+def test_a_row_the_lake_sink_cannot_convert_is_a_dead_letter(settings: Settings) -> None:
+    """A record that fails its Arrow conversion (here a feedback row whose ts is not a
+    datetime) used to fail the sink's writer thread and with it the worker: now it is a
+    dead letter and the other rows of its batch are appended."""
+    from pipelines.records import Record
+    from pipelines.sinks import LakeSink
+
+    def feedback(offset: int, ts: Any) -> Record:
+        row = {"decision_id": f"d{offset}", "user_id": "u", "outcome": "click", "ts": ts}
+        return Record("feedback", 1, offset, {**row, "action_id": "a", "item_id": None})
+
+    part = LakeSink(settings, parts=1).build_part("lake", "lake000", None)
+    now = datetime.now(UTC)
+    part.write_batch([feedback(0, now), feedback(1, "not a datetime"), feedback(2, now)])
+    part.close()
+    delta = DeltaStore.from_settings(settings)
+    assert sorted(delta.read("feedback").column("decision_id").to_pylist()) == ["d0", "d2"]
+    [dead] = _dead_letters(settings)
+    assert dead["source"] == "stream:sink_lake" and dead["source_offset"] == 1
+    assert "ts must be a datetime" in dead["error"]
