@@ -221,3 +221,25 @@ def test_a_row_the_lake_sink_cannot_convert_is_a_dead_letter(settings: Settings)
     [dead] = _dead_letters(settings)
     assert dead["source"] == "stream:sink_lake" and dead["source_offset"] == 1
     assert "ts must be a datetime" in dead["error"]
+
+
+@pytest.mark.postgres
+def test_rows_postgres_refuses_are_skipped_not_fatal(tmp_path: Path, pg_url: str) -> None:
+    """An item attribute the online store cannot hold as a group key (300 characters,
+    over VARCHAR(256)) failed the whole online write and stopped the worker; now the
+    sink writes update by update and skips (logs) the refused one."""
+    import pyarrow as pa
+
+    home, spec_path = tmp_path / "home", ROOT / "nextbest.yaml"
+    settings = Settings(home=home, spec=spec_path, online_url=pg_url, _env_file=None)  # type: ignore[call-arg]
+    spec = load_spec(settings.spec)
+    _prepare(settings, spec)
+    delta = DeltaStore.from_settings(settings)
+    rows = delta.read("items").to_pylist()
+    rows[0]["category"] = "c" * 300
+    delta.write("items", pa.Table.from_pylist(rows), mode="overwrite")
+    weird, normal = rows[0]["item_id"], rows[1]["item_id"]
+    append_log(settings, [_event(1, "view", "u-weird", weird), _event(2, "view", "u-ok", normal)])
+    _run(settings, spec)
+    assert _features(settings, "u-ok")[("views_1h", "")] == 1.0
+    assert _features(settings, "u-weird") == {}
