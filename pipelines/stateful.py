@@ -221,4 +221,7 @@ def _item_ms(profile: ItemProfile) -> int:
 
 
 def _stitch_ms(state: StitchState) -> int:
-    return getattr(state, "newest_ms", -1)
+    newest = getattr(state, "newest_ms", None)
+    if newest is None:  # a snapshot from before `state.ttl`: its clock starts now
+        newest = state.newest_ms = now_ms()
+    return newest
