@@ -128,8 +128,9 @@ def _to_item(msg: Any) -> SourceItem:
 class _KafkaPartition(StatefulSourcePartition[SourceItem, Any]):
     """Adapts Bytewax's Kafka partition to the stream's item shape."""
 
-    def __init__(self, inner: StatefulSourcePartition[Any, Any]) -> None:
+    def __init__(self, inner: StatefulSourcePartition[Any, Any], partition: int) -> None:
         self._inner = inner
+        self._partition = partition
 
     def next_batch(self) -> Iterable[SourceItem]:
         # A null value is a tombstone (erasure on a compacted topic): nothing to process.
@@ -138,10 +139,8 @@ class _KafkaPartition(StatefulSourcePartition[SourceItem, Any]):
             for m in self._inner.next_batch()
             if isinstance(m, KafkaSourceMessage) and m.value is not None
         ]
-        if items:
-            BOARD.touch(items[-1][0], items[-1][1] + 1)
-        else:
-            BOARD.touch()  # alive; the broker's end offsets are not known here
+        # The heartbeat (pipelines.status); the broker's end offsets are not known here.
+        BOARD.touch(self._partition, items[-1][1] + 1 if items else None)
         return items
 
     def next_awake(self) -> datetime | None:
@@ -193,7 +192,8 @@ class KafkaEventSource(FixedPartitionedSource[SourceItem, Any]):
         return self._inner.list_parts()
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _KafkaPartition:
-        return _KafkaPartition(self._inner.build_part(step_id, for_part, resume_state))
+        inner = self._inner.build_part(step_id, for_part, resume_state)
+        return _KafkaPartition(inner, int(for_part.split("-", 1)[0]))  # "<index>-<topic>"
 
 
 def source_from_settings(

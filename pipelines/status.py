@@ -28,6 +28,8 @@ class StatusBoard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rows: dict[int, list[int]] = {}  # partition -> [next, dead, progress_ms]
+        self._read: set[int] = set()  # partitions this process reads (owns the offsets)
+        self._counted: set[int] = set()  # partitions whose dead letters it commits
         self._beat_ms = 0
         self._users = 0
         self._settings: Settings | None = None
@@ -35,23 +37,24 @@ class StatusBoard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def touch(self, partition: int | None = None, next_offset: int | None = None) -> None:
-        """The worker is alive; with a partition, it has read up to `next_offset`."""
+    def touch(self, partition: int, next_offset: int | None = None) -> None:
+        """The worker reading `partition` is alive and has read up to `next_offset`
+        (None: unknown here, e.g. an idle Kafka partition)."""
         now = _now_ms()
         self._beat_ms = now
-        if partition is None or next_offset is None:
-            return
         row = self._rows.get(partition)
-        if row is None:
+        if row is None or partition not in self._read:
             with self._lock:
-                self._rows[partition] = [next_offset, 0, now]
-        elif next_offset != row[0]:
+                self._read.add(partition)
+                row = self._rows.setdefault(partition, [next_offset or 0, 0, now])
+        if next_offset is not None and next_offset != row[0]:
             row[0] = next_offset
             row[2] = now
 
     def dead(self, partition: int, n: int) -> None:
         """`n` dead letters of `partition` were committed to Delta."""
         with self._lock:
+            self._counted.add(partition)
             row = self._rows.setdefault(partition, [0, 0, _now_ms()])
             row[1] += n
 
@@ -99,7 +102,7 @@ class StatusBoard:
             self._store.dispose()
             self._store = None
         with self._lock:
-            self._rows = {}
+            self._rows, self._read, self._counted = {}, set(), set()
             self._settings = None
 
     def flush(self) -> None:
@@ -107,12 +110,17 @@ class StatusBoard:
         if store is None or not self._beat_ms:
             return
         with self._lock:
-            rows = [
-                PartitionStatus(p, row[0], row[1], self._beat_ms, row[2])
+            rows = {
+                p: PartitionStatus(p, row[0], row[1], self._beat_ms, row[2])
                 for p, row in sorted(self._rows.items())
-            ]
+            }
+            read, counted = sorted(self._read), sorted(self._counted)
         try:
-            write_status(store.engine, rows)
+            if read:
+                offsets = ("next_offset", "heartbeat_ms", "progress_ms")
+                write_status(store.engine, [rows[p] for p in read], update=offsets)
+            if counted:
+                write_status(store.engine, [rows[p] for p in counted], update=("dead_letters",))
         except Exception as exc:
             log.warning("stream status: cannot write the heartbeat: %r", exc)
 

@@ -1,7 +1,7 @@
 """The stream's status rows (`nb_stream_status`): written by the stream worker every
 few seconds, read by the API to tell whether the stream is alive and caught up."""
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -20,8 +20,12 @@ class PartitionStatus:
     progress_ms: int  # when next_offset last moved
 
 
-def write_status(engine: sa.Engine, rows: Iterable[PartitionStatus]) -> None:
-    """Upsert one row per partition (one transaction)."""
+def write_status(
+    engine: sa.Engine, rows: Iterable[PartitionStatus], *, update: Sequence[str] | None = None
+) -> None:
+    """Upsert one row per partition (one transaction). `update` limits what an existing
+    row takes: in a cluster, the process reading a partition owns its offsets and the
+    one writing its Delta appends owns its dead-letter count."""
     params = [
         {
             "partition": r.partition,
@@ -37,7 +41,7 @@ def write_status(engine: sa.Engine, rows: Iterable[PartitionStatus]) -> None:
     ins = (sqlite.insert if is_sqlite(engine) else postgresql.insert)(STATUS)
     stmt = ins.on_conflict_do_update(
         index_elements=["partition"],
-        set_={c: ins.excluded[c] for c in params[0] if c != "partition"},
+        set_={c: ins.excluded[c] for c in (update or params[0]) if c != "partition"},
     )
     with write_engine(engine).begin() as conn:
         conn.execute(stmt, params)
