@@ -102,6 +102,21 @@ class Settings(BaseSettings):
         description="Dagster schedules and the retrain sensor start RUNNING; off: STOPPED.",
     )
 
+    stream_max_ahead_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="Events dated more than this past the stream clock become dead letters.",
+    )
+    stream_heartbeat_s: float = Field(
+        default=2.0, gt=0, description="How often the stream writes its status row."
+    )
+    stream_stale_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="/ready reports the stream down when events are pending and it has not"
+        " made progress (or sent a heartbeat) for this long.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _key_from_home(cls, data: Any) -> Any:

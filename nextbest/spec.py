@@ -288,6 +288,18 @@ class Privacy(_Model):
     consent: Consent | None = None
 
 
+class StateRetention(_Model):
+    """How long the stream keeps an idle actor's (user, anonymous visitor, item) state.
+
+    `ttl` counts from the actor's newest event time to the stream clock; past it the
+    stream drops the actor's state and recovery snapshot, so random ids cannot grow
+    memory without bound. Off (None) by default; never shorter than the longest
+    window feature (the stream uses the longer of the two).
+    """
+
+    ttl: DurationText | None = Field(default=None, description="e.g. '180d'; unset keeps all")
+
+
 class Spec(_Model):
     version: Literal[1] = 1
     name: Name
@@ -299,6 +311,7 @@ class Spec(_Model):
     model: Model = Field(default_factory=Model)
     schedules: Schedules = Field(default_factory=Schedules)
     privacy: Privacy = Field(default_factory=Privacy)
+    state: StateRetention = Field(default_factory=StateRetention)
 
     # Derived names: one place, so storage, Dagster and Bytewax agree.
     def window_features(self) -> dict[str, WindowFeature]:

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NO_GROUP = ""
+VALUE_BOUND = 1e15
+"""Numeric values are clamped to +-VALUE_BOUND before they are aggregated: a window of
+any realistic size then sums far below float's range, so no client value (1.7e308 twice
+overflowed `math.fsum` and crashed the stream on every replay) can overflow a sum or
+a mean. Stream and batch share `bounded`, so they still agree bit for bit."""
 
 
 @dataclass(slots=True)
@@ -188,14 +193,15 @@ class WindowState:
                 partials = g.partials
                 if partials is None:
                     partials = g.partials = []
-                if not _grow(partials, float(value) if sign > 0 else -float(value)):
+                x = bounded(value)
+                if not _grow(partials, x if sign > 0 else -x):
                     self._groups = None
                     return
         elif agg == "last" and is_number(value):
             key = (ts_ms, event_id)
             if sign > 0:
                 if g.last is None or key > g.last[:2]:
-                    g.last = (ts_ms, event_id, float(value))
+                    g.last = (ts_ms, event_id, bounded(value))
             elif g.last is not None and g.last[:2] == key:
                 g.last = None
         if g.n <= 0:
@@ -268,7 +274,7 @@ def aggregate(agg: str, values: list[Any]) -> float:
         return float(len(values))
     if agg == "distinct_count":
         return float(len({v for v in values if v is not None}))
-    numbers = [float(v) for v in values if is_number(v)]
+    numbers = [bounded(v) for v in values if is_number(v)]
     if agg == "sum":
         return math.fsum(numbers)
     if agg == "mean":
@@ -281,3 +287,9 @@ def aggregate(agg: str, values: list[Any]) -> float:
 def is_number(v: Any) -> bool:
     # A tuple, not `int | float`: that builds a union object on every call (hot path).
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def bounded(v: float) -> float:
+    """`v` as a float clamped to +-VALUE_BOUND (see there)."""
+    x = float(v)
+    return x if -VALUE_BOUND <= x <= VALUE_BOUND else math.copysign(VALUE_BOUND, x)

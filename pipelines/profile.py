@@ -250,9 +250,18 @@ class ItemProfile:
         source: Source = (-1, -1)
         item = lookup(item_id)
         for partition, offset, event in batch:
-            ts_ms = event.ts_ms
-            _fold_windows(plan, plan.item_routes, self.windows, event, ts_ms, item, offered)
+            self.add(plan, event, item, offered)
             source = max(source, (partition, offset))
+        return self.rows(item_id, offered, source)
+
+    def add(
+        self, plan: FeaturePlan, event: Event, item: Mapping[str, Any] | None, offered: Touched
+    ) -> None:
+        """Fold one event in, noting the window features and groups it was offered to."""
+        _fold_windows(plan, plan.item_routes, self.windows, event, event.ts_ms, item, offered)
+
+    def rows(self, item_id: str, offered: Touched, source: Source) -> list[FeatureRow]:
+        """The rows for what the events since the last call were offered to."""
         actor = item_actor(item_id)
         return _window_rows(actor, offered, self.windows, self.written, source, self.rewrite)
 

@@ -144,6 +144,8 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
         seed=int(decision_id[:8], 16),
     )
     notes: list[str] = [] if known else [f"surface {requested!r} unknown; served {surface!r}"]
+    if runtime.stream_note is not None:  # features may be stale: the stream is down
+        notes.append(runtime.stream_note)
     budget_s = policy.latency_budget_ms / 1000
     actor = body.user_id
     snap: Snapshot | None = None

@@ -82,6 +82,20 @@ class StreamOffsetTable(SQLModel, table=True):
     updated_at_ms: int = Field(sa_type=sa.BigInteger)
 
 
+class StreamStatusTable(SQLModel, table=True):
+    """The stream's heartbeat per source partition (`storage.online_status`): how far
+    it has read, when it was last alive and when it last moved forward, and how many
+    records it turned into dead letters."""
+
+    __tablename__ = "nb_stream_status"  # pyright: ignore[reportAssignmentType]
+
+    partition: int = Field(primary_key=True)
+    next_offset: int = Field(sa_type=sa.BigInteger)
+    dead_letters: int = Field(default=0, sa_type=sa.BigInteger)
+    heartbeat_ms: int = Field(sa_type=sa.BigInteger)
+    progress_ms: int = Field(sa_type=sa.BigInteger)
+
+
 class CachedDecisionTable(SQLModel, table=True):
     __tablename__ = "nb_cached_decisions"  # pyright: ignore[reportAssignmentType]
 
@@ -138,6 +152,7 @@ FEATURES = _t("nb_user_features")
 STATES = _t("nb_user_state")
 ALIASES = _t("nb_identity_aliases")
 OFFSETS = _t("nb_stream_offsets")
+STATUS = _t("nb_stream_status")
 DECISIONS = _t("nb_cached_decisions")
 MODELS = _t("nb_models")
 API_KEYS = _t("nb_api_keys")
@@ -149,6 +164,7 @@ ONLINE_TABLES: tuple[sa.Table, ...] = (
     DECISIONS,
     MODELS,
     API_KEYS,
+    STATUS,
 )
 
 
