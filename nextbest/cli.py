@@ -182,125 +182,6 @@ def cmd_recommend(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def format_metric(value: float) -> str:
-    """Counts read as counts (`users 181`), rates with four decimals."""
-    return str(int(value)) if float(value).is_integer() else f"{value:.4f}"
-
-
-def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from definitions.runs import evaluate
-
-    metrics = evaluate(settings, spec=_spec(settings), out=None)
-    width = max((len(n) for n in metrics), default=0)
-    for name, value in metrics.items():
-        print(f"{name:<{width}}  {format_metric(value)}")
-    return EXIT_OK
-
-
-def _client_settings(settings: Settings) -> Settings:
-    """Client commands send NEXTBEST_API_KEY, else the key `up` keeps in the home."""
-    from pydantic import SecretStr
-
-    path = settings.home_dir / "api_key"
-    if settings.api_key is None and path.is_file():
-        key = path.read_text().strip()
-        if key:
-            return settings.model_copy(update={"api_key": SecretStr(key)})
-    return settings
-
-
-def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from nextbest.client import check_jsonl, read_jsonl, send_events
-
-    problem = check_jsonl(args.file)
-    if problem:
-        print(problem, file=sys.stderr)
-        return EXIT_INVALID
-    report = send_events(
-        _client_settings(settings),
-        read_jsonl(args.file),
-        rate=args.rate,
-        batch_size=args.batch_size,
-    )
-    for line in report.details():
-        print(line)
-    print(report.line())
-    return EXIT_OK if report.failed_batches == 0 and report.rejected == 0 else EXIT_FAILURE
-
-
-def _scopes(text: str) -> list[str] | None:
-    from serving.keys import SCOPES
-
-    scopes = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in scopes if s not in SCOPES]
-    if not scopes or unknown:
-        bad = ", ".join(unknown) if unknown else "none given"
-        print(f"unknown scope ({bad}); valid scopes: {', '.join(SCOPES)}", file=sys.stderr)
-        return None
-    return scopes
-
-
-def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    from serving.keys import create_key
-    from storage.online import OnlineStore
-
-    scopes = _scopes(args.scope)
-    if scopes is None:
-        return EXIT_INVALID
-    store = OnlineStore.from_settings(settings)
-    try:
-        print(create_key(store, scopes))
-    finally:
-        store.dispose()
-    return EXIT_OK
-
-
-def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    from launcher.admin import list_keys
-
-    keys = list_keys(settings)
-    print(f"{'KEY_ID':<18} {'SCOPES':<22} {'CREATED':<26} REVOKED")
-    for k in keys:
-        created = (k["created"] or "")[:19].replace("T", " ")
-        revoked = "yes" if k["revoked"] else "no"
-        print(f"{k['key_id']:<18} {','.join(k['scopes']):<22} {created:<26} {revoked}")
-    return EXIT_OK
-
-
-def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    from launcher.admin import revoke_key
-
-    if not revoke_key(settings, args.key_id):
-        print(f"no API key {args.key_id!r} (see `nextbest keys list`)", file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"revoked {args.key_id}; a running API stops accepting it within 30 s")
-    return EXIT_OK
-
-
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    """Counts from every store, for people and for `nextbest up`'s readiness checks."""
-    import json
-
-    from launcher.admin import format_status, status_info
-
-    info = status_info(settings, _spec(settings))
-    if args.json:
-        print(json.dumps(info))
-    else:
-        for line in format_status(info):
-            print(line)
-    return EXIT_OK
-
-
-def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from launcher.admin import doctor
-
-    lines, code = doctor(settings, reset_stream=args.reset_stream)
-    for line in lines:
-        print(line)
-    return code
-
-
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from nextbest.client import live_demo_events, send_events
 
@@ -322,6 +203,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     print(f"wrote the {args.size} demo shop to {out.resolve()}/")
     print(", ".join(f"{k}: {v}" for k, v in counts.items()))
     return EXIT_OK
+
+
+def _lazy(name: str) -> Handler:
+    """A handler imported from `launcher.commands` only when its command runs."""
+
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        from launcher import commands
+
+        return getattr(commands, name)(args, settings)
+
+    return handler
 
 
 def _keys_usage(parser: argparse.ArgumentParser) -> Handler:
@@ -381,25 +273,27 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--users", required=True, help="one user id a line")
     rec.add_argument("--k", type=int, default=10, help="actions per user (default 10)")
     rec.add_argument("--out", required=True, help="JSONL output")
-    add("eval", cmd_eval, "print the promoted model's offline metrics")
-    rep = add("replay", cmd_replay, "send a JSONL file of events to the API at a rate")
+    add("eval", _lazy("cmd_eval"), "print the promoted model's offline metrics")
+    rep = add("replay", _lazy("cmd_replay"), "send a JSONL file of events to the API at a rate")
     rep.add_argument("file", help="JSONL, one event a line")
     rep.add_argument("--rate", type=float, default=100.0, help="events/s (default 100)")
     rep.add_argument("--batch-size", type=int, default=50, help="events a request (default 50)")
     keys = sub.add_parser("keys", help="API keys: create, list, revoke", description="API keys")
     keys.set_defaults(handler=_keys_usage(keys))
     keys_sub = keys.add_subparsers(dest="keys_command")
-    create = add("create", cmd_keys_create, "create an API key; prints it once", keys_sub)
+    create = add("create", _lazy("cmd_keys_create"), "create an API key; prints it once", keys_sub)
     create.add_argument(
         "--scope", default="ingest,decide",
         help="comma-separated, from ingest, decide, admin (default: ingest,decide)",
     )  # fmt: skip
-    add("list", cmd_keys_list, "every API key: id, scopes, created, revoked", keys_sub)
-    revoke = add("revoke", cmd_keys_revoke, "revoke an API key by its id", keys_sub)
+    add("list", _lazy("cmd_keys_list"), "every API key: id, scopes, created, revoked", keys_sub)
+    revoke = add("revoke", _lazy("cmd_keys_revoke"), "revoke an API key by its id", keys_sub)
     revoke.add_argument("key_id", help="the id from `nextbest keys list` (nb_<id>_...)")
-    st = add("status", cmd_status, "counts from every store and what is running")
+    st = add("status", _lazy("cmd_status"), "counts from every store and what is running")
     st.add_argument("--json", action="store_true", help="one JSON object instead of lines")
-    doc = add("doctor", cmd_doctor, "check the data home; --reset-stream clears stream recovery")
+    doc = add(
+        "doctor", _lazy("cmd_doctor"), "check the data home; --reset-stream clears stream recovery"
+    )
     doc.add_argument(
         "--reset-stream", action="store_true",
         help="delete the stream's recovery state (the stream then replays the event log)",
