@@ -79,7 +79,13 @@ def summarize(instance: dg.DagsterInstance, since: float) -> tuple[list[str], li
                     name = check.asset_check_key.name
                     asset = check.asset_key.to_user_string()
                     severity = check.severity.value if check.severity else "ERROR"
-                    failures.append(f"check {asset}:{name} failed ({severity})")
+                    facts = ", ".join(
+                        f"{k} {getattr(v, 'value', v)}" for k, v in (check.metadata or {}).items()
+                    )
+                    failures.append(
+                        f"check {asset}:{name} failed ({severity})"
+                        + (f": {facts}" if facts else "")
+                    )
     return sorted(set(done)), failures
 
 

@@ -104,18 +104,24 @@ def _locked(settings: Settings, role: str) -> InstanceLock | None:
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
-    from serving.run import run_api
-
-    _spec(settings)
-    lock = _locked(settings, "api")
+    lock = _locked(settings, "api")  # before the heavy imports: a second one fails fast
     if lock is None:
         return EXIT_LOCKED
     with lock:
+        from serving.run import run_api
+
+        _spec(settings)
         run_api(settings)
     return EXIT_OK
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
+    from nextbest.locks import holder, stream_role
+
+    held = holder(settings.home_dir, stream_role(args.process_id))
+    if held is not None:  # fail fast, before importing Bytewax; run_stream takes the lock
+        print(AlreadyRunning(settings.home_dir, held), file=sys.stderr)
+        return EXIT_LOCKED
     from pipelines.run import run_stream_cli
 
     return run_stream_cli(

@@ -56,6 +56,12 @@ class Line(dict[str, Any]):
     lineno: int = 0
 
 
+class RawLine(str):
+    """A line that is not a JSON object, sent as a string for the API to reject."""
+
+    lineno: int = 0
+
+
 def check_jsonl(path: str | Path) -> str | None:
     """Why `path` cannot be replayed (missing, a directory, unreadable), or None."""
     p = Path(path)
@@ -82,12 +88,9 @@ def read_jsonl(path: str | Path) -> Iterator[Any]:
                 data = json.loads(line)
             except ValueError:
                 data = line.strip()
-            if isinstance(data, dict):
-                event = Line(data)
-                event.lineno = number
-                yield event
-            else:
-                yield data
+            event = Line(data) if isinstance(data, dict) else RawLine(line.strip())
+            event.lineno = number
+            yield event
 
 
 def _batches(events: Iterable[Any], size: int) -> Iterator[list[Any]]:

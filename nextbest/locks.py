@@ -102,7 +102,7 @@ class InstanceLock:
             self._fd = None
 
     def __enter__(self) -> "InstanceLock":
-        return self.acquire()
+        return self if self._fd is not None else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
