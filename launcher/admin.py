@@ -161,6 +161,7 @@ def doctor(settings: Settings, *, reset_stream: bool) -> tuple[list[str], int]:
                 + "; the next stream start replays the event log from its oldest record"
                 " (Delta appends skip rows already written, online features are recomputed)"
             )
+        lines.extend(_replay_caveat(settings))
         return lines, 0
     if problems:
         code = 1
@@ -171,3 +172,22 @@ def doctor(settings: Settings, *, reset_stream: bool) -> tuple[list[str], int]:
         parts = len(list(settings.recovery_dir.glob("part-*.sqlite3")))
         lines.append(f"stream recovery    ok ({parts} partitions)")
     return lines, code
+
+
+def _replay_caveat(settings: Settings) -> list[str]:
+    """A replay rebuilds stream state only from what the log still holds."""
+    if settings.kafka_bootstrap:
+        return [
+            "                   (Kafka: the replay starts at the topic's earliest retained offset)"
+        ]
+    log = EventLog.from_settings(settings, mode="reader")
+    try:
+        trimmed = sum(log.start_offsets().values())
+    finally:
+        log.close()
+    if not trimmed:
+        return []
+    return [
+        f"                   warning: {trimmed} records were trimmed from the event log; "
+        "windowed features are rebuilt from the records that remain"
+    ]
