@@ -23,7 +23,7 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _client_settings(settings: Settings) -> Settings:
+def client_settings(settings: Settings) -> Settings:
     """Client commands send NEXTBEST_API_KEY, else the key `up` keeps in the home."""
     from pydantic import SecretStr
 
@@ -43,7 +43,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         print(problem, file=sys.stderr)
         return EXIT_INVALID
     report = send_events(
-        _client_settings(settings),
+        client_settings(settings),
         read_jsonl(args.file),
         rate=args.rate,
         batch_size=args.batch_size,

@@ -189,11 +189,14 @@ def cmd_recommend(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from launcher.commands import client_settings
     from nextbest.client import live_demo_events, send_events
 
     events = live_demo_events(seed=args.seed)
     batch = max(1, int(args.rate // 5))  # ~5 posts a second, so rates read smoothly
-    report = send_events(settings, events, rate=args.rate, batch_size=batch)
+    report = send_events(client_settings(settings), events, rate=args.rate, batch_size=batch)
+    for line in report.details():
+        print(line)
     print(report.line())
     return EXIT_OK
 
