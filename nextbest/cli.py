@@ -5,11 +5,14 @@ validate` stays fast and the apps never import each other.
 """
 
 import argparse
+import os
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nextbest.locks import EXIT_LOCKED, AlreadyRunning, InstanceLock
 from nextbest.settings import Settings
 
 if TYPE_CHECKING:
@@ -58,42 +61,87 @@ def _spec(settings: Settings) -> "Spec":
         raise SystemExit(EXIT_INVALID) from None
 
 
+PSEUDONYMIZATION_KEY_FILE = "pseudonymization_key"
+
+
+def ensure_pseudonymization_key(settings: Settings) -> str | None:
+    """A fresh random secret in `<home>/pseudonymization_key` (mode 0600) unless the
+    file exists or NEXTBEST_PSEUDONYMIZATION_KEY is set; never overwrites. Returns the
+    line to print, or None when nothing was written."""
+    if os.environ.get("NEXTBEST_PSEUDONYMIZATION_KEY"):
+        return None
+    path = settings.home_dir / PSEUDONYMIZATION_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(32) + "\n")
+    return f"pseudonym key {path} (new random secret, mode 0600; back it up)"
+
+
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     """Create the data home and every store, idempotently."""
     from storage.bootstrap import init_stores
 
-    for line in init_stores(settings, _spec(settings)):
+    spec = _spec(settings)
+    written = ensure_pseudonymization_key(settings)
+    for line in init_stores(settings, spec):
         print(line)
+    if written:
+        print(written)
     return EXIT_OK
 
 
-def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
-    from serving.run import run_api
+def _locked(settings: Settings, role: str) -> InstanceLock | None:
+    """Take the home's lock for `role`, or print who holds it and return None."""
+    try:
+        return InstanceLock(settings.home_dir, role).acquire()
+    except AlreadyRunning as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return None
 
-    _spec(settings)
-    run_api(settings)
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    lock = _locked(settings, "api")  # before the heavy imports: a second one fails fast
+    if lock is None:
+        return EXIT_LOCKED
+    with lock:
+        from serving.run import run_api
+
+        _spec(settings)
+        run_api(settings)
     return EXIT_OK
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
-    from pipelines.run import run_stream
+    from nextbest.locks import holder, stream_role
 
-    addresses = args.addresses or None
-    run_stream(
+    held = holder(settings.home_dir, stream_role(args.process_id))
+    if held is not None:  # fail fast, before importing Bytewax; run_stream takes the lock
+        print(AlreadyRunning(settings.home_dir, held), file=sys.stderr)
+        return EXIT_LOCKED
+    from pipelines.run import run_stream_cli
+
+    return run_stream_cli(
         settings,
         _spec(settings),
         process_id=args.process_id,
-        addresses=addresses,
+        addresses=args.addresses or None,
         workers_per_process=args.workers,
     )
-    return EXIT_OK
 
 
 def cmd_dagster(args: argparse.Namespace, settings: Settings) -> int:
     from nextbest.supervisor import dagster_commands, run_foreground
 
     _spec(settings)
-    return run_foreground(settings, dagster_commands(settings))
+    lock = _locked(settings, "dagster")
+    if lock is None:
+        return EXIT_LOCKED
+    with lock:
+        return run_foreground(settings, dagster_commands(settings))
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -120,9 +168,12 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
-    from definitions.runs import materialize
+    """Run in this process on the home's Dagster instance; Dagster's own (debug) output
+    goes to `<home>/logs/materialize.log`, a short summary to the terminal."""
+    from launcher.materialize import materialize_with_summary
 
-    return EXIT_OK if materialize(settings, select=args.select, spec=_spec(settings)) else 1
+    spec = _spec(settings)
+    return materialize_with_summary(settings, spec, select=args.select)
 
 
 def cmd_recommend(args: argparse.Namespace, settings: Settings) -> int:
@@ -137,66 +188,15 @@ def cmd_recommend(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from definitions.runs import evaluate
-
-    evaluate(settings, spec=_spec(settings))
-    return EXIT_OK
-
-
-def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from nextbest.client import read_jsonl, send_events
-
-    report = send_events(
-        settings, read_jsonl(args.file), rate=args.rate, batch_size=args.batch_size
-    )
-    print(report.line())
-    return EXIT_OK if report.failed_batches == 0 else EXIT_FAILURE
-
-
-def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    from serving.keys import create_key
-    from storage.online import OnlineStore
-
-    scopes = [s.strip() for s in args.scope.split(",") if s.strip()]
-    store = OnlineStore.from_settings(settings)
-    try:
-        print(create_key(store, scopes))
-    finally:
-        store.dispose()
-    return EXIT_OK
-
-
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    """Counts from every store, for people and for `nextbest up`'s readiness checks."""
-    import json
-
-    from storage.delta import DeltaStore
-    from storage.online import OnlineStore
-
-    info: dict[str, object] = {"home": str(settings.home_dir)}
-    delta = DeltaStore.from_settings(settings)
-    info["delta_events"] = delta.count("events") if delta.exists("events") else 0
-    store = OnlineStore.from_settings(settings)
-    try:
-        promoted = store.promoted_model()
-        info["promoted_model"] = promoted.version if promoted else None
-    finally:
-        store.dispose()
-    if args.json:
-        print(json.dumps(info))
-    else:
-        for name, value in info.items():
-            print(f"{name:<16} {value}")
-    return EXIT_OK
-
-
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from launcher.commands import client_settings
     from nextbest.client import live_demo_events, send_events
 
     events = live_demo_events(seed=args.seed)
     batch = max(1, int(args.rate // 5))  # ~5 posts a second, so rates read smoothly
-    report = send_events(settings, events, rate=args.rate, batch_size=batch)
+    report = send_events(client_settings(settings), events, rate=args.rate, batch_size=batch)
+    for line in report.details():
+        print(line)
     print(report.line())
     return EXIT_OK
 
@@ -216,9 +216,30 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             print(f"--ending: not now, fixed or an ISO time: {args.ending!r}", file=sys.stderr)
             return 2
         cfg = cfg.ending_at(end)
-    counts = write_demo(Path(args.out), cfg)
+    out = Path(args.out)
+    counts = write_demo(out, cfg)
+    print(f"wrote the {args.size} demo shop to {out.resolve()}/")
     print(", ".join(f"{k}: {v}" for k, v in counts.items()))
     return EXIT_OK
+
+
+def _lazy(name: str) -> Handler:
+    """A handler imported from `launcher.commands` only when its command runs."""
+
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        from launcher import commands
+
+        return getattr(commands, name)(args, settings)
+
+    return handler
+
+
+def _keys_usage(parser: argparse.ArgumentParser) -> Handler:
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        parser.print_help()
+        return EXIT_OK
+
+    return handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,52 +251,80 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(
-        name: str, handler: Handler, help_text: str, parent: Any = sub
+        name: str, handler: Handler, help_text: str, parent: Any = sub, spec_help: str = ""
     ) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--spec", help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+        p.add_argument("--spec", help=spec_help or argparse.SUPPRESS, default=argparse.SUPPRESS)
         p.add_argument("--home", help=argparse.SUPPRESS, default=argparse.SUPPRESS)
         p.set_defaults(handler=handler)
         return p
 
-    add("validate", cmd_validate, "check the spec; exit 2 listing every problem")
-    add("init", cmd_init, "create the data home and every store")
+    spec_help = "spec file (default: NEXTBEST_SPEC or ./nextbest.yaml)"
+    add(
+        "validate",
+        cmd_validate,
+        "check the spec; exit 2 listing every problem",
+        spec_help=spec_help,
+    )
+    add("init", cmd_init, "create the data home, every store and the pseudonymization key")
     up = add("up", cmd_up, "run everything on embedded defaults (API, stream, Dagster)")
     up.add_argument("--simulate", action="store_true", help="also send live demo events")
-    up.add_argument("--rate", type=float, default=20.0, help="simulated events/s")
-    add("api", cmd_api, "run the HTTP API")
-    stream = add("stream", cmd_stream, "run the stream worker (Bytewax)")
-    stream.add_argument("-i", "--process-id", type=int, default=None)
-    stream.add_argument("-a", "--addresses", action="append", default=[])
+    up.add_argument("--rate", type=float, default=20.0, help="simulated events/s (default 20)")
+    add("api", cmd_api, "run the HTTP API (one per data home)")
+    stream = add("stream", cmd_stream, "run the stream worker (Bytewax; one per data home)")
+    stream.add_argument(
+        "-i", "--process-id", type=int, default=None,
+        help="this process's index in a cluster (with -a); omit for one process",
+    )  # fmt: skip
+    stream.add_argument(
+        "-a", "--addresses", action="append", default=[], metavar="HOST:PORT",
+        help="address of every cluster process, in process-id order (repeat -a)",
+    )  # fmt: skip
     stream.add_argument("-w", "--workers", type=int, default=1, help="workers per process")
     add("dagster", cmd_dagster, "run the Dagster webserver and daemon")
     imp = add("import", cmd_import, "load history into Delta (JSONL or CSV)")
     imp.add_argument("kind", choices=["events", "items", "movielens"])
     imp.add_argument("path", help="file (events, items) or directory (movielens)")
     mat = add("materialize", cmd_materialize, "materialize assets (retrain) without the UI")
-    mat.add_argument("--select", default=None, help="Dagster asset selection")
+    mat.add_argument("--select", default=None, help="Dagster asset selection (default: all)")
     rec = add("recommend", cmd_recommend, "batch decisions for evaluation")
     rec.add_argument("--users", required=True, help="one user id a line")
-    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--k", type=int, default=10, help="actions per user (default 10)")
     rec.add_argument("--out", required=True, help="JSONL output")
-    add("eval", cmd_eval, "print the promoted model's offline metrics")
-    rep = add("replay", cmd_replay, "send a JSONL file of events to the API at a rate")
-    rep.add_argument("file")
-    rep.add_argument("--rate", type=float, default=100.0, help="events/s")
-    rep.add_argument("--batch-size", type=int, default=50)
-    keys = sub.add_parser("keys", help="API keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = add("create", cmd_keys_create, "create an API key; prints it", keys_sub)
-    create.add_argument("--scope", default="ingest,decide", help="ingest,decide,admin")
-    st = add("status", cmd_status, "counts from every store")
-    st.add_argument("--json", action="store_true")
+    add("eval", _lazy("cmd_eval"), "print the promoted model's offline metrics")
+    rep = add("replay", _lazy("cmd_replay"), "send a JSONL file of events to the API at a rate")
+    rep.add_argument("file", help="JSONL, one event a line")
+    rep.add_argument("--rate", type=float, default=100.0, help="events/s (default 100)")
+    rep.add_argument("--batch-size", type=int, default=50, help="events a request (default 50)")
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke", description="API keys")
+    keys.set_defaults(handler=_keys_usage(keys))
+    keys_sub = keys.add_subparsers(dest="keys_command")
+    create = add("create", _lazy("cmd_keys_create"), "create an API key; prints it once", keys_sub)
+    create.add_argument(
+        "--scope", default="ingest,decide",
+        help="comma-separated, from ingest, decide, admin (default: ingest,decide)",
+    )  # fmt: skip
+    add("list", _lazy("cmd_keys_list"), "every API key: id, scopes, created, revoked", keys_sub)
+    revoke = add("revoke", _lazy("cmd_keys_revoke"), "revoke an API key by its id", keys_sub)
+    revoke.add_argument("key_id", help="the id from `nextbest keys list` (nb_<id>_...)")
+    st = add("status", _lazy("cmd_status"), "counts from every store and what is running")
+    st.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    doc = add(
+        "doctor", _lazy("cmd_doctor"), "check the data home; --reset-stream clears stream recovery"
+    )
+    doc.add_argument(
+        "--reset-stream", action="store_true",
+        help="delete the stream's recovery state (the stream then replays the event log)",
+    )  # fmt: skip
     sim = add("simulate", cmd_simulate, "send live demo events to the API at a rate")
-    sim.add_argument("--rate", type=float, default=20.0)
-    sim.add_argument("--seed", type=int, default=11)
+    sim.add_argument("--rate", type=float, default=20.0, help="events/s (default 20)")
+    sim.add_argument("--seed", type=int, default=11, help="random seed of the simulated shop")
     demo = add("demo", cmd_demo, "write the deterministic demo shop as JSONL files")
-    demo.add_argument("--out", default="demo-data")
-    demo.add_argument("--size", choices=["small", "medium", "large"], default="small")
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--out", default="demo-data", help="output directory (default ./demo-data)")
+    demo.add_argument(
+        "--size", choices=["small", "medium", "large"], default="small", help="default small"
+    )
+    demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     demo.add_argument(
         "--ending",
         default="now",

@@ -13,6 +13,7 @@ import httpx
 from pydantic import SecretStr
 
 from nextbest.client import read_jsonl, send_events
+from nextbest.locks import EXIT_LOCKED, AlreadyRunning, InstanceLock, running
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 from nextbest.supervisor import (
@@ -97,7 +98,55 @@ def status_line(previous: dict[str, float], current: dict[str, float], seconds: 
     )
 
 
+RECOVERY_BROKEN = 3
+"""`nextbest stream`'s exit code for recovery state it cannot resume (pipelines.run)."""
+
+
+def take_home(settings: Settings) -> list[InstanceLock] | None:
+    """The `up` and `dagster` locks of the home, after checking nothing else of this
+    home runs (a lone `nextbest api` or `stream` included); None after saying who does."""
+    home = settings.home_dir
+    locks: list[InstanceLock] = []
+    try:
+        locks.append(InstanceLock(home, "up").acquire())
+        others = running(home)
+        others.pop("up", None)
+        if others:
+            for role, held in others.items():
+                print(
+                    f"nextbest {role} is already running on {home} ({held.describe()})",
+                    flush=True,
+                )
+            print("stop it first, or use another data home (--home / NEXTBEST_HOME)", flush=True)
+            raise _Taken
+        locks.append(InstanceLock(home, "dagster").acquire())
+    except AlreadyRunning as exc:
+        print(exc, flush=True)
+    except _Taken:
+        pass
+    else:
+        return locks
+    for lock in locks:
+        lock.release()
+    return None
+
+
+class _Taken(Exception):
+    pass
+
+
 def bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> int:
+    locks = take_home(settings)
+    if locks is None:
+        return EXIT_LOCKED
+    try:
+        return _bring_up(settings, spec, simulate=simulate, rate=rate)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> int:
     sup = Supervisor(settings)
     _install_signals(sup)
     print(f"nextbest up: spec {spec.name}, data home {settings.home_dir}", flush=True)
@@ -107,12 +156,17 @@ def bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> 
         settings = settings.model_copy(update={"api_key": SecretStr(key)})
         sup.settings = settings
         sup.env = child_env(settings)
-        stream = Component("stream", nextbest_argv("stream"))
+        stream = Component(
+            "stream",
+            nextbest_argv("stream"),
+            fatal_exits=frozenset({EXIT_LOCKED, RECOVERY_BROKEN}),
+        )
         api = Component("api", nextbest_argv("api"), ready_url=f"{settings.api_url}/health")
         sup.start(stream)
         sup.start(api)
         if not sup.wait_ready(api):
-            print(f"the API did not start; see {sup.logs / 'api.log'}", flush=True)
+            print(f"the API did not start; last lines of {sup.logs / 'api.log'}:", flush=True)
+            print("\n".join(sup.log_tail(api)), flush=True)
             return 1
         if not (settings.home_dir / ".demo_loaded").exists():
             load_demo(settings, sup)
@@ -130,6 +184,13 @@ def bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> 
         while not sup.stopping.wait(interval):
             for line in sup.watch_once():
                 print(("\n" if tty else "") + line, flush=True)
+            dead = [c.name for c in sup.gave_up() if c.name in ("api", "stream")]
+            if dead:
+                print(
+                    f"nextbest up: {' and '.join(dead)} cannot run (see above); stopping",
+                    flush=True,
+                )
+                return 1
             current, now = scrape(f"{settings.api_url}/metrics"), time.monotonic()
             line = status_line(previous, current, now - last)
             print(f"\r{line}" if tty else line, end="" if tty else "\n", flush=True)

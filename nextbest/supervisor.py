@@ -23,11 +23,14 @@ from pathlib import Path
 
 import httpx
 
+from nextbest.locks import EXIT_LOCKED
 from nextbest.settings import Settings
 from nextbest.spec import Spec
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE_SECONDS = 15.0
+TAIL_LINES = 10
+RESTARTS_PER_MINUTE = 5
 
 
 @dataclass
@@ -38,6 +41,9 @@ class Component:
     restart: bool = True
     process: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
+    fatal_exits: frozenset[int] = frozenset({EXIT_LOCKED})
+    """Exit codes a restart cannot fix (another instance holds the home, broken
+    recovery state): the supervisor reports them and gives up at once."""
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -122,22 +128,57 @@ class Supervisor:
             self.stopping.wait(0.25)
         return False
 
+    def log_tail(self, component: Component, lines: int = TAIL_LINES) -> list[str]:
+        """The last lines of a component's log, indented, for a person to read."""
+        path = self.logs / f"{component.name}.log"
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - 16_384))
+                text = handle.read().decode("utf-8", errors="replace")
+        except OSError:
+            return []
+        return [f"    | {line}" for line in text.splitlines()[-lines:]]
+
     def watch_once(self) -> list[str]:
-        """Restart dead components (at most 5 times a minute each); returns what happened."""
+        """Restart dead components (at most RESTARTS_PER_MINUTE each); returns what
+        happened, with the tail of the dead component's log."""
         events = []
         for c in self.components:
             if c.process is None or c.process.poll() is None or not c.restart:
                 continue
+            code = c.process.returncode
+            log = self.logs / f"{c.name}.log"
             now = time.monotonic()
             c.restarts = [t for t in c.restarts if now - t < 60]
-            if len(c.restarts) >= 5:
-                events.append(f"{c.name} keeps dying (exit {c.process.returncode}); see logs")
+            if code in c.fatal_exits:
                 c.restart = False
+                events.append(
+                    f"{c.name} exited with {code} and cannot be restarted; last lines of {log}:"
+                )
+                events.extend(self.log_tail(c))
+                continue
+            if len(c.restarts) >= RESTARTS_PER_MINUTE:
+                c.restart = False
+                events.append(
+                    f"{c.name} died {len(c.restarts) + 1} times within a minute "
+                    f"(last exit {code}); giving up on it. Last lines of {log}:"
+                )
+                events.extend(self.log_tail(c))
                 continue
             c.restarts.append(now)
-            events.append(f"{c.name} exited with {c.process.returncode}; restarting")
+            events.append(f"{c.name} exited with {code}; restarting. Last lines of {log}:")
+            events.extend(self.log_tail(c))
             self.start(c)
         return events
+
+    def gave_up(self) -> list[Component]:
+        """Components that are dead for good."""
+        return [
+            c
+            for c in self.components
+            if not c.restart and c.process is not None and c.process.poll() is not None
+        ]
 
     def stop(self) -> None:
         self.stopping.set()
