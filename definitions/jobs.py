@@ -12,7 +12,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import (  # not r
 )
 
 from definitions.assets import PARTITIONED_ASSETS, RETRAIN_ASSETS
-from definitions.history import (
+from definitions.batch.history import (
     FEATURES_TABLE,
     INTERACTIONS_TABLE,
     ITEMS_TABLE,

@@ -10,7 +10,7 @@ from definitions.resources import cached_spec, resource_for
 from definitions.schedules import build_schedules
 from definitions.sensors import build_sensors
 from nextbest.settings import Settings
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 
 
 def build_definitions(

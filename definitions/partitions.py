@@ -13,7 +13,7 @@ import dagster as dg
 from deltalake import DeltaTable
 
 from nextbest.settings import Settings
-from storage.delta import DeltaStore
+from storage.delta.store import DeltaStore
 
 log = logging.getLogger(__name__)
 

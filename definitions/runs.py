@@ -16,21 +16,21 @@ import dagster as dg
 import numpy as np
 import scipy.sparse as sp
 
-from definitions.arrow import pc
 from definitions.assets import ALL_ASSETS, PARTITIONED_ASSETS
 from definitions.assets.decisions import active_histories, item_allowed, item_surfaces, top_actions
 from definitions.assets.evaluation import evaluate_settings
-from definitions.history import INTERACTIONS_TABLE, item_catalog
+from definitions.batch.arrow import pc
+from definitions.batch.history import INTERACTIONS_TABLE, item_catalog
+from definitions.batch.quality import scored_top_k
 from definitions.jobs import SESSIONS_JOB, retrain_job
 from definitions.location import build_definitions
 from definitions.partitions import history_partitions
-from definitions.quality import scored_top_k
 from definitions.resources import cached_spec
-from nextbest.model import ItemModel
+from nextbest.learn.model import ItemModel
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
+from nextbest.spec.models import Spec
+from storage.delta.store import DeltaStore
+from storage.online.store import OnlineStore
 
 PARTITION_START = "dagster/asset_partition_range_start"
 PARTITION_END = "dagster/asset_partition_range_end"

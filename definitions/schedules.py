@@ -9,7 +9,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import (  # not r
 )
 
 from definitions.jobs import maintenance, retrain_job
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 
 
 def build_schedules(

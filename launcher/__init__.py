@@ -1,2 +1,2 @@
 """The command line's store-facing parts (status, doctor, keys): above every layer,
-imported by `nextbest.cli` inside its command functions only (DESIGN.md)."""
+imported by `launcher.cli` inside its command functions only (DESIGN.md)."""

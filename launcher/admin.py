@@ -9,11 +9,11 @@ import sqlalchemy as sa
 
 from nextbest.locks import running
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from storage.delta import DeltaStore
-from storage.eventlog import EventLog
-from storage.online import OnlineStore
-from storage.online_models import ApiKeyTable, UserFeatureTable
+from nextbest.spec.models import Spec
+from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog
+from storage.online.models import ApiKeyTable, UserFeatureTable
+from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
 STREAM_TABLES = {

@@ -1,10 +1,10 @@
 """The command functions behind `nextbest eval`, `replay`, `keys` and `status`/`doctor`
-(the parser in `nextbest.cli` imports them on use, so `nextbest validate` stays fast)."""
+(the parser in `launcher.cli` imports them on use, so `nextbest validate` stays fast)."""
 
 import argparse
 import sys
 
-from nextbest.cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, _spec
+from launcher.cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, _spec
 from nextbest.settings import Settings
 
 
@@ -68,7 +68,7 @@ def _scopes(text: str) -> list[str] | None:
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     from serving.keys import create_key
-    from storage.online import OnlineStore
+    from storage.online.store import OnlineStore
 
     scopes = _scopes(args.scope)
     if scopes is None:

@@ -17,9 +17,9 @@ from pathlib import Path
 import dagster as dg
 
 from definitions.runs import instance_for, materialize
+from launcher.supervisor import prepare_dagster_home
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.supervisor import prepare_dagster_home
+from nextbest.spec.models import Spec
 
 
 @contextlib.contextmanager

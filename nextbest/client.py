@@ -173,7 +173,7 @@ def _rejection(batch: list[Any], first: int, item: Any) -> str:
 
 def live_demo_events(*, seed: int) -> Iterator[dict[str, Any]]:
     """Demo shop events re-timed to now, for `nextbest up --simulate`."""
-    from nextbest.demo import DemoConfig, iter_events
+    from nextbest.demo.shop import DemoConfig, iter_events
 
     cfg = DemoConfig.small().replace(seed=seed, n_events=10_000_000, days=365)
     first: float | None = None

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         ),
     )
 
-    # Limits at the door (nextbest.validation.Limits): what the API and importer accept.
+    # Limits at the door (nextbest.ingest.validation.Limits): what the API and importer accept.
     max_future_s: float = Field(
         default=300.0, ge=0, description="Event/feedback ts at most this far past the clock."
     )

@@ -32,7 +32,7 @@ letter (`pipelines.stateful.failed`) that joins the lake sink's input, so it lan
 Delta `dead_letters` with the step and the reason, and the rest of its batch goes on:
 a record that fails again on replay fails the same way, never the worker. The parse
 step dead-letters what no store could keep (ids too long or with NUL, values beyond
-`nextbest.windows.VALUE_BOUND`, events dated past `stream_max_ahead_s`).
+`nextbest.features.windows.VALUE_BOUND`, events dated past `stream_max_ahead_s`).
 
 Step ids come from `Spec.step_id(kind, name)` and never from code positions: they key
 the recovery state, so renaming one would orphan its snapshots.
@@ -53,11 +53,11 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 
-from nextbest.events import Event
-from nextbest.online_model import Feedback
+from nextbest.ingest.events import Event
+from nextbest.ingest.validation import keyed_hash
+from nextbest.learn.online_model import Feedback
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.validation import keyed_hash
+from nextbest.spec.models import Spec
 from pipelines.catalog import ItemCatalog, StoreCatalog
 from pipelines.consent import StreamConsent
 from pipelines.profile import FeaturePlan, ItemProfile, Touched, UserProfile
@@ -74,7 +74,7 @@ from pipelines.stateful import (
     state_builder,
     stitch,
 )
-from storage.online_models import Alias
+from storage.online.models import Alias
 
 __all__ = ["FEEDBACK_BUFFER", "STITCH_BUFFER", "StitchState", "build_flow", "state_key", "stitch"]
 

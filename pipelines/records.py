@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
-from nextbest.events import Event
-from nextbest.online_model import Feedback
-from nextbest.spec import Spec
-from nextbest.validation import EventRejected, check_event, keyed_hash, validate_event
-from nextbest.windows import VALUE_BOUND
-from storage.delta_schemas import DeadLetter
-from storage.online_models import Alias, FeatureRow, UserState
+from nextbest.features.windows import VALUE_BOUND
+from nextbest.ingest.events import Event
+from nextbest.ingest.validation import EventRejected, check_event, keyed_hash, validate_event
+from nextbest.learn.online_model import Feedback
+from nextbest.spec.models import Spec
+from storage.delta.schemas import DeadLetter
+from storage.online.models import Alias, FeatureRow, UserState
 
 SourceItem = tuple[int, int, str, bytes]
 """What every source emits: (partition, offset, key, payload)."""
@@ -143,7 +143,7 @@ def _event_fast(payload: bytes, spec: Spec, pii_key: bytes | None) -> Event | No
 def unusable_event(event: Event, max_ahead_ms: int | None) -> str | None:
     """Why the stream cannot keep a valid event (None when it can): an id that would not
     fit the online store or that a SQL driver refuses (NUL), a value beyond what the
-    aggregates keep exact (`nextbest.windows.VALUE_BOUND`), or a far-future ts."""
+    aggregates keep exact (`nextbest.features.windows.VALUE_BOUND`), or a far-future ts."""
     for name, text in (
         ("user_id", event.user_id),
         ("anonymous_id", event.anonymous_id),

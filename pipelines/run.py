@@ -38,7 +38,7 @@ from bytewax.run import cli_main
 
 from nextbest.locks import AlreadyRunning, InstanceLock, stream_role
 from nextbest.settings import Settings
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 from pipelines.flow import build_flow
 from pipelines.gctune import tune_for_stream
 
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from nextbest.spec_loader import load_spec
+    from nextbest.spec.loader import load_spec
 
     overrides: dict[str, object] = {}
     if args.home:

@@ -36,22 +36,22 @@ from bytewax.outputs import (
 )
 
 from nextbest.settings import Settings
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 from pipelines.background import BackgroundWriter
 from pipelines.dedupe import RecentIds
 from pipelines.erasure import StreamEraser, erase_marker
 from pipelines.records import Erase, Record, Update, dead_record
 from pipelines.status import BOARD
 from pipelines.vector_sink import VECTORS_PART, UserVectorSink
-from storage.delta import (
+from storage.delta.store import (
     DeltaStore,
     dead_letters_to_table,
     decisions_to_table,
     events_to_table,
     feedback_to_table,
 )
-from storage.online import OnlineStore
-from storage.online_models import Alias, FeatureRow, UserState
+from storage.online.models import Alias, FeatureRow, UserState
+from storage.online.store import OnlineStore
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING
 from nextbest.settings import Settings
 from pipelines.records import SourceItem
 from pipelines.status import BOARD
-from storage.eventlog import EventLog
+from storage.eventlog.log import EventLog
 
 DEFAULT_BATCH = 2000
 IDLE_MIN = timedelta(milliseconds=2)
@@ -82,7 +82,7 @@ class _LogPartition(StatefulSourcePartition[SourceItem, int]):
 
 
 class EventLogSource(FixedPartitionedSource[SourceItem, int]):
-    """The embedded durable log (`storage.eventlog`), one Bytewax partition per log
+    """The embedded durable log (`storage.eventlog.log`), one Bytewax partition per log
     partition. `tail=False` stops at the end offsets seen when a partition starts,
     which makes a bounded run (tests, backfills) return."""
 

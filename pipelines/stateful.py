@@ -12,11 +12,11 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from bytewax.operators import StatefulBatchLogic
 
-from nextbest.events import Event
-from nextbest.online_model import Feedback
+from nextbest.ingest.events import Event
+from nextbest.learn.online_model import Feedback
 from pipelines.profile import FeaturePlan, ItemProfile, UserProfile
 from pipelines.records import Erase, Record, Routed, dead_record
-from storage.online_models import now_ms
+from storage.online.models import now_ms
 
 S = TypeVar("S")
 V = TypeVar("V")
@@ -202,7 +202,7 @@ def _raw(item: Any) -> str:
 
 def retention_of(plan: FeaturePlan, state: type) -> Retention | None:
     """The spec's `state.ttl` for a state type, never shorter than the longest window
-    (see `nextbest.spec.StateRetention`); None keeps every key."""
+    (see `nextbest.spec.models.StateRetention`); None keeps every key."""
     ttl = plan.spec.state.ttl
     if ttl is None:
         return None

@@ -14,7 +14,7 @@ import threading
 import time
 
 from nextbest.settings import Settings
-from storage.online import OnlineStore
+from storage.online.store import OnlineStore
 from storage.online_status import PartitionStatus, read_status, write_status
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from nextbest.settings import Settings
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 from pipelines.background import BackgroundWriter
 from pipelines.erasure import ERASE_MARKER, erase_vectors
 from storage.vectors import VectorStore

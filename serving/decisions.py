@@ -4,7 +4,7 @@
    decision, cap counters) on a reader thread (`serving.reader`, which coalesces
    concurrent reads), bounded by the policy's `latency_budget_ms`. That read is the
    only I/O of a decision.
-2. Decide on the event loop: `nextbest.decide.decide` is pure numpy/Python over the
+2. Decide on the event loop: `nextbest.decide.decision.decide` is pure numpy/Python over the
    in-memory model, attributes and trending list, sub-millisecond on the demo catalog.
    Running it inline rather than in a thread saves two GIL hand-offs per request,
    which under load cost far more than the work (the loop thread waits up to the
@@ -16,8 +16,8 @@
    the cached decision; if that fails too, popular-in-context from memory.
 
 The decision record is handed to the decision log's queue; the caller never waits
-for it. Its layout is what `definitions.bandit_log` reads (and what
-`nextbest.offer_sim.decision_records` simulates): each shown action with its
+for it. Its layout is what `definitions.batch.bandit_log` reads (and what
+`nextbest.demo.offer_sim.decision_records` simulates): each shown action with its
 `propensity`, every arm the exploring choice drew from in `candidates`
 (`{"action_id", "item_id", "score", "propensity"}`), the probability of showing
 nothing in `features["propensity"]` when an offer surface showed nothing, the feature
@@ -35,9 +35,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from nextbest.candidates import UserView, user_view
-from nextbest.decide import Action, DecisionRequest, Outcome, decide, policy_for_surface
-from nextbest.spec import Policy
+from nextbest.decide.candidates import UserView, user_view
+from nextbest.decide.decision import Action, DecisionRequest, Outcome, decide, policy_for_surface
+from nextbest.spec.models import Policy
 from serving.consent import (
     NOT_PERSONALIZED,
     consented,
@@ -47,8 +47,8 @@ from serving.consent import (
 )
 from serving.runtime import ServingRuntime
 from serving.schemas import ActionOut, DecideIn, DecideOut
-from storage.online_models import now_ms
-from storage.online_serving import Snapshot
+from storage.online.models import now_ms
+from storage.online.serving import Snapshot
 
 FALLBACK_READ_S = 0.005
 INLINE_MAX_ITEMS = 20_000

@@ -19,22 +19,22 @@ from typing import Any
 import numpy as np
 from prometheus_client import Gauge
 
-from nextbest.candidates import VectorSearch
-from nextbest.decide import Assets
-from nextbest.model import ItemModel
+from nextbest.decide.candidates import VectorSearch
+from nextbest.decide.decision import Assets
+from nextbest.learn.model import ItemModel
+from nextbest.learn.uplift import OfferUplift
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.uplift import OfferUplift
+from nextbest.spec.models import Spec
 from serving.keys import KeyVerifier
 from serving.metrics import Metrics
 from serving.reader import SnapshotReader
 from serving.sinks import DecisionLog, EventSink, open_sink
 from serving.stream_health import StreamHealth, StreamProbe
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
-from storage.online_consent import ConsentCache, ConsentStore
-from storage.online_models import now_ms
-from storage.online_serving import ServingStore
+from storage.delta.store import DeltaStore
+from storage.online.consent import ConsentCache, ConsentStore
+from storage.online.models import now_ms
+from storage.online.serving import ServingStore
+from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from nextbest.settings import Settings
-from storage.eventlog import EventLog
-from storage.online_models import now_ms
+from storage.eventlog.log import EventLog
+from storage.online.models import now_ms
 from storage.online_status import read_status
 
 log = logging.getLogger(__name__)

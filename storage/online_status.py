@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from storage.online_engine import is_sqlite, write_engine
-from storage.online_models import STATUS
+from storage.online.engine import is_sqlite, write_engine
+from storage.online.models import STATUS
 
 
 @dataclass(frozen=True, slots=True)

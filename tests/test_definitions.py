@@ -11,15 +11,15 @@ import dagster as dg
 import pytest
 
 from definitions import build_definitions
-from definitions.importer import import_events, import_items
+from definitions.batch.importer import import_events, import_items
 from definitions.resources import NextbestResource, resource_for
 from definitions.runs import instance_for, materialize, recommend
 from definitions.sensors import retrain_after_events
-from nextbest.demo import DemoConfig, write_demo
+from nextbest.demo.shop import DemoConfig, write_demo
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
+from nextbest.spec.loader import load_spec
+from storage.delta.store import DeltaStore
+from storage.online.store import OnlineStore
 from storage.vectors import AttrType, VectorStore
 
 ROOT = Path(__file__).resolve().parents[1]

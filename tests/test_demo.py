@@ -15,8 +15,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from nextbest.cli import main
-from nextbest.demo import (
+from launcher.cli import main
+from nextbest.demo.arrow import ROW_SCHEMA, iter_event_batches
+from nextbest.demo.shop import (
     CATEGORIES,
     DEVICES,
     HIDDEN_PREFIX,
@@ -29,9 +30,8 @@ from nextbest.demo import (
     public_user,
     write_demo,
 )
-from nextbest.demo_arrow import ROW_SCHEMA, iter_event_batches
-from nextbest.events import Event
-from nextbest.spec_loader import load_spec
+from nextbest.ingest.events import Event
+from nextbest.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = DemoConfig.small()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nextbest.cli import main
+from launcher.cli import main
+from launcher.supervisor import Component, Supervisor
 from nextbest.locks import EXIT_LOCKED, AlreadyRunning, InstanceLock, holder
 from nextbest.settings import Settings
-from nextbest.supervisor import Component, Supervisor
 from tests.conftest import ROOT
 
 
@@ -104,7 +104,7 @@ def test_doctor_finds_and_resets_broken_stream_recovery(home: Path, capsys) -> N
 
     started = time.monotonic()
     stream = subprocess.run(
-        [sys.executable, "-m", "nextbest", "stream"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "launcher", "stream"], capture_output=True, text=True, timeout=120
     )
     assert stream.returncode == 3, stream.stderr
     assert "cannot resume" in stream.stderr and "nextbest doctor --reset-stream" in stream.stderr
@@ -121,7 +121,7 @@ def test_stream_refuses_a_home_whose_stream_runs(home: Path) -> None:
     with InstanceLock(home, "stream"):
         started = time.monotonic()
         out = subprocess.run(
-            [sys.executable, "-m", "nextbest", "stream"], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "launcher", "stream"], capture_output=True, text=True, timeout=60
         )
         assert out.returncode == EXIT_LOCKED
         assert f"already running on {home} (pid {os.getpid()}, since" in out.stderr

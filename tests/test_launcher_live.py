@@ -37,7 +37,7 @@ def _env(home: Path, api_port: int) -> dict[str, str]:
 
 def nextbest(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "nextbest", *args],
+        [sys.executable, "-m", "launcher", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -55,7 +55,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, st
     key = nextbest(env, "keys", "create", "--scope", "ingest,decide,admin").stdout.strip()
     (home / "api_key").write_text(key + "\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nextbest", "api"],
+        [sys.executable, "-m", "launcher", "api"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

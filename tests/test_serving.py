@@ -10,12 +10,12 @@ import httpx
 import pytest
 from litestar import Litestar
 
-from nextbest.demo import DemoConfig
+from nextbest.demo.shop import DemoConfig
 from nextbest.settings import Settings
 from serving.app import create_app
 from serving.keys import create_key
-from storage.eventlog import EventLog
-from storage.online_models import CachedDecision
+from storage.eventlog.log import EventLog
+from storage.online.models import CachedDecision
 from tests.broker import read_topic
 from tests.test_serving_world import (
     LiveServer,
@@ -331,7 +331,7 @@ def test_online_store_down_serves_fallback(tmp_path: Path) -> None:
     app = create_app(settings)
     live = start_server(app)
     try:
-        from storage.online_engine import create_online_engine
+        from storage.online.engine import create_online_engine
 
         # Point the decision reads at a database that cannot be opened.
         dead = create_online_engine(f"sqlite:///{tmp_path / 'gone' / 'x.db'}")

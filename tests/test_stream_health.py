@@ -12,8 +12,8 @@ import pytest
 from nextbest.settings import Settings
 from serving.app import create_app
 from serving.keys import create_key
-from storage.eventlog import EventLog
-from storage.online_models import now_ms
+from storage.eventlog.log import EventLog
+from storage.online.models import now_ms
 from storage.online_status import PartitionStatus, write_status
 from tests.test_serving_world import World, build_world, start_server, stop_server
 from tests.waiting import wait_until
@@ -100,7 +100,7 @@ def test_on_kafka_the_lag_is_unknown_and_only_a_stale_heartbeat_is_down(tmp_path
     """The broker's end offsets are not read by the API: no heartbeat yet is not an
     error, a fresh one is up, a stale one is down; the lag is reported unknown."""
     from serving.stream_health import StreamProbe
-    from storage.online import OnlineStore
+    from storage.online.store import OnlineStore
 
     home, spec = tmp_path / "home", ROOT / "nextbest.yaml"
     settings = Settings(home=home, spec=spec, kafka_bootstrap="127.0.0.1:9", _env_file=None)  # type: ignore[call-arg]

@@ -12,12 +12,12 @@ from bytewax.recovery import RecoveryConfig
 from bytewax.testing import run_main
 
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
 from pipelines.flow import build_flow
 from pipelines.run import ensure_recovery_dir
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
+from storage.delta.store import DeltaStore
+from storage.online.store import OnlineStore
 from storage.online_status import read_status
 from tests.stream_helpers import append_log, demo_events, write_catalog
 

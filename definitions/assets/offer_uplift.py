@@ -11,13 +11,20 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
-from definitions.artifacts import read_json_file, write_json_file
 from definitions.assets.logs import decision_log, feedback_log
-from definitions.bandit_log import Rounds, held_out, read_rounds
+from definitions.batch.artifacts import read_json_file, write_json_file
+from definitions.batch.bandit_log import Rounds, held_out, read_rounds
 from definitions.resources import NextbestResource
-from nextbest.ope import NO_ACTION
-from nextbest.spec import Spec
-from nextbest.uplift import Basis, OfferUplift, UpliftModel, auuc, fit_uplift, qini_coefficient
+from nextbest.learn.ope import NO_ACTION
+from nextbest.learn.uplift import (
+    Basis,
+    OfferUplift,
+    UpliftModel,
+    auuc,
+    fit_uplift,
+    qini_coefficient,
+)
+from nextbest.spec.models import Spec
 
 UPLIFT_POINTER = "uplift.json"
 """The served offer policy (read by the API); written by `offer_policy` only."""
