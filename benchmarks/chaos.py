@@ -43,10 +43,10 @@ from benchmarks.chaos_check import (
     inject_replay_duplicates,
 )
 from benchmarks.chaos_procs import Component, free_port, wait_for
-from nextbest.demo import DemoConfig, iter_event_dicts
+from nextbest.demo.shop import DemoConfig, iter_event_dicts
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
-from storage.eventlog import EventLog
+from nextbest.spec.loader import load_spec
+from storage.eventlog.log import EventLog
 from tests.stream_helpers import delta_events, online_mismatches, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ class Harness:
         }
         self.env |= {"PYTHONPATH": str(ROOT), "NEXTBEST_API_PORT": str(self.port)}
         home_args = ["--home", str(self.settings.home_dir), "--spec", str(SPEC)]
-        cli = [sys.executable, "-m", "nextbest", *home_args]
+        cli = [sys.executable, "-m", "launcher", *home_args]
         self.cli = cli
 
         def component(name: str, argv: list[str]) -> Component:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from nextbest.settings import Settings
-from storage.delta import DeltaStore
+from storage.delta.store import DeltaStore
 
 EVENTS = "events"
 Target = Literal["stream", "api"]

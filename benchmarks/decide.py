@@ -32,14 +32,14 @@ import pyarrow as pa
 import uvloop
 
 from benchmarks.openloop import Pool, Stream, head, open_loop, summary
-from nextbest.demo import DemoConfig, generate_items, iter_event_dicts
-from nextbest.model import fit, interaction_matrix
+from nextbest.demo.shop import DemoConfig, generate_items, iter_event_dicts
+from nextbest.learn.model import fit, interaction_matrix
 from nextbest.settings import Settings
-from nextbest.spec import Spec, WindowFeature
-from nextbest.spec_loader import load_spec
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
-from storage.online_models import FeatureRow, UserState
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec, WindowFeature
+from storage.delta.store import DeltaStore
+from storage.online.models import FeatureRow, UserState
+from storage.online.store import OnlineStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,9 +25,9 @@ from typing import Any
 import uvloop
 
 from benchmarks.decide import ROOT, build_home, create_admin_key
-from nextbest.demo import DemoConfig
+from nextbest.demo.shop import DemoConfig
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
 
 
 def scope_for(path: str, key: str, body: bytes) -> dict[str, Any]:

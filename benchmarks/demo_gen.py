@@ -16,9 +16,9 @@ MODES = ("arrow", "dicts", "jsonl", "events")
 
 
 def run_one(mode: str, events: int, users: int, items: int) -> dict[str, float]:
-    from nextbest.demo import DemoConfig, iter_event_dicts, iter_events
-    from nextbest.demo_arrow import iter_event_batches
-    from nextbest.demo_world import world_for
+    from nextbest.demo.arrow import iter_event_batches
+    from nextbest.demo.shop import DemoConfig, iter_event_dicts, iter_events
+    from nextbest.demo.world import world_for
 
     cfg = DemoConfig.large(n_events=events, n_users=users, n_items=items)
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 
-from storage.eventlog import EventLog
+from storage.eventlog.log import EventLog
 
 PAYLOAD = b'{"event_id":"e","type":"view","user_id":"u","item_id":"i","ts":1700000000}' * 3
 

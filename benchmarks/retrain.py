@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from definitions import build_definitions  # noqa: E402
-from definitions.importer import items_table  # noqa: E402
+from definitions.batch.importer import items_table  # noqa: E402
 from nextbest.settings import Settings  # noqa: E402
-from nextbest.spec_loader import load_spec  # noqa: E402
-from storage.delta import DeltaStore  # noqa: E402
+from nextbest.spec.loader import load_spec  # noqa: E402
+from storage.delta.store import DeltaStore  # noqa: E402
 
 CATEGORIES = 50
 TYPES = np.array(["view", "add_to_cart", "purchase", "rate"])

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nextbest.demo import DemoConfig, iter_event_dicts
+from nextbest.demo.shop import DemoConfig, iter_event_dicts
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
-from storage.delta import DeltaStore
-from storage.eventlog import EventLog
-from storage.online import OnlineStore
+from nextbest.spec.loader import load_spec
+from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog
+from storage.online.store import OnlineStore
 from tests.stream_helpers import encode, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,14 +23,14 @@ from pathlib import Path
 from bytewax.recovery import RecoveryConfig
 from bytewax.run import cli_main
 
-from nextbest.demo import DemoConfig, iter_event_dicts
+from nextbest.demo.shop import DemoConfig, iter_event_dicts
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
 from pipelines.flow import build_flow
 from pipelines.gctune import tune_for_stream
 from pipelines.run import ensure_recovery_dir
 from pipelines.sources import DEFAULT_BATCH, EventLogSource
-from storage.delta import DeltaStore
+from storage.delta.store import DeltaStore
 from tests.stream_helpers import append_log, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,6 @@ from typing import Any
 
 import dagster as dg
 
-from definitions.arrow import pc
-from definitions.artifacts import read_candidate, read_json_file, read_metrics
 from definitions.assets import (
     bronze_events,
     cached_decisions,
@@ -21,9 +19,11 @@ from definitions.assets import (
 from definitions.assets.decisions import active_histories
 from definitions.assets.offer_policy import read_registry
 from definitions.assets.offer_uplift import UPLIFT_POINTER, read_uplift
-from definitions.history import INTERACTIONS_TABLE
+from definitions.batch.arrow import pc
+from definitions.batch.artifacts import read_candidate, read_json_file, read_metrics
+from definitions.batch.history import INTERACTIONS_TABLE
 from definitions.resources import NextbestResource
-from storage.delta_schemas import EVENTS_SCHEMA
+from storage.delta.schemas import EVENTS_SCHEMA
 
 RANKING_METRICS = ("ndcg@10", "precision@10", "recall@10", "map@10", "coverage@10")
 

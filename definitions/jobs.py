@@ -1,11 +1,18 @@
-"""Jobs: the full retrain, the day-partitioned history backfill, store maintenance."""
+"""Jobs: the full retrain, the day-partitioned history backfill, store maintenance.
+
+Every run (UI, schedules, the sensor, `nextbest materialize` and so `nextbest up`'s
+first training) goes through one of these named jobs, so run lists read `retrain` or
+`sessions_backfill` rather than Dagster's `__ephemeral_asset_job__`."""
 
 from datetime import timedelta
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import (  # not re-exported
+    UnresolvedAssetJobDefinition,
+)
 
 from definitions.assets import PARTITIONED_ASSETS, RETRAIN_ASSETS
-from definitions.history import (
+from definitions.batch.history import (
     FEATURES_TABLE,
     INTERACTIONS_TABLE,
     ITEMS_TABLE,
@@ -26,6 +33,7 @@ DELTA_TABLES = (
     FEATURES_TABLE,
     TRAINING_TABLE,
 )
+SESSIONS_JOB = "sessions_backfill"
 RUN_RETRIES = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FAILURE"}
 """Run-level retries (the daemon relaunches a run that died, e.g. OOM-killed)."""
 
@@ -37,13 +45,19 @@ retrain_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
 )
 
-sessions_job = dg.define_asset_job(
-    "sessions_backfill",
-    selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS),
-    partitions_def=DAILY,
-    description="Day-partitioned silver tables; backfill any range of days in one run.",
-    run_tags=RUN_RETRIES,
-)
+
+def sessions_job_for(partitions: dg.PartitionsDefinition) -> UnresolvedAssetJobDefinition:
+    """The day-partitioned job over `partitions` (the history's days, see partitions.py)."""
+    return dg.define_asset_job(
+        SESSIONS_JOB,
+        selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS),
+        partitions_def=partitions,
+        description="Day-partitioned silver tables; backfill any range of days in one run.",
+        run_tags=RUN_RETRIES,
+    )
+
+
+sessions_job = sessions_job_for(DAILY)
 
 
 @dg.op(retry_policy=IO_RETRY)

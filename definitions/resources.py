@@ -15,10 +15,10 @@ import dagster as dg
 from pydantic import Field
 
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.spec_loader import load_spec
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
+from storage.delta.store import DeltaStore
+from storage.online.store import OnlineStore
 from storage.vectors import AttrType, VectorStore
 
 OpeGate = Literal["off", "not_worse", "better"]

@@ -16,20 +16,21 @@ import dagster as dg
 import numpy as np
 import scipy.sparse as sp
 
-from definitions.arrow import pc
 from definitions.assets import ALL_ASSETS, PARTITIONED_ASSETS
 from definitions.assets.decisions import active_histories, item_allowed, item_surfaces, top_actions
 from definitions.assets.evaluation import evaluate_settings
-from definitions.checks import ALL_CHECKS
-from definitions.history import INTERACTIONS_TABLE, item_catalog
-from definitions.partitions import DAILY
-from definitions.quality import scored_top_k
-from definitions.resources import cached_spec, resource_for
-from nextbest.model import ItemModel
+from definitions.batch.arrow import pc
+from definitions.batch.history import INTERACTIONS_TABLE, item_catalog
+from definitions.batch.quality import scored_top_k
+from definitions.jobs import SESSIONS_JOB, retrain_job
+from definitions.location import build_definitions
+from definitions.partitions import history_partitions
+from definitions.resources import cached_spec
+from nextbest.learn.model import ItemModel
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
+from nextbest.spec.models import Spec
+from storage.delta.store import DeltaStore
+from storage.online.store import OnlineStore
 
 PARTITION_START = "dagster/asset_partition_range_start"
 PARTITION_END = "dagster/asset_partition_range_end"
@@ -41,13 +42,17 @@ def instance_for(settings: Settings) -> dg.DagsterInstance:
     return dg.DagsterInstance.from_config(str(settings.dagster_home))
 
 
-def history_days(settings: Settings) -> tuple[str, str] | None:
+def history_days(
+    settings: Settings, partitions: dg.PartitionsDefinition | None = None
+) -> tuple[str, str] | None:
     """First and last UTC event day in bronze, clipped to the partitions' range."""
     store = DeltaStore.from_settings(settings)
     if not store.exists("events") or store.count("events") == 0:
         return None
     days = store.read("events", columns=["event_date"]).column("event_date")
-    keys = DAILY.get_partition_keys()
+    keys = (partitions or history_partitions(settings)).get_partition_keys()
+    if not keys:
+        return None
     first = max(pc.min(days).as_py(), keys[0])
     last = min(pc.max(days).as_py(), keys[-1], date.today().isoformat())
     return (first, last) if first <= last else None
@@ -65,12 +70,12 @@ def materialize(
 
     `select` is a Dagster asset selection string (`"item_model+"`, `"key:cached_decisions"`,
     `"group:gold"`). Day-partitioned assets run once over every day present in bronze
-    (one single-run backfill); the rest run in one unpartitioned run. Returns True when
-    every run succeeded and no blocking check failed. `options` set resource fields.
+    (one single-run backfill of the `sessions_backfill` job); the rest run in one run of
+    the `retrain` job, so the UI lists the runs by those names. Returns True when every
+    run succeeded and no blocking check failed. `options` set resource fields.
     """
     spec = spec or cached_spec(settings.spec)
-    resource = resource_for(settings, **options)
-    assets: list[Any] = [*ALL_ASSETS, *ALL_CHECKS]
+    defs = build_definitions(settings, spec, **options)
     selection = dg.AssetSelection.all() if select is None else dg.AssetSelection.from_string(select)
     keys = selection.resolve(ALL_ASSETS)
     partitioned_keys = {a.key for a in PARTITIONED_ASSETS}
@@ -81,16 +86,16 @@ def materialize(
     ok = True
     try:
         if plain:
-            result = dg.materialize(
-                assets, selection=plain, instance=inst, resources={"nextbest": resource},
-                raise_on_error=False, tags={"nextbest/trigger": "cli"},
+            result = defs.resolve_job_def(retrain_job.name).execute_in_process(
+                instance=inst, asset_selection=plain, raise_on_error=False,
+                tags={"nextbest/trigger": "cli"},
             )  # fmt: skip
             ok = ok and result.success and _checks_passed(result)
-        days = history_days(settings) if parted else None
+        sessions = defs.resolve_job_def(SESSIONS_JOB)
+        days = history_days(settings, sessions.partitions_def) if parted else None
         if parted and days is not None:
-            result = dg.materialize(
-                assets, selection=parted, instance=inst, resources={"nextbest": resource},
-                raise_on_error=False,
+            result = sessions.execute_in_process(
+                instance=inst, asset_selection=parted, raise_on_error=False,
                 tags={PARTITION_START: days[0], PARTITION_END: days[1], "nextbest/trigger": "cli"},
             )  # fmt: skip
             ok = ok and result.success and _checks_passed(result)

@@ -33,8 +33,7 @@ def events_since_model(nextbest: NextbestResource) -> tuple[int, int, str | None
     return now, int(trained or 0), newest.version
 
 
-@dg.sensor(job=retrain_job, minimum_interval_seconds=60, name="retrain_after_events")
-def retrain_after_events(
+def _retrain_after_events(
     context: dg.SensorEvaluationContext, nextbest: NextbestResource
 ) -> dg.SensorResult | dg.SkipReason:
     """Requests a `retrain` run once `schedules.retrain_after_events` events arrived in
@@ -61,3 +60,20 @@ def retrain_after_events(
         ],
         cursor=str(now),
     )
+
+
+def build_sensors(*, running: bool) -> list[dg.SensorDefinition]:
+    """The sensor, RUNNING from the first start when automation is on (`running`); a
+    toggle in the UI still overrides it (Dagster keeps that state in its instance)."""
+    status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+    sensor = dg.sensor(
+        job=retrain_job,
+        minimum_interval_seconds=60,
+        name="retrain_after_events",
+        default_status=status,
+    )(_retrain_after_events)
+    return [sensor]
+
+
+retrain_after_events = build_sensors(running=False)[0]
+"""The sensor as a value (tests evaluate it directly)."""

@@ -8,7 +8,7 @@ offered rate.
 import json
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,9 @@ from typing import Any
 import httpx
 
 from nextbest.settings import Settings
+
+MAX_DETAILS = 20
+"""Rejected events and failed batches printed one by one before the rest are counted."""
 
 
 @dataclass
@@ -25,6 +28,19 @@ class SendReport:
     rejected: int = 0
     failed_batches: int = 0
     seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    more_problems: int = 0
+
+    def note(self, problem: str) -> None:
+        if len(self.problems) < MAX_DETAILS:
+            self.problems.append(problem)
+        else:
+            self.more_problems += 1
+
+    def details(self) -> list[str]:
+        """Why events were rejected and batches failed, capped at MAX_DETAILS lines."""
+        more = [f"... and {self.more_problems} more"] if self.more_problems else []
+        return [*self.problems, *more]
 
     def line(self) -> str:
         rate = self.sent / self.seconds if self.seconds else 0.0
@@ -34,11 +50,47 @@ class SendReport:
         )
 
 
+class Line(dict[str, Any]):
+    """An event read from a file, remembering its line number for error messages."""
+
+    lineno: int = 0
+
+
+class RawLine(str):
+    """A line that is not a JSON object, sent as a string for the API to reject."""
+
+    lineno: int = 0
+
+
+def check_jsonl(path: str | Path) -> str | None:
+    """Why `path` cannot be replayed (missing, a directory, unreadable), or None."""
+    p = Path(path)
+    if not p.exists():
+        return f"{path}: no such file"
+    if not p.is_file():
+        return f"{path}: not a file"
+    try:
+        with p.open("rb"):
+            pass
+    except OSError as exc:
+        return f"{path}: cannot read ({exc.strerror})"
+    return None
+
+
 def read_jsonl(path: str | Path) -> Iterator[Any]:
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
+    """Events of a JSONL file; a line that is not a JSON object is sent as it is (the
+    API rejects it with a reason) so one bad line never stops a replay."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except ValueError:
+                data = line.strip()
+            event = Line(data) if isinstance(data, dict) else RawLine(line.strip())
+            event.lineno = number
+            yield event
 
 
 def _batches(events: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -80,26 +132,48 @@ def send_events(
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+            first = report.sent
             try:
                 response = http.post("/v1/events", json={"events": batch})
                 body = response.json() if response.content else {}
-            except (httpx.HTTPError, ValueError):
+            except httpx.HTTPError as exc:
                 report.failed_batches += 1
                 report.sent += len(batch)
+                report.note(f"batch of events {first + 1}-{report.sent} failed: {exc!r}")
                 continue
+            except ValueError:
+                body = {}
             report.sent += len(batch)
-            if response.status_code in (202, 422):
+            if response.status_code in (202, 422) and isinstance(body, dict):
                 report.accepted += int(body.get("accepted", 0))
-                report.rejected += len(body.get("rejected", []))
+                rejected = body.get("rejected", []) or []
+                report.rejected += len(rejected)
+                for item in rejected:
+                    report.note(_rejection(batch, first, item))
             else:
                 report.failed_batches += 1
+                text = response.text.strip().replace("\n", " ")[:300]
+                report.note(
+                    f"batch of events {first + 1}-{report.sent} failed: "
+                    f"HTTP {response.status_code} {text}"
+                )
     report.seconds = time.perf_counter() - start
     return report
 
 
+def _rejection(batch: list[Any], first: int, item: Any) -> str:
+    """`line 7: 'view' events need item_id` (event number when not read from a file)."""
+    index = item.get("index") if isinstance(item, dict) else None
+    reason = item.get("reason", item) if isinstance(item, dict) else item
+    event = batch[index] if isinstance(index, int) and 0 <= index < len(batch) else None
+    lineno = getattr(event, "lineno", 0)
+    where = f"line {lineno}" if lineno else f"event {first + (index or 0) + 1}"
+    return f"rejected {where}: {reason}"
+
+
 def live_demo_events(*, seed: int) -> Iterator[dict[str, Any]]:
     """Demo shop events re-timed to now, for `nextbest up --simulate`."""
-    from nextbest.demo import DemoConfig, iter_events
+    from nextbest.demo.shop import DemoConfig, iter_events
 
     cfg = DemoConfig.small().replace(seed=seed, n_events=10_000_000, days=365)
     first: float | None = None

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 RESERVED_ID_PREFIX = "~nc:"
-"""Ids the system makes for events stored without their person (`nextbest.consent`)."""
+"""Ids the system makes for events stored without their person (`nextbest.ingest.consent`)."""
 ACTOR_PREFIXES = ("anon:", "item:", RESERVED_ID_PREFIX)
 """Prefixes the system writes in front of ids to key its stores (`Event.actor` for
 visitors, `pipelines.profile` for items, consent's `~nc:`): a client id starting with one

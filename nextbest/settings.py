@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         ),
     )
 
-    # Limits at the door (nextbest.validation.Limits): what the API and importer accept.
+    # Limits at the door (nextbest.ingest.validation.Limits): what the API and importer accept.
     max_future_s: float = Field(
         default=300.0, ge=0, description="Event/feedback ts at most this far past the clock."
     )
@@ -95,6 +95,26 @@ class Settings(BaseSettings):
     )
     auth_failures_per_min: float = Field(
         default=30.0, gt=0, description="Failed authentications per client address per minute."
+    )
+
+    automation: bool = Field(
+        default=True,
+        description="Dagster schedules and the retrain sensor start RUNNING; off: STOPPED.",
+    )
+
+    stream_max_ahead_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="Events dated more than this past the stream clock become dead letters.",
+    )
+    stream_heartbeat_s: float = Field(
+        default=2.0, gt=0, description="How often the stream writes its status row."
+    )
+    stream_stale_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="/ready reports the stream down when events are pending and it has not"
+        " made progress (or sent a heartbeat) for this long.",
     )
 
     @model_validator(mode="before")

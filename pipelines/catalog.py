@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from storage.delta import DeltaStore
+from nextbest.spec.models import Spec
+from storage.delta.store import DeltaStore
 from storage.vectors import VectorStore
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ not come through the API (a producer writing straight to Kafka).
 `StreamConsent` runs right after the parse step, as a `filter_map`:
 - consent events are recorded in the online store's consent table (newest wins, so
   re-applying the API's own or a replayed one is harmless) and in the cache;
-- events the API already judged (a valid `nextbest.consent.MARK`, or anonymized; both
+- events the API already judged (a valid `nextbest.ingest.consent.MARK`, or anonymized; both
   keyed hashes of the event id, so a producer cannot forge them) pass unchanged, so the
   stream never drops or rewrites an event that got a 202;
 - any other event is judged as the API would: kept, anonymized (`aggregate`) or
@@ -28,13 +28,13 @@ seen the link. Events from the API are not affected (they are marked).
 import threading
 from typing import Any
 
-from nextbest.consent import Overlay, anonymize, change_of, is_anonymized, judged, verdict
-from nextbest.events import Event
+from nextbest.ingest.consent import Overlay, anonymize, change_of, is_anonymized, judged, verdict
+from nextbest.ingest.events import Event
 from nextbest.settings import Settings
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 from pipelines.records import Erase, Record
-from storage.online import OnlineStore
-from storage.online_consent import ConsentCache, ConsentStore
+from storage.online.consent import ConsentCache, ConsentStore
+from storage.online.store import OnlineStore
 
 CACHE_TTL_S = 5.0
 """How long the stream trusts a cached consent answer or link before re-reading it."""

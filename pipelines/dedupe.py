@@ -10,7 +10,7 @@ recovery state of its own.
 
 from collections import OrderedDict
 
-from storage.delta import DeltaStore
+from storage.delta.store import DeltaStore
 
 RECENT_IDS = 200_000  # per partition: far more than a retry window at any realistic rate
 

@@ -15,7 +15,7 @@ Delta tables it appends, so it erases them itself and reports each store in the 
   thread, after every batch that partition sealed before the request.
 - Delta dead_letters: rows whose raw payload names the user or a linked anonymous id,
   deleted by their source position (opaque), then vacuumed.
-- The tables Dagster derives from bronze (`storage.delta_erasure.DERIVED_TABLES`):
+- The tables Dagster derives from bronze (`storage.delta.erasure.DERIVED_TABLES`):
   after bronze, on the same thread. Each is fenced, its rows deleted and its history
   purged, so an asset run that read bronze before the erasure cannot write the user
   back (it fails and recomputes) and one that starts later reads erased bronze. This
@@ -37,10 +37,10 @@ import pyarrow.compute as pc
 
 from nextbest.settings import Settings
 from pipelines.records import Erase
-from storage.delta import DeltaStore
-from storage.delta_erasure import DERIVED_STORES, DERIVED_TABLES, erase_derived, store_name
-from storage.online import OnlineStore
-from storage.online_serving import ServingStore, scrub_sqlite
+from storage.delta.erasure import DERIVED_STORES, DERIVED_TABLES, erase_derived, store_name
+from storage.delta.store import DeltaStore
+from storage.online.serving import ServingStore, scrub_sqlite
+from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
 log = logging.getLogger(__name__)

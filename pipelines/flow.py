@@ -27,6 +27,13 @@ Shape (item types between steps)::
     sink_online           Update                                 (OnlineStore upserts)
     sink_user_vectors     ("lance_users", users row)             (LanceDB, one writer)
 
+A record that raises in any step (consent, a state step, stitching) becomes a dead
+letter (`pipelines.stateful.failed`) that joins the lake sink's input, so it lands in
+Delta `dead_letters` with the step and the reason, and the rest of its batch goes on:
+a record that fails again on replay fails the same way, never the worker. The parse
+step dead-letters what no store could keep (ids too long or with NUL, values beyond
+`nextbest.features.windows.VALUE_BOUND`, events dated past `stream_max_ahead_s`).
+
 Step ids come from `Spec.step_id(kind, name)` and never from code positions: they key
 the recovery state, so renaming one would orphan its snapshots.
 
@@ -39,137 +46,46 @@ supersedes the old ones and Bytewax's GC deletes them (`pipelines.erasure`).
 """
 
 import functools
-import pickle
-from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
-from bytewax.operators import StatefulBatchLogic
 
-from nextbest.events import Event
-from nextbest.online_model import Feedback
+from nextbest.ingest.events import Event
+from nextbest.ingest.validation import keyed_hash
+from nextbest.learn.online_model import Feedback
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.validation import keyed_hash
+from nextbest.spec.models import Spec
 from pipelines.catalog import ItemCatalog, StoreCatalog
 from pipelines.consent import StreamConsent
 from pipelines.profile import FeaturePlan, ItemProfile, Touched, UserProfile
-from pipelines.records import Erase, Record, Routed, SourceItem, Update, parse_record
+from pipelines.records import Record, Routed, SourceItem, Update, parse_record
 from pipelines.sinks import VECTORS_PART, StreamSinks, erase_marker
 from pipelines.sources import source_from_settings
-from storage.online_models import Alias
+from pipelines.stateful import (
+    FEEDBACK_BUFFER,
+    STITCH_BUFFER,
+    Incoming,
+    StitchState,
+    failed,
+    retention_of,
+    state_builder,
+    stitch,
+)
+from storage.online.models import Alias
 
-STITCH_BUFFER = 1000
-"""Anonymous events remembered per visitor until an identify event links them."""
-FEEDBACK_BUFFER = 256
-"""Anonymous feedback records remembered per visitor, apart from its events: feedback
-(impressions above all) must not push behaviour out of the event buffer, or the stitched
-profile would no longer equal a batch recomputation."""
+__all__ = ["FEEDBACK_BUFFER", "STITCH_BUFFER", "StitchState", "build_flow", "state_key", "stitch"]
+
 STATE_KEYS_CACHED = 1 << 16
 """Actors whose state key (a keyed hash) is remembered: the active users, typically."""
 
-S = TypeVar("S")
-V = TypeVar("V")
-W = TypeVar("W")
 Positioned = tuple[int, int, Event]  # (partition, offset, event)
-Incoming = tuple[int, int, Event | Feedback]  # what the stitch step routes
 
 
 def sid(kind: str, name: str) -> str:
     return Spec.step_id(kind, name)
-
-
-class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
-    """A keyed state folded one batch at a time; snapshots are pickled bytes.
-
-    Folding a whole batch per key (instead of per item) computes aggregates once per
-    batch, and pickling once is far cheaper than the deepcopy `stateful_map` does on
-    every snapshot, while being just as immutable. An `Erase` in the batch forgets
-    everything before it; if nothing follows, the key is discarded.
-    """
-
-    def __init__(
-        self, state: S, fold: Callable[[S, list[V]], list[W]], new: Callable[[], S]
-    ) -> None:
-        self.state = state
-        self._fold = fold
-        self._new = new
-
-    def on_batch(self, values: list[Any]) -> tuple[Iterable[W], bool]:
-        cut = max((i for i, v in enumerate(values) if isinstance(v, Erase)), default=-1)
-        if cut >= 0:
-            self.state = self._new()
-            values = values[cut + 1 :]
-            if not values:
-                return [], StatefulBatchLogic.DISCARD
-        return self._fold(self.state, values), StatefulBatchLogic.RETAIN
-
-    def snapshot(self) -> bytes:
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _builder(
-    new: Callable[[], S], fold: Callable[[S, list[V]], list[W]]
-) -> Callable[[bytes | None], FoldLogic[S, V, W]]:
-    def build(resume: bytes | None) -> FoldLogic[S, V, W]:
-        if resume is None:
-            return FoldLogic(new(), fold, new)
-        state = pickle.loads(resume)
-        restored = getattr(state, "restored", None)
-        if restored is not None:
-            restored()  # rows written after this snapshot are unknown: rewrite them
-        return FoldLogic(state, fold, new)
-
-    return build
-
-
-class StitchState:
-    """Per anonymous visitor: the user it was linked to, or its buffered history."""
-
-    def __init__(self) -> None:
-        self.user: str | None = None
-        self.buffer: list[Incoming] = []
-        self.feedback: list[Incoming] = []
-
-
-def stitch(state: StitchState, batch: list[Incoming], identify: frozenset[str]) -> list[Routed]:
-    """Route an anonymous visitor's events; on identify, re-send its history to the user.
-
-    The user's feature states are idempotent by event_id and order-independent, so
-    re-sending the buffered events merges the anonymous profile into the user's exactly
-    as a batch recomputation with `identity_links` would. The first link wins.
-    """
-    out: list[Routed] = []
-    for partition, offset, event in batch:
-        if isinstance(event, Feedback):
-            if state.user is not None:
-                out.append(Routed(state.user, partition, offset, event))
-            else:
-                # Snapshots from before the separate buffer have no `feedback` attribute.
-                if not hasattr(state, "feedback"):
-                    state.feedback = []
-                state.feedback.append((partition, offset, event))
-                del state.feedback[:-FEEDBACK_BUFFER]
-                out.append(Routed(event.user_id, partition, offset, event))
-        elif event.type in identify and event.user_id is not None:
-            if state.user is None:
-                state.user = event.user_id
-                out.append(Routed(event.user_id, partition, offset, event, link=True))
-                held = [*state.buffer, *getattr(state, "feedback", [])]
-                out.extend(Routed(event.user_id, p, o, e) for p, o, e in held)
-                state.buffer, state.feedback = [], []
-            else:
-                out.append(Routed(event.user_id, partition, offset, event))
-        elif state.user is not None:
-            out.append(Routed(state.user, partition, offset, event))
-        else:
-            state.buffer.append((partition, offset, event))
-            del state.buffer[:-STITCH_BUFFER]
-            out.append(Routed(event.actor, partition, offset, event))
-    return out
 
 
 def _needs_stitch(item: Positioned, identify: frozenset[str]) -> bool:
@@ -208,13 +124,25 @@ def build_flow(
     flow = Dataflow(f"nextbest_{spec.name}")
     src = source if source is not None else source_from_settings(settings, tail=tail)
     raw = op.input(sid("input", "events"), flow, src)
-    records = op.map(sid("parse", "records"), raw, lambda i: parse_record(i, spec, pii_key=pii_key))
+    ahead_ms = int(settings.stream_max_ahead_s * 1000)
+
+    def parse(item: SourceItem) -> Record:
+        return parse_record(item, spec, pii_key=pii_key, max_ahead_ms=ahead_ms)
+
+    records = op.map(sid("parse", "records"), raw, parse)
     consent = StreamConsent(settings, spec, pii_key) if spec.privacy.consent else None
     if consent is not None:  # records producers wrote past the API (pipelines.consent)
-        records = op.filter_map(sid("consent", "records"), records, consent)
+
+        def judge(record: Record) -> Record | None:
+            try:
+                return consent(record)
+            except Exception as exc:
+                return failed(record.partition, record.offset, record.body, exc, "consent")
+
+        records = op.filter_map(sid("consent", "records"), records, judge)
 
     lake = op.map(sid("key", "lake"), records, lambda r: (str(r.partition), r))
-    op.output(sid("sink", "lake"), lake, out.lake)
+    dead: list[Any] = []  # streams of (partition, dead Record) from the steps below
 
     events = op.filter_map(sid("select", "events"), records, _event_of)
     erasures = op.filter_map(
@@ -234,15 +162,39 @@ def build_flow(
             lambda x: (x[2].item_id, x) if x[2].item_id and x[2].type in item_types else None,
         )
 
-        def item_fold(profile: ItemProfile, batch: list[Positioned]) -> list[Update]:
+        def item_fold(profile: ItemProfile, batch: list[Positioned]) -> list[Update | Record]:
             item_id = batch[0][2].item_id or ""
-            rows = profile.fold(plan, item_id, batch, lookup)
-            return [Update(rows)] if rows else []
+            out: list[Update | Record] = []
+            offered: Touched = {}
+            source: tuple[int, int] = (-1, -1)
+            try:
+                item = lookup(item_id)
+            except Exception as exc:
+                return [failed(p, o, e, exc, "state_item") for p, o, e in batch]
+            for partition, offset, event in batch:  # one bad record costs no other
+                try:
+                    profile.add(plan, event, item, offered)
+                    source = max(source, (partition, offset))
+                except Exception as exc:
+                    out.append(failed(partition, offset, event, exc, "state_item"))
+            if source[0] < 0:
+                return out
+            try:
+                rows = profile.rows(item_id, offered, source)
+                if rows:
+                    out.append(Update(rows))
+            except Exception as exc:
+                out.extend(failed(p, o, e, exc, "state_item_rows") for p, o, e in batch)
+            return out
 
         item_updates = op.stateful_batch(
-            sid("state", "item"), by_item, _builder(ItemProfile, item_fold)
+            sid("state", "item"),
+            by_item,
+            state_builder(ItemProfile, item_fold, retention_of(plan, ItemProfile)),
         )
-        updates.append(item_updates)
+        item_split = op.branch(sid("route", "dead_item"), item_updates, _is_dead)
+        dead.append(item_split.trues)
+        updates.append(item_split.falses)
 
     # -- identity stitching ----------------------------------------------------------
     personal = (
@@ -272,15 +224,18 @@ def build_flow(
         lambda e: [(skey(f"anon:{a}"), e) for a in e.anonymous_ids],
     )
 
-    def stitch_fold(state: StitchState, batch: list[Incoming]) -> list[Routed]:
+    def stitch_fold(state: StitchState, batch: list[Incoming]) -> list[Routed | Record]:
         return stitch(state, batch, identify)
 
     stitched = op.stateful_batch(
         sid("stitch", "identity"),
         op.merge(sid("merge", "anonymous"), anonymous, anonymous_erasures, anonymous_feedback),
-        _builder(StitchState, stitch_fold),
+        state_builder(StitchState, stitch_fold, retention_of(plan, StitchState)),
     )
-    rekeyed = op.map(sid("rekey", "stitched"), stitched, lambda kv: (skey(kv[1].actor), kv[1]))
+    stitch_split = op.branch(sid("route", "dead_stitch"), stitched, _is_dead)
+    dead.append(stitch_split.trues)
+    routed: Stream[tuple[str, Routed]] = stitch_split.falses  # type: ignore[assignment]
+    rekeyed = op.map(sid("rekey", "stitched"), routed, lambda kv: (skey(kv[1].actor), kv[1]))
     known = op.map(
         sid("key", "user"),
         routes.falses,
@@ -295,35 +250,54 @@ def build_flow(
     actors = op.merge(sid("merge", "actors"), known, rekeyed, user_erasures, known_feedback)
 
     # -- per-user state ----------------------------------------------------------------
-    def user_fold(profile: UserProfile, batch: list[Routed]) -> list[Update]:
+    def user_fold(profile: UserProfile, batch: list[Routed]) -> list[Update | Record]:
         actor = batch[0].actor
         offered: Touched = {}
         aliases: list[Alias] = []
-        newest = (-1, -1)
-        for routed in batch:
+        newest: tuple[int, int] = (-1, -1)
+        out: list[Update | Record] = []
+        for routed in batch:  # one bad record must not cost the others of the batch
             event = routed.event
-            newest = max(newest, (routed.partition, routed.offset))
-            if isinstance(event, Feedback):
-                profile.learn(plan, event, lookup(event.item_id))
-                continue
-            profile.fold(plan, event, lookup(event.item_id), offered)
-            if routed.link and event.anonymous_id is not None:
-                aliases.append(Alias(event.anonymous_id, actor, event.ts_ms))
-        vector = profile.session_vector(plan, items.vectors()) if plan.session_vector else None
-        rows = profile.feature_rows(plan, actor, offered, newest)
-        state = profile.user_state(plan, actor, vector)
-        vector_row = None
-        if vector is not None:
-            event_ts = datetime.fromtimestamp(state.event_ts_ms / 1000, tz=UTC)
-            vector_row = {"user_id": actor, "vector": vector, "event_ts": event_ts}
-        return [Update(rows, state, aliases, vector_row)]
+            try:
+                if isinstance(event, Feedback):
+                    profile.learn(plan, event, lookup(event.item_id))
+                else:
+                    profile.fold(plan, event, lookup(event.item_id), offered)
+                    if routed.link and event.anonymous_id is not None:
+                        aliases.append(Alias(event.anonymous_id, actor, event.ts_ms))
+                newest = max(newest, (routed.partition, routed.offset))
+            except Exception as exc:
+                out.append(failed(routed.partition, routed.offset, event, exc, "state_user"))
+        if newest[0] < 0:
+            return out
+        try:
+            out.append(_user_update(plan, profile, actor, offered, aliases, newest, items))
+        except Exception as exc:  # e.g. a vector that cannot be computed: nothing written
+            out.extend(
+                failed(r.partition, r.offset, r.event, exc, "state_user_rows") for r in batch
+            )
+        return out
 
-    user_updates = op.stateful_batch(sid("state", "user"), actors, _builder(UserProfile, user_fold))
+    user_states = op.stateful_batch(
+        sid("state", "user"),
+        actors,
+        state_builder(UserProfile, user_fold, retention_of(plan, UserProfile)),
+    )
+    user_split = op.branch(sid("route", "dead_user"), user_states, _is_dead)
+    dead.append(user_split.trues)
+    user_updates: Stream[tuple[str, Update]] = user_split.falses  # type: ignore[assignment]
     updates.append(user_updates)
 
     merged = op.merge(sid("merge", "updates"), *updates) if len(updates) > 1 else updates[0]
     online = op.map(sid("unkey", "updates"), merged, lambda kv: kv[1])
     op.output(sid("sink", "online"), online, out.online)
+
+    failures = op.map(
+        sid("key", "dead"),
+        op.merge(sid("merge", "dead"), *dead),
+        lambda kv: (str(kv[1].partition), kv[1]),
+    )
+    op.output(sid("sink", "lake"), op.merge(sid("merge", "lake"), lake, failures), out.lake)
 
     vectors = op.filter_map(
         sid("select", "user_vectors"),
@@ -366,3 +340,27 @@ def _needs_catalog(plan: FeaturePlan) -> bool:
         if feature.group_by is not None or feature.field in attrs:
             return True
     return False
+
+
+def _is_dead(kv: tuple[str, Any]) -> bool:
+    return isinstance(kv[1], Record)
+
+
+def _user_update(
+    plan: FeaturePlan,
+    profile: UserProfile,
+    actor: str,
+    offered: Touched,
+    aliases: list[Alias],
+    newest: tuple[int, int],
+    items: ItemCatalog,
+) -> Update:
+    """What one batch of an actor's records writes: feature rows, state, vector."""
+    vector = profile.session_vector(plan, items.vectors()) if plan.session_vector else None
+    rows = profile.feature_rows(plan, actor, offered, newest)
+    state = profile.user_state(plan, actor, vector)
+    vector_row = None
+    if vector is not None:
+        event_ts = datetime.fromtimestamp(state.event_ts_ms / 1000, tz=UTC)
+        vector_row = {"user_id": actor, "vector": vector, "event_ts": event_ts}
+    return Update(rows, state, aliases, vector_row)

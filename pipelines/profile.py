@@ -1,6 +1,6 @@
 """Per-user and per-item state of the stream, folded event by event.
 
-Built on the shared semantics of `nextbest.features` (`WindowState`, `RecentItems`,
+Built on the shared semantics of `nextbest.features.semantics` (`WindowState`, `RecentItems`,
 `field_value`, `group_key`), so online values equal `batch_window_values` over the
 same events. Every structure here is idempotent by event_id and independent of
 arrival order, which is what makes replays after a crash, re-sent anonymous history
@@ -10,7 +10,7 @@ Rows are absolute values: a feature row says "the value is now X as of event tim
 A group that left a window is written once as 0.0, so the online store never keeps
 a stale group.
 
-Feedback records fold into the user's online model (`nextbest.online_model`), which
+Feedback records fold into the user's online model (`nextbest.learn.online_model`), which
 is idempotent by (decision_id, target) the same way; it is written with the user's
 state (`session["online_model"]`) and pickled with the rest of the profile.
 """
@@ -22,8 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from nextbest.events import Event
-from nextbest.features import (
+from nextbest.features.semantics import (
     NO_GROUP,
     RecentItems,
     WindowState,
@@ -32,14 +31,15 @@ from nextbest.features import (
     session_vector,
     window_ms,
 )
-from nextbest.online_model import Feedback, OnlinePlan, OnlineState
-from nextbest.spec import (
+from nextbest.ingest.events import Event
+from nextbest.learn.online_model import Feedback, OnlinePlan, OnlineState
+from nextbest.spec.models import (
     LastNFeature,
     SessionVectorFeature,
     Spec,
     WindowFeature,
 )
-from storage.online_models import FeatureRow, UserState, now_ms
+from storage.online.models import FeatureRow, UserState, now_ms
 
 HISTORY_MAX = 200
 """Entries of `session["history"]` and of each `session["seen"]` list (contracts.md)."""
@@ -250,9 +250,18 @@ class ItemProfile:
         source: Source = (-1, -1)
         item = lookup(item_id)
         for partition, offset, event in batch:
-            ts_ms = event.ts_ms
-            _fold_windows(plan, plan.item_routes, self.windows, event, ts_ms, item, offered)
+            self.add(plan, event, item, offered)
             source = max(source, (partition, offset))
+        return self.rows(item_id, offered, source)
+
+    def add(
+        self, plan: FeaturePlan, event: Event, item: Mapping[str, Any] | None, offered: Touched
+    ) -> None:
+        """Fold one event in, noting the window features and groups it was offered to."""
+        _fold_windows(plan, plan.item_routes, self.windows, event, event.ts_ms, item, offered)
+
+    def rows(self, item_id: str, offered: Touched, source: Source) -> list[FeatureRow]:
+        """The rows for what the events since the last call were offered to."""
         actor = item_actor(item_id)
         return _window_rows(actor, offered, self.windows, self.written, source, self.rewrite)
 
@@ -271,7 +280,7 @@ class UserProfile:
     interaction_ids: set[str] = field(default_factory=set)
     latest: tuple[int, str] = (-1, "")  # (ts_ms, event_id) of the newest event
     session_id: str | None = None
-    online: OnlineState | None = None  # learned from feedback (nextbest.online_model)
+    online: OnlineState | None = None  # learned from feedback (nextbest.learn.online_model)
 
     def fold(
         self, plan: FeaturePlan, event: Event, item: Mapping[str, Any] | None, offered: Touched
@@ -353,7 +362,7 @@ class UserProfile:
             self.online = OnlineState()
         self.online.ensure(online.half_lives_ms)
         # A client's ts is unbounded: fold it at most a little past the clock (see
-        # nextbest.online_model, "Time"), so one future-dated record cannot freeze the model.
+        # nextbest.learn.online_model, "Time"), so one future-dated record cannot freeze the model.
         return self.online.learn(
             feedback.decision_id, targets, feedback.outcome, feedback.ts_ms, now_ms=now_ms()
         )

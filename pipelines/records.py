@@ -7,16 +7,18 @@ cannot stop the stream.
 """
 
 import json
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
-from nextbest.events import Event
-from nextbest.online_model import Feedback
-from nextbest.spec import Spec
-from nextbest.validation import EventRejected, check_event, keyed_hash, validate_event
-from storage.delta_schemas import DeadLetter
-from storage.online_models import Alias, FeatureRow, UserState
+from nextbest.features.windows import VALUE_BOUND
+from nextbest.ingest.events import Event
+from nextbest.ingest.validation import EventRejected, check_event, keyed_hash, validate_event
+from nextbest.learn.online_model import Feedback
+from nextbest.spec.models import Spec
+from storage.delta.schemas import DeadLetter
+from storage.online.models import Alias, FeatureRow, UserState
 
 SourceItem = tuple[int, int, str, bytes]
 """What every source emits: (partition, offset, key, payload)."""
@@ -25,6 +27,11 @@ RecordKind = Literal["event", "decision", "feedback", "dead", "erase"]
 FEEDBACK_OUTCOMES = frozenset({"impression", "click", "conversion", "dismiss"})
 _HASH_LEN = len(keyed_hash(b"k", "v"))
 _RECORD_FIELD = b'"record"'
+STORED_ID_CHARS = 256
+"""Ids are VARCHAR(256) in the online store, after the stream's prefixes."""
+MAX_ID_CHARS = STORED_ID_CHARS - len("anon:")
+"""The longest user, anonymous or item id the stream keeps: `anon:<id>` and
+`item:<id>` must still fit the online store's columns."""
 
 
 class Record(NamedTuple):
@@ -69,11 +76,26 @@ class Update(NamedTuple):
     vector_row: dict[str, Any] | None = None  # LanceDB `users` row when a vector exists
 
 
-def parse_record(item: SourceItem, spec: Spec, *, pii_key: bytes | None = None) -> Record:
-    """Decode one log record; never raises (anything unusable becomes a dead letter)."""
+def parse_record(
+    item: SourceItem,
+    spec: Spec,
+    *,
+    pii_key: bytes | None = None,
+    max_ahead_ms: int | None = None,
+) -> Record:
+    """Decode one log record; never raises (anything unusable becomes a dead letter).
+
+    With `max_ahead_ms`, an event dated more than that past the stream clock is a dead
+    letter too: it would anchor its actor's and item's windows in the future (and take
+    over trending) for good. Dead letters never reach bronze, so the batch side, which
+    recomputes features from bronze, skips exactly the same events.
+    """
     partition, offset, _key, payload = item
     event = _event_fast(payload, spec, pii_key)
     if event is not None:
+        problem = unusable_event(event, max_ahead_ms)
+        if problem is not None:
+            return _dead(item, problem)
         return Record("event", partition, offset, event)
     try:
         raw = json.loads(payload)
@@ -84,12 +106,18 @@ def parse_record(item: SourceItem, spec: Spec, *, pii_key: bytes | None = None) 
         if kind == "decision":
             return Record("decision", partition, offset, decision_row(raw))
         if kind == "feedback":
-            return Record("feedback", partition, offset, feedback_row(raw))
+            row = feedback_row(raw)
+            for name in ("user_id", "item_id", "decision_id", "action_id"):
+                _check_id(name, row[name])
+            return Record("feedback", partition, offset, row)
         if kind == "erase":
             return Record("erase", partition, offset, erase_request(raw))
         event = validate_event(raw, spec)
         if pii_key is not None:
             event = pseudonymize_once(event, spec, pii_key)
+        problem = unusable_event(event, max_ahead_ms)
+        if problem is not None:
+            return _dead(item, problem)
         return Record("event", partition, offset, event)
     except (EventRejected, ValueError, TypeError, KeyError) as exc:
         return _dead(item, str(exc) or type(exc).__name__)
@@ -110,6 +138,56 @@ def _event_fast(payload: bytes, spec: Spec, pii_key: bytes | None) -> Event | No
         return event if pii_key is None else pseudonymize_once(event, spec, pii_key)
     except Exception:
         return None
+
+
+def unusable_event(event: Event, max_ahead_ms: int | None) -> str | None:
+    """Why the stream cannot keep a valid event (None when it can): an id that would not
+    fit the online store or that a SQL driver refuses (NUL), a value beyond what the
+    aggregates keep exact (`nextbest.features.windows.VALUE_BOUND`), or a far-future ts."""
+    for name, text in (
+        ("user_id", event.user_id),
+        ("anonymous_id", event.anonymous_id),
+        ("item_id", event.item_id),
+    ):
+        if text is not None and (len(text) > MAX_ID_CHARS or "\x00" in text):
+            return _id_problem(name, text)
+    value = event.value
+    if value is not None and not -VALUE_BOUND <= value <= VALUE_BOUND:
+        return f"value: {value!r} is beyond +-{VALUE_BOUND:g}"
+    if max_ahead_ms is not None:
+        ahead = event.ts_ms - time.time_ns() // 1_000_000
+        if ahead > max_ahead_ms:
+            return (
+                f"ts: {event.ts.isoformat()} is {ahead // 1000} s ahead of the stream clock"
+                f" (at most {max_ahead_ms // 1000} s allowed)"
+            )
+    return None
+
+
+def _check_id(name: str, value: str | None) -> None:
+    if value is not None and (len(value) > MAX_ID_CHARS or "\x00" in value):
+        raise ValueError(_id_problem(name, value))
+
+
+def _id_problem(name: str, value: str) -> str:
+    """Ids end up in VARCHAR(256) columns (prefixed) and SQL text, which refuses NUL."""
+    if "\x00" in value:
+        return f"{name}: contains a NUL character"
+    return f"{name}: {len(value)} characters, at most {MAX_ID_CHARS} allowed"
+
+
+def dead_record(
+    partition: int, offset: int, raw: bytes | str | None, error: str, *, source: str
+) -> Record:
+    """A dead letter for a record that failed after parsing (`source` names the step)."""
+    letter = DeadLetter(
+        raw=raw,
+        error=error[:2000],
+        source=source,
+        source_partition=partition,
+        source_offset=offset,
+    )
+    return Record("dead", partition, offset, letter)
 
 
 def _dead(item: SourceItem, error: str) -> Record:

@@ -7,27 +7,92 @@ call is not idempotent (a second call fails on a UNIQUE constraint), so
 `ensure_recovery_dir` creates them once: under a file lock (cluster processes start
 together), into a temporary directory renamed into place (a crash mid-init leaves no
 half-made directory).
+
+One stream instance per data home: `run_stream` takes the home's stream lock
+(`nextbest.locks`) first, because two streams writing the same recovery partitions
+leave them unresumable (`InconsistentPartitionsError` on every later start). If the
+partitions still cannot be resumed, the stream says so, records why in
+`<home>/recovery.broken` and exits with RECOVERY_BROKEN; `nextbest doctor
+--reset-stream` clears them and the stream then replays the event log from its oldest
+record (the sinks are idempotent, so nothing is written twice).
 """
 
 import argparse
 import fcntl
 import os
 import shutil
+import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.recovery import (
+    InconsistentPartitionsError,
+    MissingPartitionsError,
+    NoPartitionsError,
+    RecoveryConfig,
+    init_db_dir,
+)
 from bytewax.run import cli_main
 
+from nextbest.locks import AlreadyRunning, InstanceLock, stream_role
 from nextbest.settings import Settings
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 from pipelines.flow import build_flow
 from pipelines.gctune import tune_for_stream
 
 RECOVERY_PARTITIONS = 4
 """Fixed at first start; Bytewax suggests the most workers you will ever run."""
+RECOVERY_BROKEN = 3
+"""Exit code of a stream whose recovery partitions cannot be resumed."""
+BROKEN_MARKER = "recovery.broken"
+RESET_HINT = "run `nextbest doctor --reset-stream` (the stream then replays the event log)"
+
+
+class RecoveryBroken(RuntimeError):
+    """The recovery partitions cannot be resumed; the message says what to do."""
+
+
+def recovery_problems(path: Path) -> list[str]:
+    """What makes the partitions under `path` unresumable, read without Bytewax:
+    missing partitions, partition counts that disagree, or the error the last start hit."""
+    problems: list[str] = []
+    marker = path.parent / BROKEN_MARKER
+    if marker.exists():
+        problems.append(f"the last stream start failed: {marker.read_text().strip()}")
+    files = sorted(path.glob("part-*.sqlite3")) if path.is_dir() else []
+    if not files:
+        return problems
+    counts: dict[int, int] = {}
+    for file in files:
+        try:
+            with sqlite3.connect(f"file:{file}?mode=ro", uri=True) as conn:
+                for index, count in conn.execute("select part_index, part_count from parts"):
+                    counts[int(index)] = int(count)
+        except sqlite3.Error as exc:
+            problems.append(f"{file.name} is unreadable: {exc}")
+    if len(set(counts.values())) > 1:
+        problems.append(f"partition counts disagree: {sorted(set(counts.values()))}")
+    elif counts:
+        missing = sorted(set(range(next(iter(counts.values())))) - set(counts))
+        if missing:
+            problems.append(f"recovery partitions {missing} are missing")
+    return problems
+
+
+def reset_recovery(settings: Settings) -> bool:
+    """Remove the recovery partitions (under the stream lock: never under a running
+    stream); True when there was something to remove."""
+    path = settings.recovery_dir
+    with InstanceLock(settings.home_dir, stream_role(None)):
+        existed = path.exists()
+        if existed:
+            trash = path.parent / f".{path.name}.reset-{os.getpid()}"
+            os.replace(path, trash)  # atomic: a crash never leaves half a directory
+            shutil.rmtree(trash, ignore_errors=True)
+        (path.parent / BROKEN_MARKER).unlink(missing_ok=True)
+    return existed
 
 
 def recovery_ready(path: Path) -> bool:
@@ -68,18 +133,55 @@ def run_stream(
 
     One process: leave `process_id`/`addresses` unset. A cluster: every process gets
     the same `addresses` ("host:port" each) and its own `process_id`.
+
+    Raises `AlreadyRunning` when another stream holds the home, `RecoveryBroken` when
+    the recovery partitions cannot be resumed.
     """
-    flow = build_flow(settings, spec, tail=tail)
-    recovery = RecoveryConfig(ensure_recovery_dir(settings.recovery_dir))
-    tune_for_stream()
-    cli_main(
-        flow,
-        workers_per_process=workers_per_process,
-        process_id=process_id,
-        addresses=list(addresses) if addresses else None,
-        epoch_interval=epoch_interval,
-        recovery_config=recovery,
+    lock = InstanceLock(settings.home_dir, stream_role(process_id)).acquire()
+    try:
+        problems = recovery_problems(settings.recovery_dir)
+        if problems:
+            raise RecoveryBroken(_broken_message(settings, "; ".join(problems)))
+        flow = build_flow(settings, spec, tail=tail)
+        recovery = RecoveryConfig(ensure_recovery_dir(settings.recovery_dir))
+        tune_for_stream()
+        try:
+            cli_main(
+                flow,
+                workers_per_process=workers_per_process,
+                process_id=process_id,
+                addresses=list(addresses) if addresses else None,
+                epoch_interval=epoch_interval,
+                recovery_config=recovery,
+            )
+        except (InconsistentPartitionsError, MissingPartitionsError, NoPartitionsError) as exc:
+            (settings.home_dir / BROKEN_MARKER).write_text(f"{type(exc).__name__}: {exc}\n")
+            raise RecoveryBroken(_broken_message(settings, f"{type(exc).__name__}: {exc}")) from exc
+    finally:
+        lock.release()
+
+
+def _broken_message(settings: Settings, why: str) -> str:
+    return (
+        f"the stream cannot resume from its recovery state in {settings.recovery_dir} "
+        f"({why}); {RESET_HINT}"
     )
+
+
+def run_stream_cli(settings: Settings, spec: Spec, **options: object) -> int:
+    """`run_stream` for a command line: a clear line and an exit code instead of a
+    traceback when the home is taken or the recovery state is broken."""
+    from nextbest.locks import EXIT_LOCKED
+
+    try:
+        run_stream(settings, spec, **options)  # type: ignore[arg-type]
+    except AlreadyRunning as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return EXIT_LOCKED
+    except RecoveryBroken as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return RECOVERY_BROKEN
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from nextbest.spec_loader import load_spec
+    from nextbest.spec.loader import load_spec
 
     overrides: dict[str, object] = {}
     if args.home:
@@ -103,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.spec:
         overrides["spec"] = Path(args.spec)
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    run_stream(
+    return run_stream_cli(
         settings,
         load_spec(settings.spec),
         process_id=args.process_id,
@@ -112,7 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         epoch_interval=timedelta(milliseconds=args.epoch_ms),
         tail=not args.stop_at_end,
     )
-    return 0
 
 
 if __name__ == "__main__":

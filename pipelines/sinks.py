@@ -20,6 +20,7 @@ background thread (`pipelines.background`) so slow commits never stall the worke
 batches not yet written at a snapshot are part of that epoch's recovery state.
 """
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,21 +36,24 @@ from bytewax.outputs import (
 )
 
 from nextbest.settings import Settings
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 from pipelines.background import BackgroundWriter
 from pipelines.dedupe import RecentIds
-from pipelines.erasure import ERASE_MARKER, StreamEraser, erase_marker, erase_vectors
-from pipelines.records import Erase, Record, Update
-from storage.delta import (
+from pipelines.erasure import StreamEraser, erase_marker
+from pipelines.records import Erase, Record, Update, dead_record
+from pipelines.status import BOARD
+from pipelines.vector_sink import VECTORS_PART, UserVectorSink
+from storage.delta.store import (
     DeltaStore,
     dead_letters_to_table,
     decisions_to_table,
     events_to_table,
     feedback_to_table,
 )
-from storage.online import OnlineStore
-from storage.online_models import Alias, FeatureRow, UserState
-from storage.vectors import VectorStore
+from storage.online.models import Alias, FeatureRow, UserState
+from storage.online.store import OnlineStore
+
+log = logging.getLogger(__name__)
 
 # kind -> (Delta table, app id prefix)
 LAKE_TABLES: dict[str, tuple[str, str]] = {
@@ -58,7 +62,6 @@ LAKE_TABLES: dict[str, tuple[str, str]] = {
     "decision": ("decisions", "decisions"),
     "feedback": ("feedback", "feedback"),
 }
-VECTORS_PART = "lance_users"
 __all__ = ["VECTORS_PART", "LakeSink", "StreamSinks", "UserVectorSink", "erase_marker"]
 
 
@@ -103,12 +106,13 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
         resume: list[LakeWork] | None,
         name: str,
         eraser: StreamEraser | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self._store = store
         self._eraser = eraser
         self._max_rows = max_rows
         self._max_delay_s = max_delay_s
-        self._buffer: dict[tuple[str, int], list[Record]] = {}
+        self._buffer: dict[tuple[str, int, str], list[Record]] = {}
         self._rows = 0
         self._first_at: float | None = None
         self._recorded: dict[str, int] = {}  # app id -> committed batch version
@@ -116,6 +120,9 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
         self._writer: BackgroundWriter[LakeWork] = BackgroundWriter(self._apply, name=name)
         for batch in resume or []:
             self._writer.submit(batch)
+        self._settings = settings
+        if settings is not None:
+            BOARD.attach(settings)
 
     def write_batch(self, values: list[Record]) -> None:
         self._writer.check()
@@ -125,7 +132,8 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
                 self._seal()
                 self._writer.submit(record.body)
                 continue
-            self._buffer.setdefault((record.kind, record.partition), []).append(record)
+            key = (record.kind, record.partition, _app_prefix(record))
+            self._buffer.setdefault(key, []).append(record)
         self._rows += len(values)
         if self._first_at is None and values:
             self._first_at = time.monotonic()
@@ -135,8 +143,8 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
             self._seal()
 
     def _seal(self) -> None:
-        for (kind, partition), records in sorted(self._buffer.items()):
-            table, prefix = LAKE_TABLES[kind]
+        for (kind, partition, prefix), records in sorted(self._buffer.items()):
+            table = LAKE_TABLES[kind][0]
             unique = sorted({r.offset: r for r in records}.values(), key=lambda r: r.offset)
             self._writer.submit(
                 LakeBatch(
@@ -168,10 +176,30 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
         if not keep:
             self._recorded[batch.app_id] = recorded
             return
-        data = _lake_table(batch.kind, batch.partition, keep)
         top = keep[-1].offset
+        try:
+            data = _lake_table(batch.kind, batch.partition, keep)
+        except Exception:  # one row Arrow cannot take: keep the others, dead-letter it
+            keep, dead = _convertible(batch.kind, batch.partition, keep)
+            if dead:
+                self._append_dead(batch, dead)
+            data = _lake_table(batch.kind, batch.partition, keep)
         self._store.append(batch.table, data, app_id=batch.app_id, batch_version=top)
         self._recorded[batch.app_id] = top
+        if batch.kind == "dead":
+            BOARD.dead(batch.partition, len(keep))
+
+    def _append_dead(self, batch: LakeBatch, dead: list[Record]) -> None:
+        """Dead letters of rows the sink could not convert (their own app id, so they
+        are written once however often the batch is replayed)."""
+        app_id = f"dead_letters-sink_{batch.kind}-p{batch.partition}"
+        version = self._store.transaction_version("dead_letters", app_id)
+        dead = [r for r in dead if version is None or r.offset > version]
+        if not dead:
+            return
+        data = dead_letters_to_table([r.body for r in dead])
+        self._store.append("dead_letters", data, app_id=app_id, batch_version=dead[-1].offset)
+        BOARD.dead(batch.partition, len(dead))
 
     def snapshot(self) -> list[LakeWork]:
         # Seal, don't wait: batches not yet committed ride along in the epoch's recovery
@@ -182,6 +210,8 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
     def close(self) -> None:
         self._seal()
         self._writer.drain()
+        if self._settings is not None:
+            BOARD.detach()
 
 
 class LakeSink(FixedPartitionedSink[Record, list[LakeWork]]):
@@ -220,7 +250,42 @@ class LakeSink(FixedPartitionedSink[Record, list[LakeWork]]):
             resume=resume_state,
             name=f"{step_id}-{for_part}",
             eraser=StreamEraser(self._settings, store),
+            settings=self._settings,
         )
+
+
+def _app_prefix(record: Record) -> str:
+    """The Delta app id prefix of a record: its table's, and for dead letters from a
+    step after parsing (`source` "stream:<step>") one per step, since those arrive out
+    of offset order with the parse step's and the app version drops anything below it."""
+    prefix = LAKE_TABLES[record.kind][1]
+    source = getattr(record.body, "source", None) if record.kind == "dead" else None
+    if source and source.startswith("stream:"):
+        return f"{prefix}-{source.removeprefix('stream:')}"
+    return prefix
+
+
+def _convertible(
+    kind: str, partition: int, records: list[Record]
+) -> tuple[list[Record], list[Record]]:
+    """Split records into those that convert to Arrow rows and dead letters for the rest."""
+    good: list[Record] = []
+    dead: list[Record] = []
+    for record in records:
+        try:
+            _lake_table(kind, partition, [record])
+            good.append(record)
+        except Exception as exc:
+            raw = (
+                record.body.model_dump_json()
+                if hasattr(record.body, "model_dump_json")
+                else repr(record.body)
+            )
+            error = f"sink_lake: {type(exc).__name__}: {exc}"
+            dead.append(
+                dead_record(partition, record.offset, raw, error, source="stream:sink_lake")
+            )
+    return good, dead
 
 
 def merge_updates(
@@ -246,8 +311,26 @@ class _OnlinePartition(StatelessSinkPartition[Update]):
 
     def write_batch(self, items: list[Update]) -> None:
         features, states, aliases = merge_updates(items)
-        if features or states or aliases:
+        if not (features or states or aliases):
+            return
+        try:
             self._store.write_stream_rows(features, states, aliases)
+        except Exception:
+            if not self._store.ping():
+                raise  # the store is down: stop, and resume from the last snapshot
+            self._write_each(items)
+
+    def _write_each(self, items: list[Update]) -> None:
+        """A row the store refuses (an id too long for its column, a NUL byte) must not
+        stop the stream: write update by update and skip (log) the ones refused."""
+        for update in items:
+            try:
+                self._store.write_stream_rows(
+                    update.features, [update.state] if update.state else [], update.aliases
+                )
+            except Exception as exc:
+                who = update.state.user_id if update.state else "?"
+                log.warning("online sink: rows of %r refused, skipped: %r", who[:80], exc)
 
     def close(self) -> None:
         self._store.dispose()
@@ -267,104 +350,6 @@ class OnlineSink(DynamicSink[Update]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _OnlinePartition:
         return _OnlinePartition(OnlineStore.from_settings(self._settings, pool_size=1))
-
-
-VectorBatch = list[dict[str, Any]]
-
-
-class _VectorPartition(StatefulSinkPartition[dict[str, Any], list[VectorBatch]]):
-    def __init__(
-        self,
-        store: VectorStore,
-        *,
-        max_rows: int,
-        max_delay_s: float,
-        resume: list[VectorBatch] | None,
-        name: str,
-        settings: Settings | None = None,
-    ) -> None:
-        self._store = store
-        self._settings = settings
-        self._max_rows = max_rows
-        self._max_delay_s = max_delay_s
-        self._buffer: dict[str, dict[str, Any]] = {}
-        self._first_at: float | None = None
-        self._writer: BackgroundWriter[VectorBatch] = BackgroundWriter(self._apply, name=name)
-        for batch in resume or []:
-            self._writer.submit(batch)
-
-    def write_batch(self, values: list[dict[str, Any]]) -> None:
-        self._writer.check()
-        for row in values:
-            if ERASE_MARKER in row:
-                self._buffer.pop(row[ERASE_MARKER], None)
-                self._seal()
-                self._writer.submit([row])
-                continue
-            self._buffer[row["user_id"]] = row
-        if self._first_at is None and values:
-            self._first_at = time.monotonic()
-        if len(self._buffer) >= self._max_rows or (
-            self._first_at is not None and time.monotonic() - self._first_at >= self._max_delay_s
-        ):
-            self._seal()
-
-    def _apply(self, batch: VectorBatch) -> None:
-        if batch and ERASE_MARKER in batch[0]:
-            if self._settings is not None:
-                erase_vectors(self._settings, self._store, batch[0])
-            return
-        self._store.upsert_users(batch)
-
-    def _seal(self) -> None:
-        if self._buffer:
-            self._writer.submit(list(self._buffer.values()))
-        self._buffer = {}
-        self._first_at = None
-
-    def snapshot(self) -> list[VectorBatch]:
-        self._seal()
-        return self._writer.pending()
-
-    def close(self) -> None:
-        self._seal()
-        self._writer.drain()
-
-
-class UserVectorSink(FixedPartitionedSink[dict[str, Any], list[VectorBatch]]):
-    """LanceDB `users` session vectors. One partition: the cluster has one writer."""
-
-    def __init__(
-        self, settings: Settings, spec: Spec, *, max_rows: int = 20_000, max_delay_s: float = 1.0
-    ) -> None:
-        self._settings = settings
-        self._spec = spec
-        self._max_rows = max_rows
-        self._max_delay_s = max_delay_s
-
-    def list_parts(self) -> list[str]:
-        return [VECTORS_PART]
-
-    def part_fn(self, item_key: str) -> int:
-        return 0
-
-    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _VectorPartition:
-        types = {n: a.type for n, a in self._spec.entities.item.attributes.items()}
-        store = VectorStore.from_settings(
-            self._settings,
-            dim=self._spec.model.dim,
-            item_attributes=types,  # type: ignore[arg-type]
-            read_consistency_interval=None,
-        )
-        store.ensure_tables()
-        return _VectorPartition(
-            store,
-            max_rows=self._max_rows,
-            max_delay_s=self._max_delay_s,
-            resume=resume_state,
-            name=f"{step_id}-{for_part}",
-            settings=self._settings,
-        )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from confluent_kafka import OFFSET_BEGINNING
 
 from nextbest.settings import Settings
 from pipelines.records import SourceItem
-from storage.eventlog import EventLog
+from pipelines.status import BOARD
+from storage.eventlog.log import EventLog
 
 DEFAULT_BATCH = 2000
 IDLE_MIN = timedelta(milliseconds=2)
@@ -44,6 +45,7 @@ class _LogPartition(StatefulSourcePartition[SourceItem, int]):
         self._awake: datetime | None = None
 
     def next_batch(self) -> list[SourceItem]:
+        BOARD.touch(self._partition, self._offset)  # the heartbeat (pipelines.status)
         limit = self._batch_size
         if self._stop_at is not None:
             if self._offset >= self._stop_at:
@@ -66,6 +68,7 @@ class _LogPartition(StatefulSourcePartition[SourceItem, int]):
         self._awake = None
         self._offset = records[-1][0] + 1
         p = self._partition
+        BOARD.touch(p, self._offset)
         return [(p, offset, key, payload) for offset, key, payload in records]
 
     def next_awake(self) -> datetime | None:
@@ -79,7 +82,7 @@ class _LogPartition(StatefulSourcePartition[SourceItem, int]):
 
 
 class EventLogSource(FixedPartitionedSource[SourceItem, int]):
-    """The embedded durable log (`storage.eventlog`), one Bytewax partition per log
+    """The embedded durable log (`storage.eventlog.log`), one Bytewax partition per log
     partition. `tail=False` stops at the end offsets seen when a partition starts,
     which makes a bounded run (tests, backfills) return."""
 
@@ -125,16 +128,20 @@ def _to_item(msg: Any) -> SourceItem:
 class _KafkaPartition(StatefulSourcePartition[SourceItem, Any]):
     """Adapts Bytewax's Kafka partition to the stream's item shape."""
 
-    def __init__(self, inner: StatefulSourcePartition[Any, Any]) -> None:
+    def __init__(self, inner: StatefulSourcePartition[Any, Any], partition: int) -> None:
         self._inner = inner
+        self._partition = partition
 
     def next_batch(self) -> Iterable[SourceItem]:
         # A null value is a tombstone (erasure on a compacted topic): nothing to process.
-        return [
+        items = [
             _to_item(m)
             for m in self._inner.next_batch()
             if isinstance(m, KafkaSourceMessage) and m.value is not None
         ]
+        # The heartbeat (pipelines.status); the broker's end offsets are not known here.
+        BOARD.touch(self._partition, items[-1][1] + 1 if items else None)
+        return items
 
     def next_awake(self) -> datetime | None:
         return self._inner.next_awake()
@@ -185,7 +192,8 @@ class KafkaEventSource(FixedPartitionedSource[SourceItem, Any]):
         return self._inner.list_parts()
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _KafkaPartition:
-        return _KafkaPartition(self._inner.build_part(step_id, for_part, resume_state))
+        inner = self._inner.build_part(step_id, for_part, resume_state)
+        return _KafkaPartition(inner, int(for_part.split("-", 1)[0]))  # "<index>-<topic>"
 
 
 def source_from_settings(

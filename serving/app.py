@@ -36,8 +36,8 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from nextbest.limits import Limits
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
 from serving.bodyguard import BodyGuardMiddleware
 from serving.controllers.common import provide_runtime
 from serving.controllers.decide import DecideController

@@ -4,7 +4,7 @@ Such a user gets what an unknown visitor gets: no online features, history, sess
 vector or cached (per-user, batch-computed) decision is read, only trending and
 popular-in-context candidates, `served_from: fallback`, and every action says why.
 Actions with a cap are left out: counting them would keep per-user state. The check
-reads the API's consent cache (`storage.online_consent.ConsentCache`, written through
+reads the API's consent cache (`storage.online.consent.ConsentCache`, written through
 by ingest); on a miss one point read runs in a worker thread within the latency
 budget, and a read that fails or overruns counts as no consent. The decision is logged
 without the person: no feature values, no requested user id, and in place of the user
@@ -17,10 +17,10 @@ import dataclasses
 import anyio
 import anyio.to_thread
 
-from nextbest.candidates import UserView
-from nextbest.consent import NO_CONSENT_PREFIX
-from nextbest.decide import Outcome
-from nextbest.spec import Policy
+from nextbest.decide.candidates import UserView
+from nextbest.decide.decision import Outcome
+from nextbest.ingest.consent import NO_CONSENT_PREFIX
+from nextbest.spec.models import Policy
 from serving.runtime import ServingRuntime
 
 NOT_PERSONALIZED = "not personalized: no consent"
@@ -45,7 +45,7 @@ async def consented(runtime: ServingRuntime, actor: str, timeout_s: float) -> bo
 
 def unlogged_actor(decision_id: str) -> str:
     """What a decision without consent is logged and keyed under: not the person (the
-    `~nc:` prefix is reserved; `definitions.bandit_log` skips these rows)."""
+    `~nc:` prefix is reserved; `definitions.batch.bandit_log` skips these rows)."""
     return NO_CONSENT_PREFIX + decision_id
 
 

@@ -4,7 +4,7 @@
    decision, cap counters) on a reader thread (`serving.reader`, which coalesces
    concurrent reads), bounded by the policy's `latency_budget_ms`. That read is the
    only I/O of a decision.
-2. Decide on the event loop: `nextbest.decide.decide` is pure numpy/Python over the
+2. Decide on the event loop: `nextbest.decide.decision.decide` is pure numpy/Python over the
    in-memory model, attributes and trending list, sub-millisecond on the demo catalog.
    Running it inline rather than in a thread saves two GIL hand-offs per request,
    which under load cost far more than the work (the loop thread waits up to the
@@ -16,8 +16,8 @@
    the cached decision; if that fails too, popular-in-context from memory.
 
 The decision record is handed to the decision log's queue; the caller never waits
-for it. Its layout is what `definitions.bandit_log` reads (and what
-`nextbest.offer_sim.decision_records` simulates): each shown action with its
+for it. Its layout is what `definitions.batch.bandit_log` reads (and what
+`nextbest.demo.offer_sim.decision_records` simulates): each shown action with its
 `propensity`, every arm the exploring choice drew from in `candidates`
 (`{"action_id", "item_id", "score", "propensity"}`), the probability of showing
 nothing in `features["propensity"]` when an offer surface showed nothing, the feature
@@ -28,16 +28,16 @@ values in `features["values"]`, the pooled candidates with their per-source part
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from nextbest.candidates import UserView, user_view
-from nextbest.decide import DecisionRequest, Outcome, decide, policy_for_surface
-from nextbest.spec import Policy
+from nextbest.decide.candidates import UserView, user_view
+from nextbest.decide.decision import Action, DecisionRequest, Outcome, decide, policy_for_surface
+from nextbest.spec.models import Policy
 from serving.consent import (
     NOT_PERSONALIZED,
     consented,
@@ -47,8 +47,8 @@ from serving.consent import (
 )
 from serving.runtime import ServingRuntime
 from serving.schemas import ActionOut, DecideIn, DecideOut
-from storage.online_models import now_ms
-from storage.online_serving import Snapshot
+from storage.online.models import now_ms
+from storage.online.serving import Snapshot
 
 FALLBACK_READ_S = 0.005
 INLINE_MAX_ITEMS = 20_000
@@ -144,6 +144,8 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
         seed=int(decision_id[:8], 16),
     )
     notes: list[str] = [] if known else [f"surface {requested!r} unknown; served {surface!r}"]
+    if runtime.stream_note is not None:  # features may be stale: the stream is down
+        notes.append(runtime.stream_note)
     budget_s = policy.latency_budget_ms / 1000
     actor = body.user_id
     snap: Snapshot | None = None
@@ -221,10 +223,8 @@ def _respond(
         model_version = model.version if model is not None else None
     age = _feature_age(runtime, snap, now)
     runtime.metrics.decisions.labels(outcome.served_from, surface).inc()
-    actions = [
-        ActionOut(a.action_id, a.item_id, a.score, a.source, a.reasons, a.title)
-        for a in outcome.actions
-    ]
+    catalog = runtime.assets.attributes
+    actions = [_action_out(a, catalog) for a in outcome.actions]
     actor = view.actor
     caps = [
         (actor, a.action_id, runtime.cap_periods[a.action_id])
@@ -283,6 +283,17 @@ def _respond(
         feature_age_ms=age,
         degraded=notes,
     )
+
+
+def _action_out(a: Action, catalog: Mapping[str, dict[str, Any]]) -> ActionOut:
+    """An item action shows its item's catalogue attributes from the in-memory catalog
+    (one dict lookup, shared not copied: no I/O per decision); an offer its own title."""
+    attrs = catalog.get(a.item_id) if a.item_id is not None else None
+    if not attrs:
+        return ActionOut(a.action_id, a.item_id, a.score, a.source, a.reasons, a.title)
+    title = a.title if a.title is not None else attrs.get("title")
+    title = title if isinstance(title, str) else None
+    return ActionOut(a.action_id, a.item_id, a.score, a.source, a.reasons, title, attrs)
 
 
 def _feature_age(runtime: ServingRuntime, snap: Snapshot | None, now: int) -> int | None:

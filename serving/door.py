@@ -10,7 +10,7 @@ from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_422_UNPROCESSABLE_ENTITY
 
 from nextbest.limits import LimitExceeded, Limits
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 from serving.schemas import DecideIn, FeedbackIn
 
 

@@ -31,12 +31,12 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 
-from nextbest.validation import keyed_hash
+from nextbest.ingest.validation import keyed_hash
 from serving.runtime import ServingRuntime
 from serving.sinks import EventLogSink, KafkaSink
-from storage.delta_erasure import DERIVED_STORES
-from storage.online_models import now_ms
-from storage.online_serving import ErasureJob
+from storage.delta.erasure import DERIVED_STORES
+from storage.online.models import now_ms
+from storage.online.serving import ErasureJob
 
 log = logging.getLogger(__name__)
 

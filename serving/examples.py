@@ -65,7 +65,13 @@ DECIDE_OUT = [
                     "score": 1.62,
                     "source": "item_model",
                     "reasons": ["item_model: 0.412 because of i17", "vector: similarity 0.871"],
-                    "title": None,
+                    "title": "Blender 600 W",
+                    "attributes": {
+                        "category": "kitchen",
+                        "price": 49.9,
+                        "in_stock": True,
+                        "title": "Blender 600 W",
+                    },
                 }
             ],
             "served_from": "realtime",

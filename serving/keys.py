@@ -31,7 +31,7 @@ from litestar.exceptions import (
 )
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from storage.online import OnlineStore
+from storage.online.store import OnlineStore
 
 if TYPE_CHECKING:  # serving.ratelimit imports this module
     from serving.ratelimit import TokenBuckets

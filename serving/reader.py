@@ -17,7 +17,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from storage.online_serving import ServingStore, Snapshot
+from storage.online.serving import ServingStore, Snapshot
 
 log = logging.getLogger(__name__)
 _STOP = object()

@@ -17,22 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import Gauge
 
-from nextbest.candidates import VectorSearch
-from nextbest.decide import Assets
-from nextbest.model import ItemModel
+from nextbest.decide.candidates import VectorSearch
+from nextbest.decide.decision import Assets
+from nextbest.learn.model import ItemModel
+from nextbest.learn.uplift import OfferUplift
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.uplift import OfferUplift
+from nextbest.spec.models import Spec
 from serving.keys import KeyVerifier
 from serving.metrics import Metrics
 from serving.reader import SnapshotReader
 from serving.sinks import DecisionLog, EventSink, open_sink
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
-from storage.online_consent import ConsentCache, ConsentStore
-from storage.online_models import now_ms
-from storage.online_serving import ServingStore
+from serving.stream_health import StreamHealth, StreamProbe
+from storage.delta.store import DeltaStore
+from storage.online.consent import ConsentCache, ConsentStore
+from storage.online.models import now_ms
+from storage.online.serving import ServingStore
+from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,13 @@ class ServingRuntime:
             for c in p.candidates
             if c.source == "trending" and c.feature
         }
+        # The stream's health, refreshed by a timer (`watch_stream`), read per request.
+        self.stream_probe = StreamProbe(settings, online.engine)
+        self.stream_health: StreamHealth | None = None
+        self.stream_note: str | None = None  # `degraded` note of every decision when down
+        self._stream_gauges = _stream_gauges(self.metrics)
+        self._stream_stop = threading.Event()
+        self._stream_thread: threading.Thread | None = None
 
     @classmethod
     def open(
@@ -151,9 +160,14 @@ class ServingRuntime:
         runtime.reload()
         runtime.reload_uplift()
         runtime.refresh_trending()
+        runtime.watch_stream()
         return runtime
 
     def close(self) -> None:
+        self._stream_stop.set()
+        if self._stream_thread is not None:
+            self._stream_thread.join(timeout=5)
+        self.stream_probe.close()
         self.reader.close()
         self.decision_log.close()
         self.sink.close()
@@ -248,6 +262,34 @@ class ServingRuntime:
         window_ms = int(window.seconds * 1000) if window is not None else None
         self.trending = self.serving.top_entities(name, limit=TRENDING_LIMIT, window_ms=window_ms)
 
+    def refresh_stream(self) -> StreamHealth | None:
+        """Read the stream's status once; keeps the last answer when the read fails."""
+        try:
+            health = self.stream_probe.check()
+        except Exception as exc:
+            log.warning("cannot read the stream status: %r", exc)
+            return self.stream_health
+        self.stream_health = health
+        self.stream_note = None if health.up else f"stream: {health.detail}"
+        dead, lag_events, lag_s, age = self._stream_gauges
+        dead.set(health.dead_letters)
+        lag_events.set(-1 if health.lag_events is None else health.lag_events)
+        lag_s.set(health.lag_s)
+        age.set(-1 if health.heartbeat_age_s is None else health.heartbeat_age_s)
+        return health
+
+    def watch_stream(self) -> None:
+        """Refresh the stream's health now and every `stream_heartbeat_s` in a thread."""
+        self.refresh_stream()
+        interval = self.settings.stream_heartbeat_s
+
+        def run() -> None:
+            while not self._stream_stop.wait(interval):
+                self.refresh_stream()
+
+        self._stream_thread = threading.Thread(target=run, name="stream-health", daemon=True)
+        self._stream_thread.start()
+
     # --- readiness ------------------------------------------------------------------
 
     def health(self) -> Health:
@@ -265,6 +307,8 @@ class ServingRuntime:
             except Exception as exc:
                 checks["vector_store"] = f"unavailable: {type(exc).__name__}"
         checks["model"] = "ok" if self.assets.model is not None else (self.model_error or "none")
+        stream = self.stream_health
+        checks["stream"] = "ok" if stream is None else stream.detail
         return Health(checks)
 
     def vector_search(self) -> VectorSearch | None:
@@ -277,3 +321,20 @@ class ServingRuntime:
             return [(r["item_id"], float(r["score"])) for r in vectors.search_items(vector, k=k)]
 
         return search
+
+
+def _stream_gauges(metrics: Metrics) -> tuple[Gauge, Gauge, Gauge, Gauge]:
+    """The stream's health as Prometheus gauges on the app's registry (reused when an
+    app's lifespan opens a second runtime on the same registry)."""
+    r = metrics.registry
+    specs = (
+        ("nextbest_stream_dead_letters_total", "Records the stream dead-lettered, in total."),
+        ("nextbest_stream_lag_events", "Events the stream has not read yet (-1: unknown)."),
+        ("nextbest_stream_lag_seconds", "How long pending events waited without progress."),
+        ("nextbest_stream_heartbeat_age_seconds", "Age of the stream's heartbeat (-1: none)."),
+    )
+    gauges: list[Gauge] = []
+    for name, doc in specs:
+        existing = r._names_to_collectors.get(name)  # no public lookup
+        gauges.append(existing if isinstance(existing, Gauge) else Gauge(name, doc, registry=r))
+    return gauges[0], gauges[1], gauges[2], gauges[3]

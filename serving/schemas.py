@@ -59,12 +59,21 @@ class DecideIn(Struct, forbid_unknown_fields=True):
 
 
 class ActionOut(Struct):
+    """`title` and `attributes` let an answer be read, and shown, without a catalogue
+    lookup (the API fills them from its in-memory catalog)."""
+
     action_id: str
     item_id: str | None
     score: float
     source: str
     reasons: list[str]
-    title: str | None = None
+    title: Annotated[
+        str | None, Meta(description="The offer's title, or the item's `title` attribute.")
+    ] = None
+    attributes: Annotated[
+        dict[str, Scalar],
+        Meta(description="The item's catalogue attributes the spec declares; {} for offers."),
+    ] = {}
 
 
 class DecideOut(Struct):

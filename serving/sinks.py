@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import msgspec
 
 from nextbest.settings import Settings
-from storage.eventlog import EventLog
+from storage.eventlog.log import EventLog
 
 log = logging.getLogger(__name__)
 Record = tuple[str, bytes]

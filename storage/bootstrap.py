@@ -8,10 +8,10 @@ store saying where it lives.
 from collections.abc import Iterator
 
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from storage.delta import DeltaStore
-from storage.eventlog import EventLog
-from storage.online import OnlineStore
+from nextbest.spec.models import Spec
+from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog
+from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
 

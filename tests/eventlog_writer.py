@@ -14,7 +14,7 @@ import sys
 import threading
 import zlib
 
-from storage.eventlog import EventLog
+from storage.eventlog.log import EventLog
 
 
 def payload_for(payload_id: str) -> bytes:

@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from nextbest.demo import DemoConfig, generate_items, iter_event_dicts
-from nextbest.events import Event
-from nextbest.features import batch_window_values, identity_links
+from nextbest.demo.shop import DemoConfig, generate_items, iter_event_dicts
+from nextbest.features.semantics import batch_window_values, identity_links
+from nextbest.ingest.events import Event
 from nextbest.settings import Settings
-from nextbest.spec import Spec
+from nextbest.spec.models import Spec
 from pipelines.profile import item_actor
-from storage.delta import DeltaStore
-from storage.eventlog import EventLog
-from storage.online import OnlineStore
+from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog
+from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def online_mismatches(
 def _online_actors(store: OnlineStore) -> set[str]:
     import sqlalchemy as sa
 
-    from storage.online_models import FEATURES
+    from storage.online.models import FEATURES
 
     with store.engine.connect() as conn:
         return set(conn.execute(sa.select(FEATURES.c.user_id).distinct()).scalars())

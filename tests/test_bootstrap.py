@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
 from storage.bootstrap import _redact, init_stores
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
+from storage.delta.store import DeltaStore
+from storage.online.store import OnlineStore
 from tests.conftest import ROOT
 
 
@@ -31,7 +31,7 @@ def test_init_creates_every_store_and_is_idempotent(settings: Settings) -> None:
 def test_cli_init_on_a_fresh_home(tmp_path: Path) -> None:
     home = tmp_path / "fresh"
     out = subprocess.run(
-        [sys.executable, "-m", "nextbest", "--home", str(home), "init"],
+        [sys.executable, "-m", "launcher", "--home", str(home), "init"],
         capture_output=True,
         text=True,
         cwd=ROOT,

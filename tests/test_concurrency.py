@@ -20,12 +20,12 @@ import yaml
 from deltalake import DeltaTable
 
 from definitions import build_definitions
-from nextbest.events import Event
+from nextbest.ingest.events import Event
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
 from pipelines.records import Record
 from pipelines.sinks import LakeSink
-from storage.delta import DeltaStore, events_to_table
+from storage.delta.store import DeltaStore, events_to_table
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +205,7 @@ def test_stream_appends_survive_concurrent_dagster_maintenance(
 def test_overlapping_compactions_never_duplicate_rows(tmp_path: Path) -> None:
     """Three maintenances at once (a scheduled run overlapping a manual one, say) while
     the stream appends: delta-rs alone commits every compaction of the same small files
-    and each compacted row ends up in two or three files (`storage.delta_locks`)."""
+    and each compacted row ends up in two or three files (`storage.delta.locks`)."""
     store = DeltaStore(str(tmp_path / "delta"))
     store.ensure_tables()
     _allow_zero_retention(store)

@@ -22,10 +22,10 @@ import sqlalchemy as sa
 from pipelines.records import Update
 from pipelines.sinks import merge_updates
 from serving.reader import SnapshotReader
-from storage.online import OnlineStore
-from storage.online_engine import create_online_engine
-from storage.online_models import Alias, FeatureRow, UserState
-from storage.online_serving import ServingStore, Snapshot
+from storage.online.engine import create_online_engine
+from storage.online.models import Alias, FeatureRow, UserState
+from storage.online.serving import ServingStore, Snapshot
+from storage.online.store import OnlineStore
 from tests.waiting import wait_until
 
 USERS = [f"u{i:02d}" for i in range(24)]

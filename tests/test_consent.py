@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from nextbest.consent import (
+from nextbest.ingest.consent import (
     MARK,
     NO_CONSENT_PREFIX,
     ConsentChange,
@@ -15,13 +15,13 @@ from nextbest.consent import (
     judged,
     screen,
 )
-from nextbest.events import Event
+from nextbest.ingest.events import Event
+from nextbest.ingest.validation import EventRejected, validate_batch, validate_event
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.spec_loader import load_spec, parse_spec
-from nextbest.validation import EventRejected, validate_batch, validate_event
-from storage.online import OnlineStore
-from storage.online_consent import ConsentCache, ConsentStore
+from nextbest.spec.loader import load_spec, parse_spec
+from nextbest.spec.models import Spec
+from storage.online.consent import ConsentCache, ConsentStore
+from storage.online.store import OnlineStore
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = b"test-key"

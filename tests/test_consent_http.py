@@ -13,19 +13,19 @@ import pytest
 from bytewax.testing import run_main
 from litestar import Litestar
 
-from definitions.bandit_log import read_rounds
-from nextbest.consent import NO_CONSENT_PREFIX, ConsentChange
-from nextbest.demo import DemoConfig
+from definitions.batch.bandit_log import read_rounds
+from nextbest.demo.shop import DemoConfig
+from nextbest.ingest.consent import NO_CONSENT_PREFIX, ConsentChange
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
 from pipelines.flow import build_flow
 from serving.app import create_app
-from storage.delta import DeltaStore
-from storage.eventlog import EventLog
-from storage.online import OnlineStore
-from storage.online_consent import ConsentStore
-from storage.online_models import FEATURES
+from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog
+from storage.online.consent import ConsentStore
+from storage.online.models import FEATURES
+from storage.online.store import OnlineStore
 from tests.stream_helpers import append_log, write_catalog
 from tests.test_consent import consent_spec_text
 from tests.test_serving_world import LiveServer, start_server, stop_server, train_and_promote

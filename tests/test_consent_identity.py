@@ -3,13 +3,13 @@ user are one person, so the side that never answered takes the other's answer; a
 visitor follows the first user it was linked to, as the stream's stitch step does; and
 the stream's consent step records inherited answers and re-reads the store."""
 
-from nextbest.consent import ConsentChange, screen
-from nextbest.events import Event
+from nextbest.ingest.consent import ConsentChange, screen
+from nextbest.ingest.events import Event
 from nextbest.settings import Settings
 from pipelines.consent import CACHE_TTL_S, StreamConsent
 from pipelines.records import Record
-from storage.online import OnlineStore
-from storage.online_consent import ConsentStore
+from storage.online.consent import ConsentStore
+from storage.online.store import OnlineStore
 from tests.test_consent import KEY, Memory, consent_spec, ev
 
 

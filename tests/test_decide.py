@@ -1,5 +1,5 @@
-"""The pure decision logic (`nextbest.decide`, `nextbest.candidates`, `nextbest.rules`)
-on a model trained on the demo shop: no HTTP, no stores."""
+"""The pure decision logic (`nextbest.decide.decision`, `nextbest.decide.candidates`,
+`nextbest.decide.rules`) on a model trained on the demo shop: no HTTP, no stores."""
 
 import math
 from collections.abc import Sequence
@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from nextbest import rules
-from nextbest.candidates import UserView, history_scores, user_view
-from nextbest.decide import Assets, DecisionRequest, Outcome, decide, policy_for_surface
-from nextbest.demo import DemoConfig, generate_items, iter_events
-from nextbest.model import ItemModel, fit, interaction_matrix
-from nextbest.spec import Condition, Exploration, Policy, Spec
-from nextbest.spec_loader import load_spec
-from nextbest.uplift import OfferUplift, Standardizer, UpliftModel
+from nextbest.decide import rules
+from nextbest.decide.candidates import UserView, history_scores, user_view
+from nextbest.decide.decision import Assets, DecisionRequest, Outcome, decide, policy_for_surface
+from nextbest.demo.shop import DemoConfig, generate_items, iter_events
+from nextbest.learn.model import ItemModel, fit, interaction_matrix
+from nextbest.learn.uplift import OfferUplift, Standardizer, UpliftModel
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Condition, Exploration, Policy, Spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,15 +11,15 @@ import dagster as dg
 import pytest
 
 from definitions import build_definitions
-from definitions.importer import import_events, import_items
+from definitions.batch.importer import import_events, import_items
 from definitions.resources import NextbestResource, resource_for
 from definitions.runs import instance_for, materialize, recommend
 from definitions.sensors import retrain_after_events
-from nextbest.demo import DemoConfig, write_demo
+from nextbest.demo.shop import DemoConfig, write_demo
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
+from nextbest.spec.loader import load_spec
+from storage.delta.store import DeltaStore
+from storage.online.store import OnlineStore
 from storage.vectors import AttrType, VectorStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +28,7 @@ ASSETS = {
     "item_model", "model_evaluation", "model_registry", "item_vectors", "cached_decisions",
     "offer_uplift", "policy_evaluation", "offer_policy",
 }  # fmt: skip
+LOGS = {"decision_log", "feedback_log"}  # external: written by the API, lineage only
 CHECKS = {
     "bronze_events_schema", "bronze_events_not_empty", "bronze_events_unique_ids",
     "bronze_events_fresh", "gold_interactions_not_empty", "model_evaluation_floor",
@@ -41,7 +42,7 @@ def test_definitions_load_with_everything() -> None:
     spec = load_spec(ROOT / "nextbest.yaml")
     defs = build_definitions(Settings(_env_file=None), spec)  # type: ignore[call-arg]
     defs.validate_loadable(defs)
-    assert {k.to_user_string() for k in defs.resolve_all_asset_keys()} == ASSETS
+    assert {k.to_user_string() for k in defs.resolve_all_asset_keys()} == ASSETS | LOGS
     graph = defs.resolve_asset_graph()
     checks = {k.name for k in graph.asset_check_keys}
     assert checks == CHECKS
@@ -80,6 +81,67 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     _load(settings, SMALL, base / "demo")
     assert materialize(settings) is True
     yield settings
+
+
+def test_policy_group_has_its_lineage_edges() -> None:
+    defs = build_definitions(Settings(_env_file=None), load_spec(ROOT / "nextbest.yaml"))  # type: ignore[call-arg]
+    graph = defs.resolve_asset_graph()
+
+    def parents(name: str) -> set[str]:
+        return {k.to_user_string() for k in graph.get(dg.AssetKey(name)).parent_keys}
+
+    policy = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    policy = {n for n in policy if graph.get(dg.AssetKey(n)).group_name == "policy"}
+    assert policy == {"decision_log", "feedback_log", "offer_uplift", "policy_evaluation"} | {
+        "offer_policy"
+    }
+    assert parents("offer_uplift") == LOGS
+    assert parents("policy_evaluation") == {"offer_uplift"} | LOGS
+    assert parents("offer_policy") == {"policy_evaluation"}
+    assert not graph.get(dg.AssetKey("decision_log")).is_executable
+
+
+def _statuses(defs: dg.Definitions) -> dict[str, str]:
+    out = {s.name: s.default_status.value for s in defs.schedules or []}  # type: ignore[union-attr]
+    out.update({s.name: s.default_status.value for s in defs.sensors or []})  # type: ignore[union-attr]
+    return out
+
+
+def test_automation_runs_by_default_and_switches_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_spec(ROOT / "nextbest.yaml")
+    on = _statuses(build_definitions(Settings(_env_file=None), spec))  # type: ignore[call-arg]
+    names = {"retrain_schedule", "maintenance_schedule", "sessions_daily", "retrain_after_events"}
+    assert on == dict.fromkeys(names, "RUNNING")
+    monkeypatch.setenv("NEXTBEST_AUTOMATION", "off")
+    off = _statuses(build_definitions(Settings(_env_file=None), spec))  # type: ignore[call-arg]
+    assert off == dict.fromkeys(names, "STOPPED")
+    # A spec without `retrain_after_events` leaves the sensor stopped (nothing to watch).
+    monkeypatch.delenv("NEXTBEST_AUTOMATION")
+    quiet = spec.model_copy(
+        update={"schedules": spec.schedules.model_copy(update={"retrain_after_events": None})}
+    )
+    sensor = _statuses(build_definitions(Settings(_env_file=None), quiet))  # type: ignore[call-arg]
+    assert sensor["retrain_after_events"] == "STOPPED"
+
+
+def test_day_partitions_start_at_the_first_day_of_the_data(home: Settings, tmp_path: Path) -> None:
+    first = SMALL.start.date().isoformat()
+    defs = build_definitions(home, load_spec(home.spec))
+    days = defs.resolve_asset_graph().get(dg.AssetKey("silver_sessions")).partitions_def
+    assert days is not None and days.get_partition_keys()[0] == first
+    assert defs.resolve_job_def("sessions_backfill").partitions_def == days
+    empty = Settings(home=tmp_path / "empty", spec=home.spec, _env_file=None)  # type: ignore[call-arg]
+    today = datetime.now(UTC).date().isoformat()
+    fresh = build_definitions(empty, load_spec(home.spec)).resolve_asset_graph()
+    keys = fresh.get(dg.AssetKey("silver_sessions")).partitions_def.get_partition_keys()  # type: ignore[union-attr]
+    assert keys[0] == today
+
+
+def test_materialize_runs_named_jobs(home: Settings) -> None:
+    with instance_for(home) as instance:
+        names = {run.job_name for run in instance.get_runs()}
+    assert names and names <= {"retrain", "sessions_backfill"}, names
+    assert "sessions_backfill" in names
 
 
 def _check_results(settings: Settings) -> dict[str, bool]:

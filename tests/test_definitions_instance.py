@@ -8,10 +8,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from definitions.importer import import_events
+from definitions.batch.importer import import_events
 from definitions.runs import materialize
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "dagster.yaml"

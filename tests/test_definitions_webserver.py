@@ -16,11 +16,11 @@ import httpx
 import pytest
 from dagster import DagsterRunStatus
 
-from definitions.importer import import_events, import_items
-from nextbest.demo import DemoConfig, write_demo
+from definitions.batch.importer import import_events, import_items
+from nextbest.demo.shop import DemoConfig, write_demo
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
-from storage.online import OnlineStore
+from nextbest.spec.loader import load_spec
+from storage.online.store import OnlineStore
 from tests.dagster_client import launch_and_wait
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,14 +8,16 @@ import itertools
 import json
 import tracemalloc
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 
-from nextbest.demo import (
+from launcher.cli import main
+from nextbest.demo.arrow import ROW_SCHEMA, iter_event_batches
+from nextbest.demo.shop import (
     CATEGORIES,
     DEVICES,
     HIDDEN_PREFIX,
@@ -28,9 +30,8 @@ from nextbest.demo import (
     public_user,
     write_demo,
 )
-from nextbest.demo_arrow import ROW_SCHEMA, iter_event_batches
-from nextbest.events import Event
-from nextbest.spec_loader import load_spec
+from nextbest.ingest.events import Event
+from nextbest.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = DemoConfig.small()
@@ -267,3 +268,44 @@ def test_large_preset_streams_in_bounded_memory() -> None:
     ts = [Event.model_validate(d).ts for d in first]
     assert all(a <= b for a, b in itertools.pairwise(ts))
     assert peak < 400 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_history_ends_at_a_given_time_deterministically(events: list[Event]) -> None:
+    """`ending_at(now)` moves the whole history so that it ends at `now`; the same `now`
+    gives the same events, another one shifts every timestamp and nothing else."""
+    end = datetime(2026, 6, 1, 12, 30, tzinfo=UTC)
+    ending = list(iter_events(SMALL.ending_at(end)))
+    assert ending == list(iter_events(SMALL.ending_at(end)))
+    last = max(e.ts for e in ending)
+    assert end - timedelta(days=1) < last <= end
+    assert min(e.ts for e in ending) >= end - timedelta(days=SMALL.days)
+    shift = end - timedelta(days=SMALL.days) - SMALL.start
+    assert [e.ts - shift for e in ending] == [e.ts for e in events]
+    assert [(e.type, e.user_id, e.item_id) for e in ending] == [
+        (e.type, e.user_id, e.item_id) for e in events
+    ]
+
+
+def test_sessions_running_past_the_end_stop_at_it() -> None:
+    end = datetime(2026, 6, 1, tzinfo=UTC)
+    shape: dict[str, Any] = {"n_users": 50, "n_items": 40, "n_events": 6000, "days": 1}
+    shape["mean_session_events"] = 60.0  # long sessions: some run past the end of the day
+    free = [e.ts for e in iter_events(DemoConfig(**shape, start=end - timedelta(days=1)))]
+    assert max(free) > end  # without `end` they would
+    stamps = [e.ts for e in iter_events(DemoConfig(**shape, end=end))]
+    assert max(stamps) == end and stamps == sorted(stamps)
+    assert sum(t == end for t in stamps) == sum(t >= end for t in free)
+
+
+def test_cli_demo_history_ends_now(tmp_path: Path) -> None:
+    before = datetime.now(UTC)
+    assert main(["--home", str(tmp_path / "home"), "demo", "--out", str(tmp_path / "d")]) == 0
+    lines = (tmp_path / "d" / "events.jsonl").read_text().splitlines()
+    last = max(datetime.fromisoformat(json.loads(line)["ts"]) for line in lines)
+    assert before - timedelta(days=1) < last <= datetime.now(UTC)
+    fixed = tmp_path / "fixed"
+    assert main(["demo", "--out", str(fixed), "--ending", "2026-06-01T00:00:00Z"]) == 0
+    again = tmp_path / "again"
+    assert main(["demo", "--out", str(again), "--ending", "2026-06-01T00:00:00Z"]) == 0
+    assert (fixed / "events.jsonl").read_bytes() == (again / "events.jsonl").read_bytes()
+    assert main(["demo", "--out", str(tmp_path / "x"), "--ending", "soon"]) == 2

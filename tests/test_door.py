@@ -17,7 +17,7 @@ from serving import run as serving_run
 from serving.app import create_app
 from serving.keys import create_key
 from serving.metrics import OTHER, Bounded
-from storage.eventlog import EventLog
+from storage.eventlog.log import EventLog
 
 ROOT = Path(__file__).resolve().parents[1]
 

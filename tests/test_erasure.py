@@ -22,19 +22,19 @@ from deltalake.exceptions import DeltaError
 from litestar.testing import TestClient
 
 from definitions.assets.decisions import forget_erased
-from definitions.importer import import_events
+from definitions.batch.importer import import_events
 from definitions.runs import materialize
-from nextbest.demo import DemoConfig, write_demo
+from nextbest.demo.shop import DemoConfig, write_demo
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
 from serving.app import create_app
 from serving.erasure import STORES, kafka_erasure
 from serving.sinks import KafkaSink
-from storage.delta import TABLES, DeltaStore, StaleWriteError
-from storage.delta_erasure import DERIVED_TABLES, erase_derived
-from storage.online import OnlineStore
-from storage.online_models import CachedDecision
-from storage.online_serving import erasure_status
+from storage.delta.erasure import DERIVED_TABLES, erase_derived
+from storage.delta.store import TABLES, DeltaStore, StaleWriteError
+from storage.online.models import CachedDecision
+from storage.online.serving import erasure_status
+from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 from tests.broker import TansuBroker, read_topic
 from tests.stream_helpers import start_stream, write_catalog

@@ -10,11 +10,11 @@ import json
 from collections.abc import Callable
 
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
 from serving.erasure import STREAM_STORES, resume_erasures, start_erasure
 from serving.runtime import ServingRuntime
 from serving.sinks import EventLogSink
-from storage.eventlog import EventLog
+from storage.eventlog.log import EventLog
 
 USER = "resume-canary-user"
 OTHER = "resume-other-user"

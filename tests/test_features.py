@@ -6,8 +6,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from nextbest.events import Event
-from nextbest.features import (
+from nextbest.features.semantics import (
     RecentItems,
     WindowState,
     aggregate,
@@ -15,8 +14,9 @@ from nextbest.features import (
     identity_links,
     session_vector,
 )
-from nextbest.spec import SessionVectorFeature
-from nextbest.spec_loader import load_spec
+from nextbest.ingest.events import Event
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import SessionVectorFeature
 from tests.conftest import ROOT
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from definitions.importer import import_events, import_items, import_movielens
+from definitions.batch.importer import import_events, import_items, import_movielens
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
-from storage.delta import DeltaStore
+from nextbest.spec.loader import load_spec
+from storage.delta.store import DeltaStore
 
 
 @pytest.fixture

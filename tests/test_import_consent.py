@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-import definitions.importer as importer
-from definitions.importer import import_events
-from nextbest.consent import MARK, NO_CONSENT_PREFIX, ConsentChange
+import definitions.batch.importer as importer
+from definitions.batch.importer import import_events
+from nextbest.ingest.consent import MARK, NO_CONSENT_PREFIX, ConsentChange
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
-from storage.online_consent import ConsentStore
+from nextbest.spec.models import Spec
+from storage.delta.store import DeltaStore
+from storage.online.consent import ConsentStore
+from storage.online.store import OnlineStore
 from tests.test_consent import consent_spec
 
 T0 = 1_736_000_000

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from definitions.importer import import_events
+from definitions.batch.importer import import_events
 from nextbest.limits import Limits, scan_json
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
 
 
 def _shape(value: Any, depth: int = 1) -> tuple[int, int]:

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nextbest.metrics import (
+from nextbest.learn.metrics import (
     average_precision_at_k,
     coverage,
     hit_rate_at_k,

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nextbest.model import ItemModel, fit, interaction_matrix, train_ease, train_item_knn
-from nextbest.spec import Model as ModelParams
+from nextbest.learn.model import ItemModel, fit, interaction_matrix, train_ease, train_item_knn
+from nextbest.spec.models import Model as ModelParams
 
 
 def two_taste_data(n_users: int = 200, seed: int = 0):

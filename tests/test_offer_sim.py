@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from nextbest.offer_sim import (
+from nextbest.demo.offer_sim import (
     FEATURES,
     TYPES,
     OfferWorld,
@@ -21,9 +21,9 @@ from nextbest.offer_sim import (
     type_shares,
     uplift_policy,
 )
-from nextbest.ope import NO_ACTION
-from nextbest.uplift import top_k
-from storage.delta_schemas import decisions_to_table, feedback_to_table
+from nextbest.learn.ope import NO_ACTION
+from nextbest.learn.uplift import top_k
+from storage.delta.schemas import decisions_to_table, feedback_to_table
 
 WORLD = OfferWorld()
 

@@ -1,4 +1,4 @@
-"""The per-user online model (`nextbest.online_model`): the Beta-Bernoulli update
+"""The per-user online model (`nextbest.learn.online_model`): the Beta-Bernoulli update
 with decay, its idempotence, the spec setting, and how the decide path uses it for
 offers and item groups. Pure: no stores, no HTTP."""
 
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from nextbest.candidates import UserView, user_view
-from nextbest.decide import Assets, DecisionRequest, decide, policy_for_surface
-from nextbest.online_model import (
+from nextbest.decide.candidates import UserView, user_view
+from nextbest.decide.decision import Assets, DecisionRequest, decide, policy_for_surface
+from nextbest.decide.slate import GroupBoosts
+from nextbest.learn.online_model import (
     FORGOTTEN,
     MAX_SKEW_MS,
     MEMORY,
@@ -26,10 +27,9 @@ from nextbest.online_model import (
     action_target,
     group_target,
 )
-from nextbest.slate import GroupBoosts
-from nextbest.spec import OnlineModel, Policy, Spec
-from nextbest.spec_loader import load_spec
-from nextbest.uplift import OfferUplift, Standardizer, UpliftModel
+from nextbest.learn.uplift import OfferUplift, Standardizer, UpliftModel
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import OnlineModel, Policy, Spec
 
 ROOT = Path(__file__).resolve().parents[1]
 H = 7 * 86_400_000  # the default half-life, in ms

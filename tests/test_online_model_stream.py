@@ -10,16 +10,16 @@ import pytest
 from bytewax.recovery import RecoveryConfig
 from bytewax.testing import run_main
 
-from nextbest.demo import DemoConfig
-from nextbest.online_model import MAX_SKEW_MS
+from nextbest.demo.shop import DemoConfig
+from nextbest.learn.online_model import MAX_SKEW_MS
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
 from pipelines.flow import build_flow
 from pipelines.records import Update
 from pipelines.run import ensure_recovery_dir
-from storage.online import OnlineStore
-from storage.online_models import now_ms
+from storage.online.models import now_ms
+from storage.online.store import OnlineStore
 from tests.stream_helpers import append_log, write_catalog
 from tests.test_pipeline_units import T0, ev, run
 

@@ -5,8 +5,8 @@ and the naive "mean logged reward" would have been wrong."""
 import numpy as np
 import pytest
 
-from nextbest import ope
-from nextbest.offer_sim import OfferLog, OfferWorld, policy_value, simulate_log, uplift_policy
+from nextbest.demo.offer_sim import OfferLog, OfferWorld, policy_value, simulate_log, uplift_policy
+from nextbest.learn import ope
 
 WORLD = OfferWorld()
 SEEDS = range(8)

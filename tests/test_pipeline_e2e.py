@@ -7,12 +7,12 @@ import pytest
 from bytewax.testing import run_main
 
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
 from pipelines.flow import build_flow
-from storage.delta import DeltaStore
-from storage.eventlog import EventLog
-from storage.online import OnlineStore
+from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog
+from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 from tests.stream_helpers import (
     append_log,

@@ -6,10 +6,10 @@ from bytewax.testing import run_main
 from confluent_kafka import Producer
 
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
 from pipelines.flow import build_flow
 from pipelines.sources import KafkaEventSource
-from storage.delta import DeltaStore
+from storage.delta.store import DeltaStore
 from tests.broker import TansuBroker
 from tests.stream_helpers import delta_events, demo_events, encode, online_mismatches, write_catalog
 

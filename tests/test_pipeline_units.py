@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from nextbest.events import Event
-from nextbest.features import session_vector
-from nextbest.online_model import Feedback
+from nextbest.features.semantics import session_vector
+from nextbest.ingest.events import Event
+from nextbest.learn.online_model import Feedback
 from nextbest.settings import Settings
-from nextbest.spec import SessionVectorFeature, Spec
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import SessionVectorFeature, Spec
 from pipelines.catalog import StaticCatalog
 from pipelines.flow import FEEDBACK_BUFFER, STITCH_BUFFER, StitchState, build_flow, stitch
-from pipelines.records import Record, Update
+from pipelines.records import Record, Routed, Update
 from pipelines.sinks import LakeBatch, LakeSink, StreamSinks
 from pipelines.sources import EventLogSource
-from storage.delta import DeltaStore
-from storage.eventlog import EventLog
+from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog
 
 T0 = datetime(2025, 3, 1, 12, tzinfo=UTC)
 ITEMS = {
@@ -214,7 +214,7 @@ def test_log_source_backs_off_when_idle_and_stops_at_the_end(tmp_path: Path) -> 
 def test_lake_sink_is_idempotent_when_a_replay_regroups_offsets(
     settings: Settings, spec: Spec
 ) -> None:
-    from nextbest.events import Event
+    from nextbest.ingest.events import Event
 
     def record(offset: int) -> Record:
         event = Event.model_validate(ev(f"e{offset}", "view", offset, user_id="u1", item_id="i1"))
@@ -244,7 +244,7 @@ def test_lake_sink_drops_a_client_retry_of_an_acknowledged_event(
 ) -> None:
     """The API made a batch durable, died before its 202, and the client sent it again:
     same event ids at new offsets. Bronze keeps each id once, also across a restart."""
-    from nextbest.events import Event
+    from nextbest.ingest.events import Event
 
     def record(offset: int, event_id: str) -> Record:
         event = Event.model_validate(ev(event_id, "view", offset, user_id="u1", item_id="i1"))
@@ -277,9 +277,11 @@ def test_anonymous_feedback_never_pushes_events_out_of_the_stitch_buffer() -> No
         for n in range(STITCH_BUFFER + FEEDBACK_BUFFER)
     ]
     stitch(state, [*events, *impressions], frozenset({"identify"}))
-    routed = stitch(
+    out = stitch(
         state, [(0, 9999, ev(9999, type="identify", user_id="u1"))], frozenset({"identify"})
     )
+    routed = [r for r in out if isinstance(r, Routed)]
+    assert len(routed) == len(out)  # no dead letters
     resent = [r.event for r in routed if not r.link]
     assert {e.event_id for e in resent if isinstance(e, Event)} == {f"e{n}" for n in range(5)}
     assert sum(isinstance(e, Feedback) for e in resent) == FEEDBACK_BUFFER

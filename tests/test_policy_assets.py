@@ -26,15 +26,15 @@ from definitions.assets.offer_uplift import (
     save_candidate,
 )
 from definitions.assets.policy_evaluation import NOT_ESTIMATED, gate_report
-from definitions.bandit_log import Rounds, held_out, read_rounds
+from definitions.batch.bandit_log import Rounds, held_out, read_rounds
 from definitions.runs import instance_for, materialize
-from nextbest.offer_sim import OfferLog, OfferWorld, decision_records, simulate_log
-from nextbest.ope import NO_ACTION
+from nextbest.demo.offer_sim import OfferLog, OfferWorld, decision_records, simulate_log
+from nextbest.learn.ope import NO_ACTION
+from nextbest.learn.uplift import OfferUplift
 from nextbest.settings import Settings
-from nextbest.spec_loader import load_spec
-from nextbest.uplift import OfferUplift
+from nextbest.spec.loader import load_spec
 from serving.runtime import ServingRuntime
-from storage.delta import DeltaStore, decisions_to_table, feedback_to_table
+from storage.delta.store import DeltaStore, decisions_to_table, feedback_to_table
 
 SELECT = "key:offer_uplift or key:policy_evaluation or key:offer_policy"
 GATE = "key:policy_evaluation or key:offer_policy"

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from nextbest.model import ItemModel
-from nextbest.pool import Pool
+from nextbest.decide.pool import Pool
+from nextbest.learn.model import ItemModel
 
 Ranked = tuple[str, int | None, float]
 

@@ -10,12 +10,12 @@ import httpx
 import pytest
 from litestar import Litestar
 
-from nextbest.demo import DemoConfig
+from nextbest.demo.shop import DemoConfig
 from nextbest.settings import Settings
 from serving.app import create_app
 from serving.keys import create_key
-from storage.eventlog import EventLog
-from storage.online_models import CachedDecision
+from storage.eventlog.log import EventLog
+from storage.online.models import CachedDecision
 from tests.broker import read_topic
 from tests.test_serving_world import (
     LiveServer,
@@ -92,6 +92,35 @@ def test_category_viewer_gets_that_category_in_realtime(api: Api) -> None:
     out = wait_until(hiking, timeout=1.0, what="hiking items served real-time")
     assert out["model_version"] == "v1" and out["feature_age_ms"] is not None
     assert all(a["reasons"] for a in out["actions"])
+
+
+def test_decided_items_read_with_their_titles_and_categories(api: Api) -> None:
+    """The README's story, readable from the answer alone: a user who viewed kitchen
+    items gets kitchen items, each with its catalogue title and category."""
+    kitchen = api.world.category_items("kitchen")[:2]
+    stream_state(api.world.store, "u-cook", [(i, "view") for i in kitchen])
+    catalog = {i["item_id"]: i for i in api.world.items}
+    out = api.decide("u-cook", k=4)
+    assert out["served_from"] == "realtime" and out["actions"]
+    for action in out["actions"]:
+        row = catalog[action["item_id"]]
+        assert action["title"] == row["title"] and action["title"]
+        assert action["attributes"] == {
+            n: row[n] for n in ("category", "price", "in_stock", "title")
+        }
+    categories = [a["attributes"]["category"] for a in out["actions"]]
+    assert categories.count("kitchen") >= 3, categories
+    fallback = api.decide("never-seen-cook", k=2)
+    assert all(a["title"] == catalog[a["item_id"]]["title"] for a in fallback["actions"])
+    stream_state(
+        api.world.store, "u-cook-pays", [(kitchen[0], "add_to_cart")],
+        features={"cart_adds_1h": 1.0, "views_1h": 7.0},
+    )  # fmt: skip
+    offers = api.decide("u-cook-pays", k=3, surface="checkout", context={"device": "mobile"})
+    assert offers["actions"]
+    for offer in offers["actions"]:  # offers keep their action title, no item attributes
+        assert offer["item_id"] is None and offer["attributes"] == {}
+        assert offer["title"] == api.world.spec.actions[offer["action_id"]].title
 
 
 def test_unknown_and_anonymous_users_get_a_cold_start(api: Api) -> None:
@@ -302,7 +331,7 @@ def test_online_store_down_serves_fallback(tmp_path: Path) -> None:
     app = create_app(settings)
     live = start_server(app)
     try:
-        from storage.online_engine import create_online_engine
+        from storage.online.engine import create_online_engine
 
         # Point the decision reads at a database that cannot be opened.
         dead = create_online_engine(f"sqlite:///{tmp_path / 'gone' / 'x.db'}")

@@ -12,20 +12,20 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
-from definitions.bandit_log import read_rounds
-from nextbest.offer_sim import OfferWorld, decision_records, simulate_log
+from definitions.batch.bandit_log import read_rounds
+from nextbest.demo.offer_sim import OfferWorld, decision_records, simulate_log
+from nextbest.learn.uplift import OfferUplift
 from nextbest.settings import Settings
-from nextbest.spec import Exploration, Spec
-from nextbest.spec_loader import load_spec
-from nextbest.uplift import OfferUplift
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Exploration, Spec
 from pipelines.records import decision_row, feedback_row
 from serving.app import create_app
 from serving.keys import create_key
 from serving.ratelimit import TokenBuckets
-from storage.delta import DeltaStore
-from storage.delta_schemas import decisions_to_table, feedback_to_table
-from storage.eventlog import EventLog
-from storage.online_engine import create_online_engine
+from storage.delta.schemas import decisions_to_table, feedback_to_table
+from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog
+from storage.online.engine import create_online_engine
 from tests.test_decide import _uplift
 from tests.test_serving_world import (
     LiveServer,
@@ -119,7 +119,7 @@ def test_logged_decisions_feed_the_ope_reader(api: Api, tmp_path: Path) -> None:
         assert (shown["propensity"] if shown else rec["features"]["propensity"]) == p
         assert rec["features"]["exploration"]["seed"] == int(rec["decision_id"][:8], 16)
 
-    # Field by field, the layout of nextbest.offer_sim.decision_records.
+    # Field by field, the layout of nextbest.demo.offer_sim.decision_records.
     sim, _ = decision_records(simulate_log(OfferWorld(), 30, seed=1), start=datetime.now(UTC))
     sim_none = next(d for d in sim if not d["actions"])
     sim_shown = next(d for d in sim if d["actions"])
@@ -131,7 +131,7 @@ def test_logged_decisions_feed_the_ope_reader(api: Api, tmp_path: Path) -> None:
     assert set(sim_none["features"]) <= set(api_none["features"])
     assert set(sim_shown["features"]["values"]) & set(api_shown["features"]["values"])
 
-    # Through the stream's row parsing into Delta, then definitions.bandit_log.
+    # Through the stream's row parsing into Delta, then definitions.batch.bandit_log.
     converted = {logged[0]["decision_id"], api_none["decision_id"]}
     for did in converted:
         r = api.http.post(

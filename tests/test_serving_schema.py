@@ -91,3 +91,54 @@ def test_docs_page_lists_every_operation_without_a_key(tmp_path) -> None:
         assert len(ops) >= 9
         for operation_id in ops:
             assert f"<code>{operation_id}</code>" in page.text
+
+
+def test_docs_page_shows_every_body_schema_and_example(tmp_path) -> None:
+    """Each operation's request and response fields, and its examples as JSON, on one
+    offline page: no script, nothing loaded from elsewhere."""
+    import html
+    import json
+    import re
+
+    from litestar.testing import TestClient
+
+    from nextbest.settings import Settings
+    from serving.app import create_app
+    from tests.conftest import ROOT
+
+    settings = Settings(home=tmp_path / "home", spec=ROOT / "nextbest.yaml", _env_file=None)  # type: ignore[call-arg]
+    with TestClient(app=create_app(settings)) as client:
+        page = client.get("/docs").text
+        doc = client.get("/schema/openapi.json").json()
+    assert "<script" not in page and not re.search(r"(src|href)=['\"]https?:", page)
+    schemas = doc["components"]["schemas"]
+    bodies = 0
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if not isinstance(op, dict) or "operationId" not in op:
+                continue
+            start = page.index(f"id='{op['operationId']}'")
+            end = page.find("<section>", start)
+            section = page[start : end if end > 0 else None]
+            assert html.escape(path) in section and method.upper() in section
+            media = [
+                m
+                for part in [op.get("requestBody") or {}, *op["responses"].values()]
+                for m in (part.get("content") or {}).values()
+            ]
+            for m in media:
+                ref = json.dumps(m.get("schema", {}))
+                for name in re.findall(r"#/components/schemas/(\w+)", ref)[:1]:
+                    bodies += 1
+                    for field in schemas[name].get("properties", {}):
+                        assert f"<code>{field}</code>" in section, (op["operationId"], field)
+                examples = [e["value"] for e in (m.get("examples") or {}).values()]
+                examples += m.get("schema", {}).get("examples", []) if not examples else []
+                for value in examples:
+                    text = value if isinstance(value, str) else json.dumps(value, indent=2)
+                    assert html.escape(text) in section, op["operationId"]
+    assert bodies >= 10
+    decide = page[page.index("id='decide'") :]
+    assert "Request body (required)" in decide and "Example: 1 of 2" in decide
+    assert html.escape('"title": "Blender 600 W"') in decide  # the answer shows titles
+    assert "id='schema-ActionOut'" in page and "The item&#x27;s catalogue attributes" in page

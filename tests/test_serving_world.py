@@ -18,14 +18,14 @@ import pyarrow as pa
 import pytest
 import uvicorn
 
-from nextbest.demo import DemoConfig, generate_items, iter_events
-from nextbest.model import ItemModel, fit, interaction_matrix
+from nextbest.demo.shop import DemoConfig, generate_items, iter_events
+from nextbest.learn.model import ItemModel, fit, interaction_matrix
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.spec_loader import load_spec
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
-from storage.online_models import FeatureRow, UserState, now_ms
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
+from storage.delta.store import DeltaStore
+from storage.online.models import FeatureRow, UserState, now_ms
+from storage.online.store import OnlineStore
 
 
 @dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nextbest.spec import WindowFeature, parse_duration
-from nextbest.spec_loader import SpecError, load_spec, parse_spec
+from nextbest.spec.loader import SpecError, load_spec, parse_spec
+from nextbest.spec.models import WindowFeature, parse_duration
 
 SPECS = Path(__file__).parent / "specs"
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_bad_durations(text: str) -> None:
 
 def test_cli_exit_codes() -> None:
     ok = subprocess.run(
-        [sys.executable, "-m", "nextbest", "validate", "--spec", str(ROOT / "nextbest.yaml")],
+        [sys.executable, "-m", "launcher", "validate", "--spec", str(ROOT / "nextbest.yaml")],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -149,7 +149,7 @@ def test_cli_exit_codes() -> None:
     assert "ok" in ok.stdout
     broken = SPECS / "invalid" / "misspelled_key.yaml"
     bad = subprocess.run(
-        [sys.executable, "-m", "nextbest", "validate", "--spec", str(broken)],
+        [sys.executable, "-m", "launcher", "validate", "--spec", str(broken)],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -96,7 +96,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env.pop("NEXTBEST_ONLINE_URL", None)
     env.pop("NEXTBEST_KAFKA_BOOTSTRAP", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nextbest", "up", "--simulate", "--rate", "20"],
+        [sys.executable, "-m", "launcher", "up", "--simulate", "--rate", "20"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

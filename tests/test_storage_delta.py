@@ -14,16 +14,16 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from nextbest.events import Event
+from nextbest.ingest.events import Event
 from nextbest.settings import Settings
-from storage.delta import (
+from storage.delta.schemas import DECISIONS_SCHEMA, EVENTS_SCHEMA
+from storage.delta.store import (
     DeadLetter,
     DeltaStore,
     dead_letters_to_table,
     decisions_to_table,
     events_to_table,
 )
-from storage.delta_schemas import DECISIONS_SCHEMA, EVENTS_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -171,7 +171,7 @@ def test_concurrent_appends_from_threads_lose_nothing(store: DeltaStore) -> None
 
 _CHILD = """
 import sys
-from storage.delta import DeltaStore, events_to_table
+from storage.delta.store import DeltaStore, events_to_table
 from tests.test_storage_delta import make_events
 root, w = sys.argv[1], int(sys.argv[2])
 store = DeltaStore(root, storage_options={})
@@ -375,7 +375,7 @@ def test_ambiguous_failure_is_not_rewritten(
     store: DeltaStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The commit lands but the client sees an I/O error (e.g. a timed-out PUT)."""
-    import storage.delta as delta_mod
+    import storage.delta.store as delta_mod
 
     real = delta_mod.write_deltalake
     calls: list[int] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nextbest.settings import Settings
-from storage.eventlog import EventLog, EventLogError, WriterLockedError, partition_for
+from storage.eventlog.log import EventLog, EventLogError, WriterLockedError, partition_for
 from tests.eventlog_writer import payload_for
 
 WRITER_SCRIPT = Path(__file__).with_name("eventlog_writer.py")
@@ -69,7 +69,7 @@ def test_partitioning_is_stable_across_processes() -> None:
     keys = [f"user-{i}" for i in range(300)] + ["", "ünïcode", "anon:42"]
     here = [partition_for(k, 8) for k in keys]
     code = (
-        "import json, sys; from storage.eventlog import partition_for; "
+        "import json, sys; from storage.eventlog.log import partition_for; "
         "print(json.dumps([partition_for(k, 8) for k in json.loads(sys.argv[1])]))"
     )
     for seed in ("1", "12345"):
@@ -126,7 +126,7 @@ def test_single_writer_lock(tmp_path: Path) -> None:
     with pytest.raises(WriterLockedError, match=str(os.getpid())):
         EventLog.open(tmp_path, partitions=2, mode="writer")
     code = (
-        "import sys; from storage.eventlog import EventLog, WriterLockedError\n"
+        "import sys; from storage.eventlog.log import EventLog, WriterLockedError\n"
         "try: EventLog.open(sys.argv[1], partitions=2, mode='writer')\n"
         "except WriterLockedError as e: print('rejected:', e); sys.exit(3)\n"
     )
@@ -146,7 +146,7 @@ def test_single_writer_lock(tmp_path: Path) -> None:
 
 READER_CODE = """
 import sys, time
-from storage.eventlog import EventLog
+from storage.eventlog.log import EventLog
 log = EventLog.open(sys.argv[1], partitions=3, mode="reader")
 want, seen, pos = int(sys.argv[2]), [], {p: 0 for p in range(3)}
 print("ready", flush=True)
@@ -201,7 +201,7 @@ def _corrupt_tails(path: Path) -> dict[int, int]:
 
 
 def _offset_of_last(segment: Path) -> int:
-    from storage.eventlog_segments import Scan
+    from storage.eventlog.segments import Scan
 
     fd = os.open(segment, os.O_RDONLY)
     try:

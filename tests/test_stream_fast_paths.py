@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from nextbest.events import Event
-from nextbest.features import RecentItems, WindowState
+from nextbest.features.semantics import RecentItems, WindowState
+from nextbest.ingest.events import Event
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from nextbest.spec_loader import load_spec
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
 from pipelines import records
 from pipelines.profile import FeaturePlan, ItemProfile, UserProfile
 from pipelines.records import parse_record

@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 SCRIPT = """
 import sys
 from nextbest.settings import Settings
-from nextbest.supervisor import Component, Supervisor
+from launcher.supervisor import Component, Supervisor
 sup = Supervisor(Settings(home=sys.argv[1], _env_file=None))
 child = Component("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"])
 sup.start(child)

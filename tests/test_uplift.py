@@ -5,13 +5,13 @@ coefficient that is positive for uplift scores and about zero for random ones.""
 import numpy as np
 import pytest
 
-from nextbest.offer_sim import (
+from nextbest.demo.offer_sim import (
     OfferWorld,
     incremental_conversions,
     randomized_exposure,
     sample_users,
 )
-from nextbest.uplift import (
+from nextbest.learn.uplift import (
     UpliftModel,
     auuc,
     fit_logistic,

@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from nextbest.spec_loader import load_spec
-from nextbest.validation import EventRejected, keyed_hash, validate_batch, validate_event
+from nextbest.ingest.validation import EventRejected, keyed_hash, validate_batch, validate_event
+from nextbest.spec.loader import load_spec
 from tests.conftest import ROOT
 
 KEY = b"test-key"

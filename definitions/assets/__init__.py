@@ -4,7 +4,8 @@ bronze_events -> silver_sessions (daily partitions)
 bronze_events -> gold_interactions -> item_model -> model_evaluation -> model_registry
 model_registry -> item_vectors (LanceDB), cached_decisions (online store)
 bronze_events -> user_features, training_set
-decisions + feedback (Delta) -> offer_uplift -> policy_evaluation -> offer_policy (OPE gate)
+decision_log + feedback_log (external: the API writes them) -> offer_uplift
+offer_uplift -> policy_evaluation -> offer_policy (OPE gate)
 """
 
 from definitions.assets.bronze import bronze_events
@@ -12,6 +13,7 @@ from definitions.assets.decisions import cached_decisions
 from definitions.assets.evaluation import model_evaluation
 from definitions.assets.features import user_features
 from definitions.assets.interactions import gold_interactions
+from definitions.assets.logs import LOG_ASSETS, decision_log, feedback_log
 from definitions.assets.model import item_model
 from definitions.assets.offer_policy import offer_policy
 from definitions.assets.offer_uplift import offer_uplift
@@ -42,13 +44,17 @@ PARTITIONED_ASSETS = [silver_sessions]
 """Day-partitioned history: backfilled by ranges of days."""
 
 ALL_ASSETS = [*RETRAIN_ASSETS, *PARTITIONED_ASSETS]
+"""Every asset Dagster materializes (`LOG_ASSETS` are external: lineage only)."""
 
 __all__ = [
     "ALL_ASSETS",
+    "LOG_ASSETS",
     "PARTITIONED_ASSETS",
     "RETRAIN_ASSETS",
     "bronze_events",
     "cached_decisions",
+    "decision_log",
+    "feedback_log",
     "gold_interactions",
     "item_model",
     "item_vectors",

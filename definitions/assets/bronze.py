@@ -4,7 +4,7 @@ from typing import Any
 
 import dagster as dg
 
-from definitions.arrow import pc
+from definitions.batch.arrow import pc
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
 

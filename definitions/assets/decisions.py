@@ -6,19 +6,19 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
-from definitions.arrow import pc
 from definitions.assets.interactions import gold_interactions
 from definitions.assets.registry import model_registry
-from definitions.history import INTERACTIONS_TABLE, item_catalog
+from definitions.batch.arrow import pc
+from definitions.batch.history import INTERACTIONS_TABLE, item_catalog
+from definitions.batch.quality import scored_top_k
 from definitions.partitions import IO_RETRY
-from definitions.quality import scored_top_k
 from definitions.resources import NextbestResource
-from nextbest.model import ItemModel, interaction_matrix
-from nextbest.spec import Condition, Spec
-from storage.delta import DeltaStore
-from storage.online import OnlineStore
-from storage.online_models import CachedDecision
-from storage.online_serving import ServingStore
+from nextbest.learn.model import ItemModel, interaction_matrix
+from nextbest.spec.models import Condition, Spec
+from storage.delta.store import DeltaStore
+from storage.online.models import CachedDecision
+from storage.online.serving import ServingStore
+from storage.online.store import OnlineStore
 
 _OPS = {
     "eq": lambda a, b: a == b,

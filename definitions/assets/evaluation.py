@@ -6,11 +6,11 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
-from definitions.arrow import pc
-from definitions.artifacts import read_candidate, write_metrics
 from definitions.assets.interactions import gold_interactions
 from definitions.assets.model import item_model
-from definitions.history import (
+from definitions.batch.arrow import pc
+from definitions.batch.artifacts import read_candidate, write_metrics
+from definitions.batch.history import (
     INTERACTIONS_TABLE,
     group_attribute,
     interactions_of,
@@ -18,11 +18,11 @@ from definitions.history import (
     item_universe,
     read_events,
 )
-from definitions.quality import evaluate_split, markdown_report, temporal_replay
+from definitions.batch.quality import evaluate_split, markdown_report, temporal_replay
 from definitions.resources import NextbestResource
 from nextbest.settings import Settings
-from nextbest.spec import Spec
-from storage.delta import DeltaStore
+from nextbest.spec.models import Spec
+from storage.delta.store import DeltaStore
 
 
 def compute_metrics(

@@ -6,7 +6,7 @@ import dagster as dg
 import pyarrow as pa
 
 from definitions.assets.bronze import bronze_events
-from definitions.history import (
+from definitions.batch.history import (
     EVENT_COLUMNS,
     FEATURES_TABLE,
     item_catalog,
@@ -15,7 +15,7 @@ from definitions.history import (
 )
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
-from nextbest.features import batch_window_values, identity_links
+from nextbest.features.semantics import batch_window_values, identity_links
 
 ALL_COLUMNS = [*EVENT_COLUMNS, "context", "properties"]
 
@@ -23,7 +23,7 @@ ALL_COLUMNS = [*EVENT_COLUMNS, "context", "properties"]
 @dg.asset(deps=[bronze_events], group_name="gold", kinds={"deltalake"}, retry_policy=IO_RETRY)
 def user_features(nextbest: NextbestResource) -> dg.MaterializeResult:
     """Every window feature of the spec backfilled from Delta (`gold/user_features`) with
-    `nextbest.features.batch_window_values`, the code the stream folds events with, so
+    `nextbest.features.semantics.batch_window_values`, the code the stream folds events with, so
     a batch value equals the online value at the same offset. Item-entity features are
     keyed `item:<item_id>` as online. The online store is not touched: the stream owns it."""
     spec, store = nextbest.load_spec(), nextbest.delta()

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from definitions.assets.bronze import bronze_events
-from definitions.history import (
+from definitions.batch.history import (
     INTERACTIONS_TABLE,
     aggregate_pairs,
     decayed,

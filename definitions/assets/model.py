@@ -4,22 +4,22 @@ import time
 
 import dagster as dg
 
-from definitions.arrow import pc
-from definitions.artifacts import new_version, write_candidate
 from definitions.assets.interactions import gold_interactions
-from definitions.history import (
+from definitions.batch.arrow import pc
+from definitions.batch.artifacts import new_version, write_candidate
+from definitions.batch.history import (
     INTERACTIONS_TABLE,
     group_attribute,
     item_catalog,
     item_universe,
 )
 from definitions.resources import NextbestResource
-from nextbest.model import fit, interaction_matrix
+from nextbest.learn.model import fit, interaction_matrix
 
 
 @dg.asset(deps=[gold_interactions], group_name="model", kinds={"numpy", "scipy"})
 def item_model(context: dg.AssetExecutionContext, nextbest: NextbestResource):
-    """The default recommender, trained with `nextbest.model.fit`: EASE (closed-form
+    """The default recommender, trained with `nextbest.learn.model.fit`: EASE (closed-form
     item-item regression) while the catalog fits `model.max_dense_items`, sparse top-k
     item-kNN beyond it so memory stays bounded; truncated-SVD item vectors for
     retrieval, and vectors from the item's group attribute for items nobody touched

@@ -13,9 +13,9 @@ from typing import Any
 
 import dagster as dg
 
-from definitions.artifacts import read_json_file, write_json_file
 from definitions.assets.offer_uplift import UPLIFT_CANDIDATE, UPLIFT_POINTER
 from definitions.assets.policy_evaluation import NOT_ESTIMATED, OPE_REPORT, policy_evaluation
+from definitions.batch.artifacts import read_json_file, write_json_file
 from definitions.resources import NextbestResource, OpeGate
 
 REGISTRY = "uplift_registry.json"

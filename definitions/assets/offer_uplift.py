@@ -11,12 +11,20 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
-from definitions.artifacts import read_json_file, write_json_file
-from definitions.bandit_log import Rounds, held_out, read_rounds
+from definitions.assets.logs import decision_log, feedback_log
+from definitions.batch.artifacts import read_json_file, write_json_file
+from definitions.batch.bandit_log import Rounds, held_out, read_rounds
 from definitions.resources import NextbestResource
-from nextbest.ope import NO_ACTION
-from nextbest.spec import Spec
-from nextbest.uplift import Basis, OfferUplift, UpliftModel, auuc, fit_uplift, qini_coefficient
+from nextbest.learn.ope import NO_ACTION
+from nextbest.learn.uplift import (
+    Basis,
+    OfferUplift,
+    UpliftModel,
+    auuc,
+    fit_uplift,
+    qini_coefficient,
+)
+from nextbest.spec.models import Spec
 
 UPLIFT_POINTER = "uplift.json"
 """The served offer policy (read by the API); written by `offer_policy` only."""
@@ -101,7 +109,7 @@ def train_offer(
     return model, stats
 
 
-@dg.asset(group_name="policy", kinds={"numpy"})
+@dg.asset(deps=[decision_log, feedback_log], group_name="policy", kinds={"numpy"})
 def offer_uplift(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     """Uplift models for non-item actions (offers): for each offer, an X-learner over
     the logged user features of decisions that showed it (treated) or showed nothing

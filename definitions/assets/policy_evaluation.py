@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
-from definitions.artifacts import write_json_file
+from definitions.assets.logs import decision_log, feedback_log
 from definitions.assets.offer_uplift import (
     HOLDOUT,
     UPLIFT_CANDIDATE,
@@ -15,9 +15,10 @@ from definitions.assets.offer_uplift import (
     offer_uplift,
     read_uplift,
 )
-from definitions.bandit_log import Rounds, held_out, read_rounds
+from definitions.batch.artifacts import write_json_file
+from definitions.batch.bandit_log import Rounds, held_out, read_rounds
 from definitions.resources import NextbestResource
-from nextbest.ope import (
+from nextbest.learn.ope import (
     NO_ACTION,
     Estimate,
     cross_fit_rewards,
@@ -26,7 +27,7 @@ from nextbest.ope import (
     importance_weights,
     on_policy,
 )
-from nextbest.uplift import OfferUplift
+from nextbest.learn.uplift import OfferUplift
 
 OPE_REPORT = "ope.json"
 NOT_ESTIMATED = "not estimated"
@@ -205,7 +206,7 @@ def gate_report(
     }
 
 
-@dg.asset(deps=[offer_uplift], group_name="policy", kinds={"numpy"})
+@dg.asset(deps=[offer_uplift, decision_log, feedback_log], group_name="policy", kinds={"numpy"})
 def policy_evaluation(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     """Off-policy evaluation on the decision log joined with feedback (reward: the
     decision converted). Estimates, with IPS, self-normalized IPS and doubly robust
@@ -218,7 +219,7 @@ def policy_evaluation(context: dg.AssetExecutionContext, nextbest: NextbestResou
     `current`), by a paired DR difference, is what `offer_policy` gates promotion on;
     it is `not estimated` when the candidate covers less than `ope_min_coverage` of the
     held-out offer decisions. The targets rank by predicted uplift alone: the per-user
-    online model only reorders offers the uplift model shows (`nextbest.offers`), so
+    online model only reorders offers the uplift model shows (`nextbest.decide.offers`), so
     it is not part of what is valued here. Decisions logged without a propensity are
     skipped and counted. The report is also written to `<home>/models/ope.json`. With
     no decisions yet it succeeds."""

@@ -2,10 +2,10 @@
 
 import dagster as dg
 
-from definitions.artifacts import read_candidate, read_metrics
 from definitions.assets.evaluation import model_evaluation
+from definitions.batch.artifacts import read_candidate, read_metrics
+from definitions.batch.quality import promotion_decision
 from definitions.partitions import IO_RETRY
-from definitions.quality import promotion_decision
 from definitions.resources import NextbestResource
 
 METRIC = "ndcg@10"

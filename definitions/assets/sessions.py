@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from definitions.assets.bronze import bronze_events
-from definitions.history import SESSIONS_TABLE, read_events, stitched_actors, ts_ms
+from definitions.batch.history import SESSIONS_TABLE, read_events, stitched_actors, ts_ms
 from definitions.partitions import DAILY, IO_RETRY
 from definitions.resources import NextbestResource
 

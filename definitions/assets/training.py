@@ -9,11 +9,10 @@ import pyarrow as pa
 
 from definitions.assets.bronze import bronze_events
 from definitions.assets.features import ALL_COLUMNS
-from definitions.history import TRAINING_TABLE, item_catalog, read_events, rows_to_events
+from definitions.batch.history import TRAINING_TABLE, item_catalog, read_events, rows_to_events
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
-from nextbest.events import Event
-from nextbest.features import (
+from nextbest.features.semantics import (
     WindowState,
     actor_of,
     aggregate,
@@ -23,7 +22,8 @@ from nextbest.features import (
     identity_links,
     new_window_state,
 )
-from nextbest.spec import Spec, WindowFeature
+from nextbest.ingest.events import Event
+from nextbest.spec.models import Spec, WindowFeature
 
 LABEL_DAYS = 7
 """Label events are the item events of the last week of history."""

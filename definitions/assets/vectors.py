@@ -5,10 +5,10 @@ import numpy as np
 import pyarrow as pa
 
 from definitions.assets.registry import model_registry
-from definitions.history import item_catalog
+from definitions.batch.history import item_catalog
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
-from nextbest.model import ItemModel
+from nextbest.learn.model import ItemModel
 
 _ARROW = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 

@@ -1,6 +1,6 @@
 """POST /v1/events: validate each event, apply consent, make the kept ones durable, answer.
 
-Consent (spec `privacy.consent`, rules in `nextbest.consent`): the batch is judged in
+Consent (spec `privacy.consent`, rules in `nextbest.ingest.consent`): the batch is judged in
 order against the stored decisions, read fresh for the batch's users, so a grant
 followed by events of the same user keeps those events. Consent events are appended
 to the log with the rest and then recorded in the online store's consent table, both
@@ -24,10 +24,10 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi import ResponseSpec
 from litestar.params import Body
 
-from nextbest.consent import DROP_REASON, Screened, screen
-from nextbest.events import Event
+from nextbest.ingest.consent import DROP_REASON, Screened, screen
+from nextbest.ingest.events import Event
+from nextbest.ingest.validation import validate_batch
 from nextbest.limits import Limits
-from nextbest.validation import validate_batch
 from serving import examples
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
 from serving.runtime import ServingRuntime

@@ -14,7 +14,7 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi import ResponseSpec
 from litestar.params import Body
 
-from nextbest.consent import allowed
+from nextbest.ingest.consent import allowed
 from nextbest.limits import Limits
 from serving import examples
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY

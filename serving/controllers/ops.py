@@ -25,8 +25,13 @@ class OpsController(Controller):
     @get(
         "/ready",
         operation_id="ready",
-        summary="Readiness: stores reachable and a promoted model loaded",
-        description="503 with a reason per failing check otherwise.",
+        summary="Readiness: stores reachable, a promoted model loaded, the stream keeping up",
+        description=(
+            "503 with a reason per failing check otherwise. `stream` is down when events"
+            " wait in the log and the stream has not moved forward for `stream_stale_s`"
+            " (default 30 s); the message gives the lag in events and seconds. An idle,"
+            " caught-up stream is ready."
+        ),
         sync_to_thread=True,
         responses={
             200: ResponseSpec(ReadyOut, description="Ready", examples=examples.READY_OUT),

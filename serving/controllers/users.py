@@ -13,8 +13,8 @@ from serving.controllers.common import AUTH_ERRORS, SECURITY
 from serving.erasure import start_erasure, subject_of
 from serving.runtime import ServingRuntime
 from serving.schemas import ErasureOut, FeatureOut, StateOut, UserFeaturesOut
-from storage.online_models import now_ms
-from storage.online_serving import ErasureJob
+from storage.online.models import now_ms
+from storage.online.serving import ErasureJob
 
 UserId = Annotated[str, Parameter(min_length=1, max_length=256, description="User id or anon:<id>")]
 

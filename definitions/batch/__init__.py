@@ -1,0 +1,1 @@
+"""Batch library code the Dagster assets call (no Dagster imports)."""

@@ -1,5 +1,0 @@
-import sys
-
-from nextbest.cli import main
-
-sys.exit(main())

@@ -1,0 +1,1 @@
+"""The next-best-action decision: candidates, rules, pool, slate, offers, exploration."""

@@ -1,0 +1,1 @@
+"""Feature semantics shared by stream and batch: windows and per-entity folds."""

@@ -1,0 +1,1 @@
+"""One ingest path: the event model, validation and pseudonymization, consent rules."""

@@ -1,0 +1,187 @@
+"""Check raw events against the spec, one by one, with a reason for each rejection.
+
+The API uses it to accept the valid events of a batch and reject the rest; the stream
+uses it again on what it reads, so an event that bypassed the API (a file, a Kafka
+producer of the user's) goes to the dead-letter table instead of crashing the flow.
+PII properties declared in the spec are replaced by a keyed hash before any store
+sees them. With `limits` (`nextbest.limits.Limits`: the API and the importer pass
+them), an event must also fit the door's bounds: ts window, id length and characters,
+reserved prefixes, finite bounded numbers, bounded nesting.
+"""
+
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from nextbest.ingest.events import Event
+from nextbest.limits import RESERVED_ID_PREFIX as RESERVED_ID_PREFIX  # re-exported
+from nextbest.limits import LimitExceeded, Limits
+from nextbest.spec.models import Spec
+
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "list": (list,),
+    "object": (dict,),
+}
+
+
+class EventRejected(ValueError):
+    """An event that does not fit the spec; the message says why."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    index: int
+    reason: str
+    event_id: str | None = None
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind in ("int", "float") and isinstance(value, bool):
+        return False
+    return isinstance(value, _PY_TYPES[kind])
+
+
+def validate_event(
+    raw: Any, spec: Spec, *, limits: Limits | None = None, now: datetime | None = None
+) -> Event:
+    """One raw JSON object -> an `Event` that fits the spec (and `limits`, when given),
+    or `EventRejected`."""
+    if not isinstance(raw, Mapping):
+        raise EventRejected("an event must be a JSON object")
+    try:
+        event = Event.model_validate(raw)
+    except ValidationError as exc:
+        raise EventRejected(_first_error(exc)) from None
+    except RecursionError:  # nested past Python's stack: not a 500, not a crash
+        raise EventRejected("properties/context: nested too deep") from None
+    if limits is not None:
+        check_limits(event, limits, now)
+    return check_event(event, spec)
+
+
+def check_limits(event: Event, limits: Limits, now: datetime | None = None) -> None:
+    """The door's bounds on a well-formed event; `EventRejected` naming the field."""
+    try:
+        limits.check_ts("ts", event.ts, now)
+        limits.check_id("event_id", event.event_id)
+        limits.check_id("user_id", event.user_id, actor=True)
+        limits.check_id("anonymous_id", event.anonymous_id, actor=True)
+        limits.check_id("item_id", event.item_id)
+        limits.check_number("value", event.value)
+        context = event.context
+        for name in ("session_id", "geo", "device"):
+            limits.check_id(f"context.{name}", getattr(context, name))
+        limits.check_json("context", context.model_extra or {})
+        limits.check_json("properties", event.properties)
+    except LimitExceeded as exc:
+        raise EventRejected(str(exc)) from None
+
+
+def check_event(event: Event, spec: Spec) -> Event:
+    """The spec's rules on an already well-formed `Event` (what `validate_event` adds
+    to the model's own validation); returns it, or raises `EventRejected`."""
+    declared = spec.events.get(event.type)
+    if declared is None:
+        known = ", ".join(sorted(spec.events))
+        raise EventRejected(f"unknown event type {event.type!r}; declared types: {known}")
+    if declared.identify and (event.anonymous_id is None or event.user_id is None):
+        raise EventRejected(f"{event.type!r} links identities: it needs anonymous_id and user_id")
+    if declared.entity == "item" and event.item_id is None:
+        raise EventRejected(f"{event.type!r} events need item_id")
+    if declared.value == "required" and event.value is None:
+        raise EventRejected(f"{event.type!r} events need a numeric value")
+    if declared.value == "none" and event.value is not None:
+        raise EventRejected(f"{event.type!r} events take no value")
+    for name, prop in declared.properties.items():
+        if name not in event.properties:
+            if prop.required:
+                raise EventRejected(f"property {name!r} is required for {event.type!r}")
+            continue
+        value = event.properties[name]
+        if value is not None and not _type_ok(prop.type, value):
+            raise EventRejected(
+                f"property {name!r} of {event.type!r} must be {prop.type}, "
+                f"got {type(value).__name__}"
+            )
+    unknown = sorted(set(event.properties) - set(declared.properties))
+    if unknown:
+        raise EventRejected(
+            f"undeclared properties {unknown} for {event.type!r}; declare them in the spec"
+        )
+    consent = spec.privacy.consent
+    if (
+        consent is not None
+        and event.type == consent.event
+        and not isinstance(event.properties.get(consent.property), bool)
+    ):
+        raise EventRejected(
+            f"{event.type!r} records consent: property {consent.property!r} must be true or false"
+        )
+    return event
+
+
+def validate_batch(
+    raws: Sequence[Any],
+    spec: Spec,
+    *,
+    key: bytes | None = None,
+    limits: Limits | None = None,
+    now: datetime | None = None,
+) -> tuple[list[Event], list[Rejection]]:
+    """Split a batch into accepted events (pseudonymized when `key` is given) and
+    rejections with their index; one bad event never sinks its neighbours. `limits`
+    default to `Limits()`: a batch always comes from outside."""
+    limits = limits if limits is not None else Limits()
+    accepted: list[Event] = []
+    rejected: list[Rejection] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raws):
+        try:
+            event = validate_event(raw, spec, limits=limits, now=now)
+        except EventRejected as exc:
+            event_id = raw.get("event_id") if isinstance(raw, Mapping) else None
+            if not isinstance(event_id, str) or len(event_id) > limits.max_id_length:
+                event_id = None  # never echo an unbounded string back
+            rejected.append(Rejection(i, str(exc), event_id))
+            continue
+        if event.event_id in seen:
+            rejected.append(Rejection(i, "event_id repeated within the batch", event.event_id))
+            continue
+        seen.add(event.event_id)
+        accepted.append(pseudonymize(event, spec, key) if key else event)
+    return accepted, rejected
+
+
+def pseudonymize(event: Event, spec: Spec, key: bytes) -> Event:
+    """Replace the spec's PII properties by a keyed hash (HMAC-SHA256, hex)."""
+    declared = spec.events.get(event.type)
+    if declared is None:
+        return event
+    pii = [n for n, p in declared.properties.items() if p.pii and n in event.properties]
+    if not pii:
+        return event
+    props = dict(event.properties)
+    for name in pii:
+        if props[name] is not None:
+            props[name] = keyed_hash(key, str(props[name]))
+    return event.model_copy(update={"properties": props})
+
+
+def keyed_hash(key: bytes, value: str) -> str:
+    return "h:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg

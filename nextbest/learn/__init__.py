@@ -1,0 +1,1 @@
+"""Models and their evaluation: recommender, online model, uplift, OPE, metrics."""

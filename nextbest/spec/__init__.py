@@ -1,0 +1,1 @@
+"""The declarative spec: pydantic models, the located loader, cross-checks."""

@@ -1,0 +1,227 @@
+"""The keyed state steps' machinery, split from `pipelines.flow`: `FoldLogic` (a state
+folded one batch at a time, with the spec's `state.ttl`), identity stitching, and the
+dead letters of records that raise inside a step.
+"""
+
+import json
+import logging
+import pickle
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from bytewax.operators import StatefulBatchLogic
+
+from nextbest.ingest.events import Event
+from nextbest.learn.online_model import Feedback
+from pipelines.profile import FeaturePlan, ItemProfile, UserProfile
+from pipelines.records import Erase, Record, Routed, dead_record
+from storage.online.models import now_ms
+
+S = TypeVar("S")
+V = TypeVar("V")
+W = TypeVar("W")
+Incoming = tuple[int, int, Event | Feedback]  # what the stitch step routes
+
+log = logging.getLogger(__name__)
+
+STITCH_BUFFER = 1000
+"""Anonymous events remembered per visitor until an identify event links them."""
+FEEDBACK_BUFFER = 256
+"""Anonymous feedback records remembered per visitor, apart from its events: feedback
+(impressions above all) must not push behaviour out of the event buffer, or the stitched
+profile would no longer equal a batch recomputation."""
+
+
+class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
+    """A keyed state folded one batch at a time; snapshots are pickled bytes.
+
+    Folding a whole batch per key (instead of per item) computes aggregates once per
+    batch, and pickling once is far cheaper than the deepcopy `stateful_map` does on
+    every snapshot, while being just as immutable. An `Erase` in the batch forgets
+    everything before it; if nothing follows, the key is discarded.
+
+    With a `retention` (spec `state.ttl`), the key asks Bytewax to wake it `ttl` after
+    its newest event time and is discarded then if nothing newer came (its recovery
+    state goes with it): the hot path pays one `notify_at` per touched key, no more.
+    """
+
+    def __init__(
+        self,
+        state: S,
+        fold: Callable[[S, list[V]], list[W]],
+        new: Callable[[], S],
+        retention: "Retention | None" = None,
+    ) -> None:
+        self.state = state
+        self._fold = fold
+        self._new = new
+        self._retention = retention
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[W], bool]:
+        cut = max((i for i, v in enumerate(values) if isinstance(v, Erase)), default=-1)
+        if cut >= 0:
+            self.state = self._new()
+            values = values[cut + 1 :]
+            if not values:
+                return [], StatefulBatchLogic.DISCARD
+        return self._fold(self.state, values), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        retention = self._retention
+        if retention is None:
+            return None
+        return datetime.fromtimestamp(retention.expires_ms(self.state) / 1000, tz=UTC)
+
+    def on_notify(self) -> tuple[Iterable[W], bool]:
+        retention = self._retention
+        if retention is not None and retention.expires_ms(self.state) <= now_ms():
+            return [], StatefulBatchLogic.DISCARD
+        return [], StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class Retention(NamedTuple):
+    """When an idle key's state expires: its newest event time (`newest`) plus `ttl_ms`."""
+
+    ttl_ms: int
+    newest: Callable[[Any], int]
+
+    def expires_ms(self, state: Any) -> int:
+        try:
+            return self.newest(state) + self.ttl_ms
+        except Exception:  # the bookkeeping must never stop the stream: keep the state
+            return now_ms() + self.ttl_ms
+
+
+def state_builder(
+    new: Callable[[], S],
+    fold: Callable[[S, list[V]], list[W]],
+    retention: Retention | None = None,
+) -> Callable[[bytes | None], FoldLogic[S, V, W]]:
+    def build(resume: bytes | None) -> FoldLogic[S, V, W]:
+        if resume is None:
+            return FoldLogic(new(), fold, new, retention)
+        state = pickle.loads(resume)
+        restored = getattr(state, "restored", None)
+        if restored is not None:
+            restored()  # rows written after this snapshot are unknown: rewrite them
+        return FoldLogic(state, fold, new, retention)
+
+    return build
+
+
+class StitchState:
+    """Per anonymous visitor: the user it was linked to, or its buffered history."""
+
+    def __init__(self) -> None:
+        self.user: str | None = None
+        self.buffer: list[Incoming] = []
+        self.feedback: list[Incoming] = []
+        self.newest_ms = -1  # newest event or feedback time seen (for `state.ttl`)
+
+
+def stitch(
+    state: StitchState, batch: list[Incoming], identify: frozenset[str]
+) -> list[Routed | Record]:
+    """Route an anonymous visitor's events; on identify, re-send its history to the user.
+
+    The user's feature states are idempotent by event_id and order-independent, so
+    re-sending the buffered events merges the anonymous profile into the user's exactly
+    as a batch recomputation with `identity_links` would. The first link wins. A record
+    that raises becomes a dead letter (a `Record`) and the others go on.
+    """
+    out: list[Routed | Record] = []
+    for partition, offset, event in batch:
+        try:
+            _stitch_one(state, partition, offset, event, identify, out)
+        except Exception as exc:  # one bad record never stops the stream
+            out.append(failed(partition, offset, event, exc, "stitch_identity"))
+    return out
+
+
+def _stitch_one(
+    state: StitchState,
+    partition: int,
+    offset: int,
+    event: Event | Feedback,
+    identify: frozenset[str],
+    out: list[Any],
+) -> None:
+    """One record of `stitch` (appends what it routes to `out`)."""
+    state.newest_ms = max(getattr(state, "newest_ms", -1), event.ts_ms)
+    if isinstance(event, Feedback):
+        if state.user is not None:
+            out.append(Routed(state.user, partition, offset, event))
+        else:
+            # Snapshots from before the separate buffer have no `feedback` attribute.
+            if not hasattr(state, "feedback"):
+                state.feedback = []
+            state.feedback.append((partition, offset, event))
+            del state.feedback[:-FEEDBACK_BUFFER]
+            out.append(Routed(event.user_id, partition, offset, event))
+    elif event.type in identify and event.user_id is not None:
+        if state.user is None:
+            state.user = event.user_id
+            out.append(Routed(event.user_id, partition, offset, event, link=True))
+            held = [*state.buffer, *getattr(state, "feedback", [])]
+            out.extend(Routed(event.user_id, p, o, e) for p, o, e in held)
+            state.buffer, state.feedback = [], []
+        else:
+            out.append(Routed(event.user_id, partition, offset, event))
+    elif state.user is not None:
+        out.append(Routed(state.user, partition, offset, event))
+    else:
+        state.buffer.append((partition, offset, event))
+        del state.buffer[:-STITCH_BUFFER]
+        out.append(Routed(event.actor, partition, offset, event))
+
+
+def failed(partition: int, offset: int, item: Any, exc: BaseException, step: str) -> Record:
+    """The dead letter of a record that raised in a step (logged once, then kept going)."""
+    log.warning("stream step %s: record p%d@%d failed: %r", step, partition, offset, exc)
+    error = f"{step}: {type(exc).__name__}: {exc}"
+    return dead_record(partition, offset, _raw(item), error, source=f"stream:{step}")
+
+
+def _raw(item: Any) -> str:
+    """A failed record as JSON text, for inspection and replay."""
+    try:
+        if isinstance(item, Event):
+            return item.model_dump_json()
+        if isinstance(item, Feedback):
+            return json.dumps(item._asdict(), default=str)
+        if isinstance(item, Erase):
+            return json.dumps({"record": "erase", **item._asdict()}, default=str)
+        return json.dumps(item, default=str)
+    except Exception:
+        return repr(item)[:10_000]
+
+
+def retention_of(plan: FeaturePlan, state: type) -> Retention | None:
+    """The spec's `state.ttl` for a state type, never shorter than the longest window
+    (see `nextbest.spec.models.StateRetention`); None keeps every key."""
+    ttl = plan.spec.state.ttl
+    if ttl is None:
+        return None
+    longest = max(plan.window_ms.values(), default=0)
+    newest = {UserProfile: _user_ms, ItemProfile: _item_ms, StitchState: _stitch_ms}[state]
+    return Retention(max(int(ttl.seconds * 1000), longest), newest)
+
+
+def _user_ms(profile: UserProfile) -> int:
+    online = profile.online
+    return max(profile.latest[0], online.anchor_ms if online is not None else -1)
+
+
+def _item_ms(profile: ItemProfile) -> int:
+    return max((w.anchor_ms or -1 for w in profile.windows.values()), default=-1)
+
+
+def _stitch_ms(state: StitchState) -> int:
+    newest = getattr(state, "newest_ms", None)
+    if newest is None:  # a snapshot from before `state.ttl`: its clock starts now
+        newest = state.newest_ms = now_ms()
+    return newest

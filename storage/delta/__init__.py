@@ -1,0 +1,1 @@
+"""Delta Lake tables: store, schemas, maintenance, erasure, locks."""

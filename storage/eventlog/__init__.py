@@ -1,0 +1,1 @@
+"""The embedded durable event log: partitions of CRC-framed segments."""

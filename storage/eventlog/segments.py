@@ -1,0 +1,287 @@
+"""Segment files of the embedded event log: record framing, scanning, layout, reading.
+
+Split from `storage.eventlog.log` (which holds the writer and the public `EventLog`) to keep
+modules small; import the public names from there.
+
+A record is ``crc32 | body_len | offset | key_len | key | payload`` (little endian, the
+CRC covers everything after itself). Keeping the offset in each record lets erasure
+drop records without renumbering the rest: offsets may have gaps but are never reused.
+"""
+
+import bisect
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HEADER = struct.Struct("<IIQH")  # crc, body_len, offset, key_len
+_BODY_PREFIX = struct.Struct("<IQH")
+_FORMAT = 1
+_META = "eventlog.json"
+_SUFFIX = ".log"
+_CHUNK = 1 << 20
+TMP_SUFFIX = ".rewrite"
+MAX_KEY_BYTES = 0xFFFF
+MAX_PAYLOAD_BYTES = 1 << 30
+
+
+class EventLogError(RuntimeError):
+    """Base error of the embedded event log."""
+
+
+class WriterLockedError(EventLogError):
+    """Another process (or handle) already writes this log."""
+
+
+class CorruptLogError(EventLogError):
+    """A sealed segment has an unreadable record: data damage, not a crash tail."""
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """Stable across processes and runs (Python's `hash()` is salted per process)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % partitions
+
+
+def encode(offset: int, key: bytes, payload: bytes) -> bytes:
+    body = _BODY_PREFIX.pack(len(key) + len(payload), offset, len(key))
+    crc = zlib.crc32(payload, zlib.crc32(key, zlib.crc32(body)))
+    return struct.pack("<I", crc) + body + key + payload
+
+
+class Scan:
+    """Iterate the complete, CRC-valid records (offset, key, payload) of a segment.
+
+    Runs from byte `pos` (whose record has an offset > `after`) to the file size seen at
+    start. Stops at the first incomplete/corrupt record (`clean` False) or, with `limit`,
+    before the first offset >= limit (`limited` True). `pos` is then the end of the last
+    record yielded and `last` its offset.
+    """
+
+    def __init__(self, fd: int, pos: int, *, after: int, limit: int | None = None) -> None:
+        self.fd, self.pos, self.last, self.limit = fd, pos, after, limit
+        self.size = os.fstat(fd).st_size
+        self.clean, self.limited = True, False
+
+    def __iter__(self) -> Iterator[tuple[int, bytes, bytes]]:
+        buf, start = b"", self.pos  # buf holds file bytes from `start`
+        hsize = HEADER.size
+        while self.pos < self.size:
+            i = self.pos - start
+            if len(buf) - i < hsize:
+                buf, start, i = os.pread(self.fd, _CHUNK, self.pos), self.pos, 0
+                if len(buf) < hsize:
+                    break
+            crc, body_len, offset, key_len = HEADER.unpack_from(buf, i)
+            n = hsize + body_len
+            if key_len > body_len or offset <= self.last:
+                break
+            if self.limit is not None and offset >= self.limit:
+                self.limited = True
+                return
+            if self.pos + n > self.size:
+                break
+            if len(buf) - i < n:
+                buf, start, i = os.pread(self.fd, max(n, _CHUNK), self.pos), self.pos, 0
+                if len(buf) < n:
+                    break
+            view = memoryview(buf)[i : i + n]
+            if zlib.crc32(view[4:]) != crc:
+                break
+            self.pos += n
+            self.last = offset
+            yield offset, bytes(view[hsize : hsize + key_len]), bytes(view[hsize + key_len :])
+        else:
+            return
+        self.clean = False
+
+
+def sealed_records(fd: int, base: int) -> Iterator[tuple[int, bytes, bytes]]:
+    """All records of a segment that must be intact (no writer is appending to it)."""
+    scan = Scan(fd, 0, after=base - 1)
+    yield from scan
+    if not scan.clean:
+        raise CorruptLogError(f"unreadable record in segment {base} at byte {scan.pos}")
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Paths of one log directory, and fsync helpers that honour `fsync=False`."""
+
+    path: Path
+    partitions: int
+    fsync: bool
+
+    def ensure(self, *, writer: bool) -> None:
+        """Create or check the metadata file and partition folders."""
+        meta = self.path / _META
+        if not meta.exists():
+            tmp = self.path / f".{_META}.{os.getpid()}.{threading.get_ident()}"
+            tmp.write_text(json.dumps({"format": _FORMAT, "partitions": self.partitions}))
+            with contextlib.suppress(FileExistsError):  # link never replaces: first one wins
+                os.link(tmp, meta)
+            tmp.unlink()
+        data = json.loads(meta.read_text())
+        if data.get("format") != _FORMAT:
+            raise EventLogError(f"{meta}: unsupported event log format {data.get('format')!r}")
+        if data.get("partitions") != self.partitions:
+            raise EventLogError(
+                f"{self.path} was created with {data.get('partitions')} partitions but opened "
+                f"with {self.partitions}; the partition count is fixed at creation"
+            )
+        for p in range(self.partitions):
+            self.partition_dir(p).mkdir(exist_ok=True)
+        if writer:
+            self.sync_dir(self.path)
+
+    def partition_dir(self, p: int) -> Path:
+        return self.path / f"p{p:04d}"
+
+    def segment_path(self, p: int, base: int) -> Path:
+        return self.partition_dir(p) / f"{base:020d}{_SUFFIX}"
+
+    def bases(self, p: int) -> list[int]:
+        """Base offsets of the partition's segments, oldest first."""
+        names = os.listdir(self.partition_dir(p))
+        stems = (n[: -len(_SUFFIX)] for n in names if n.endswith(_SUFFIX))
+        return sorted(int(s) for s in stems if s.isdigit())
+
+    def create_segment(self, p: int, base: int) -> int:
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
+        fd = os.open(self.segment_path(p, base), flags, 0o644)
+        self.sync_dir(self.partition_dir(p))
+        return fd
+
+    def sync(self, fd: int) -> None:
+        if self.fsync:
+            os.fdatasync(fd)
+
+    def sync_dir(self, path: Path) -> None:
+        if self.fsync:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """Position cache: the next record at `pos` of segment `base` has offset >= `offset`."""
+
+    base: int
+    ino: int
+    offset: int
+    pos: int
+
+
+@dataclass(slots=True)
+class SegmentReader:
+    """Reads with one open handle and cached positions per partition.
+
+    Handles are checked against the path's inode on every call, so a segment replaced by
+    an erasure rewrite is reopened and its stale positions dropped. Not thread-safe: the
+    owner serializes calls with `lock`.
+    """
+
+    layout: Layout
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _fds: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # p -> base, fd, ino
+    _cursors: dict[int, _Cursor] = field(default_factory=dict)
+    _ends: dict[int, _Cursor] = field(default_factory=dict)
+
+    def read(
+        self, p: int, offset: int, max_records: int, limit: int | None
+    ) -> list[tuple[int, str, bytes]]:
+        bases = self.layout.bases(p)
+        idx = max(bisect.bisect_right(bases, offset) - 1, 0)
+        out: list[tuple[int, str, bytes]] = []
+        while idx < len(bases) and len(out) < max_records:
+            base = bases[idx]
+            fd, ino = self._fd(p, base)
+            cur = self._cursors.get(p)
+            if cur is not None and (cur.base, cur.ino) == (base, ino) and cur.offset <= offset:
+                scan = Scan(fd, cur.pos, after=cur.offset - 1, limit=limit)
+            else:
+                scan = Scan(fd, 0, after=base - 1, limit=limit)
+            for rec_offset, key, payload in scan:
+                if rec_offset >= offset:
+                    out.append((rec_offset, key.decode(), payload))
+                    if len(out) >= max_records:
+                        break
+            self._cursors[p] = _Cursor(base, ino, scan.last + 1, scan.pos)
+            if scan.limited or len(out) >= max_records:
+                break
+            if not scan.clean:
+                if idx == len(bases) - 1:
+                    break  # the tail being written, or a crash tail the writer will cut
+                raise CorruptLogError(f"unreadable record in {self.layout.segment_path(p, base)}")
+            idx += 1
+        return out
+
+    def end(self, p: int) -> int:
+        """Next offset after the last complete record, scanning only the new tail bytes."""
+        bases = self.layout.bases(p)
+        if not bases:
+            return 0
+        base = bases[-1]
+        fd, ino = self._fd(p, base)
+        cur = self._ends.get(p)
+        if cur is None or (cur.base, cur.ino) != (base, ino):
+            cur = _Cursor(base, ino, base, 0)
+        scan = Scan(fd, cur.pos, after=cur.offset - 1)
+        for _ in scan:
+            pass
+        self._ends[p] = _Cursor(base, ino, scan.last + 1, scan.pos)
+        return scan.last + 1
+
+    def reset(self) -> None:
+        """Forget handles and positions (after trim/rewrite); caller holds `lock`."""
+        for _, fd, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._cursors.clear()
+        self._ends.clear()
+
+    def _fd(self, p: int, base: int) -> tuple[int, int]:
+        path = self.layout.segment_path(p, base)
+        ino = os.stat(path).st_ino  # FileNotFoundError: trimmed meanwhile, caller retries
+        cached = self._fds.get(p)
+        if cached is not None and cached[0] == base and cached[2] == ino:
+            return cached[1], ino
+        if cached is not None:
+            os.close(cached[1])
+            del self._fds[p]
+        fd = os.open(path, os.O_RDONLY)
+        ino = os.fstat(fd).st_ino
+        self._fds[p] = (base, fd, ino)
+        return fd, ino
+
+
+def take_writer_lock(path: Path) -> int:
+    """Exclusive, non-blocking flock; released by the kernel when the holder dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WriterLockedError(
+            f"{path.parent} already has a writer (pid {holder}); one writer process per log"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

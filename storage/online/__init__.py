@@ -1,0 +1,1 @@
+"""The SQL online store (SQLite embedded, PostgreSQL at scale)."""
