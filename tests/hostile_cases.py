@@ -238,8 +238,6 @@ def raw_records(tag: str, item: str) -> RawRecords:
         (u, b""),
         (u, b"[1, 2, 3]"),
         (u, b'"a string"'),
-        (u, b"[" * 3000 + b"]" * 3000),
-        (u, b'{"type": "view", "user_id": ' + b"[" * 3000 + b"]" * 3000 + b"}"),
         # Reserved prefixes: kept, `item:<id>` would write user features into the
         # item's own online row (the door refuses these for that reason).
         rec(_view(f"item:{item}", item, now), f"item:{item}"),
@@ -247,8 +245,17 @@ def raw_records(tag: str, item: str) -> RawRecords:
         rec(_view(f"anon:{tag}", item, now), f"anon:{tag}"),
         rec({"type": "view", "anonymous_id": f"item:{item}", "item_id": item, "ts": now}),
     ]
+    # Records nested 3,000 deep are `DEEP_RECORDS`, tried on a stream of their own
+    # (tests/test_hostile_stream.py): today they stop the stream, and a stopped stream
+    # here would hide every other verdict of the run.
     tolerated = [
         rec(_view(u, item, -1e9)),  # 1938: old history, windows ignore it
         rec(_view(u, item, now, context={"surface": "x" * 10_000})),
     ]
     return RawRecords(dead, tolerated)
+
+
+DEEP_RECORDS = [
+    b"[" * 3000 + b"]" * 3000,
+    b'{"type": "view", "user_id": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+]

@@ -21,9 +21,8 @@ import httpx
 from nextbest.settings import Settings
 from serving.app import create_app
 from serving.keys import create_key
-from storage.delta import DeltaStore
-from storage.eventlog import EventLog
-from storage.eventlog_segments import partition_for
+from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog, partition_for
 from tests.hostile_cases import dumps
 from tests.stream_helpers import start_stream
 from tests.test_serving_world import LiveServer, World, build_world, start_server, stop_server

@@ -24,7 +24,7 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
 from benchmarks.chaos_check import bronze_ids
-from storage.delta import DeltaStore
+from storage.delta.store import DeltaStore
 from tests.hostile_cases import RawRecords, mixed_batch, named_cases, raw_records
 from tests.hostile_helpers import (
     Stack,
