@@ -77,6 +77,7 @@ class Run:
     mismatches_after: list[str] = field(default_factory=list)
     erase_wrong_status: list[str] = field(default_factory=list)
     collateral: dict[str, Any] = field(default_factory=dict)  # what erasures took of others
+    view_job: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # phase -> what went wrong
 
     @property
@@ -266,8 +267,10 @@ def _erase(run: Run, item: str) -> None:
     until = time.monotonic() + ERASURE_TIMEOUT_S
     second.job = _wait_job(run, second.user, until)
     second.leftovers = scan_tree(home, Needles(second.ids))
+    view_job = _wait_job(run, "view", until)
+    run.view_job = view_job
     run.collateral = {
-        "view job": _wait_job(run, "view", until)["status"],
+        "view job": view_job.get("status"),
         "events lost from the log": len(acked - logged_event_ids(stack.settings)),
         "events lost from bronze": len(acked - set(bronze_ids(stack.settings))),
         "dead letters lost": dead - dead_letter_count(stack.settings),
@@ -350,7 +353,7 @@ def test_an_erased_subject_is_in_no_file(run: Run) -> None:
     assert "erasure" not in run.errors, run.errors["erasure"]
     s = run.subjects[0]
     assert s.before, "the subject's ids should be on disk before the erasure"
-    assert s.leftovers == []
+    assert s.leftovers == [], json.dumps(s.job, indent=1)
     assert s.job.get("status") == "done", json.dumps(s.job, indent=1)
 
 
@@ -358,7 +361,7 @@ def test_a_subject_whose_event_ids_name_them_is_in_no_file(run: Run) -> None:
     assert "erasure" not in run.errors, run.errors["erasure"]
     s = run.subjects[1]
     assert s.before
-    assert s.leftovers == []
+    assert s.leftovers == [], json.dumps(s.job, indent=1)
     assert s.job.get("status") == "done", json.dumps(s.job, indent=1)
 
 
@@ -377,7 +380,7 @@ def test_erasing_an_id_every_record_spells_takes_nothing_of_others(run: Run) -> 
         "events lost from the log": 0,
         "events lost from bronze": 0,
         "dead letters lost": 0,
-    }
+    }, json.dumps(run.view_job, indent=1)
 
 
 def test_summary_counts_are_zero(run: Run) -> None:
