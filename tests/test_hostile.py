@@ -82,7 +82,9 @@ class Run:
 
     @property
     def leftovers(self) -> list[str]:
-        return [f"{s.user}: {f}" for s in self.subjects for f in s.leftovers]
+        """Files naming the erased subject of item (d); the second subject, whose
+        event ids name it, has a verdict of its own."""
+        return self.subjects[0].leftovers
 
     def summary(self) -> str:
         t = self.stack.api.tally
