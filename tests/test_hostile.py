@@ -79,6 +79,7 @@ class Run:
     collateral: dict[str, Any] = field(default_factory=dict)  # what erasures took of others
     view_job: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # phase -> what went wrong
+    fuzzed: dict[str, int] = field(default_factory=dict)  # operation -> generated requests
 
     @property
     def leftovers(self) -> list[str]:
@@ -145,6 +146,7 @@ def _fuzz(run: Run) -> None:
     schema = schemathesis.openapi.from_url(f"{api.url}/schema/openapi.json")
     ops = [r.ok() for r in schema.get_all_operations() if isinstance(r, Ok)]
     ops = [op for op in ops if op.method.upper() != "DELETE"]
+    run.fuzzed = {op.label: 0 for op in ops}
     modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
     strategy = st.one_of(*(op.as_strategy(generation_mode=m) for op in ops for m in modes))
 
@@ -164,6 +166,7 @@ def _fuzz(run: Run) -> None:
         r = case.call(base_url=api.url, headers={"X-API-Key": api.key}, timeout=30)
         sent = case.as_curl_command(headers={"X-API-Key": "<key>"})
         api.tally.record(case.method, case.formatted_path, r.status_code, sent)
+        run.fuzzed[case.operation.label] += 1
         if case.operation.path == "/v1/events" and r.status_code == 202:
             api.tally.acknowledged.update(r.json()["event_ids"])
 
@@ -337,6 +340,11 @@ def test_no_input_gets_a_5xx(run: Run) -> None:
     errors = run.stack.api.tally.server_errors
     assert run.stack.api.tally.tried > 400
     assert errors == [], "\n".join(f"{a.status} {a.method} {a.path}: {a.sent}" for a in errors)
+
+
+def test_every_operation_was_fuzzed(run: Run) -> None:
+    assert len(run.fuzzed) >= 8, run.fuzzed  # every route of the OpenAPI but DELETE
+    assert all(n > 0 for n in run.fuzzed.values()), run.fuzzed
 
 
 def test_named_cases_get_the_4xx_that_names_them(run: Run) -> None:
