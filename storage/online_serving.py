@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
-from storage.online import OnlineStore
+from storage.online import ERASED_TABLES, OnlineStore
 from storage.online_engine import write_engine
 from storage.online_models import (
     ALIASES,
@@ -353,9 +353,13 @@ class ServingStore:
         return None if row is None else ErasureJob(**{**row, "stores": dict(row["stores"] or {})})
 
     def scrub(self) -> bool:
-        """SQLite only: rebuild the file and empty the WAL, so deleted rows leave no bytes
-        in free pages or old WAL frames. False while a reader pins the WAL (retry)."""
+        """SQLite: rebuild the file and empty the WAL, so deleted rows leave no bytes
+        in free pages or old WAL frames; False while a reader pins the WAL (retry).
+        PostgreSQL: VACUUM the tables an erasure deletes from (`OnlineStore.vacuum_tables`)."""
         url = self.engine.url
+        if url.get_backend_name() == "postgresql":
+            self.store.vacuum_tables([t.name for t in (*ERASED_TABLES, CAPS)])
+            return True
         if url.get_backend_name() != "sqlite" or not url.database:
             return True
         return scrub_sqlite(url.database)
