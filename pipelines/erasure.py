@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.compute as _compute
 
 from nextbest.settings import Settings
 from pipelines.records import Erase
@@ -53,6 +53,7 @@ from storage.online_serving import ServingStore, scrub_sqlite
 from storage.vectors import VectorStore
 
 log = logging.getLogger(__name__)
+pc: Any = _compute  # kernels are generated at import time: invisible to pyright
 
 ERASE_MARKER = "__erase__"
 SINK_STEPS = frozenset({"sink_lake", "sink_user_vectors"})  # Spec.step_id("sink", ...)
