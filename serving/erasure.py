@@ -113,6 +113,11 @@ def start_erasure(
     background."""
     now = now_ms()
     subject = subject_of(runtime, user_id)
+    running = runtime.serving.latest_erasure_job(subject)
+    if running is not None and running.status == "running":
+        # A repeated DELETE while a job runs joins it: a loop of requests for one person
+        # costs one job (its final log pass and scan come after every request so far).
+        return running
     user_id, anonymous = person_of(runtime, user_id)
     actors = {user_id, *(f"anon:{a}" for a in anonymous)}
     counts = runtime.serving.erase_user(user_id)

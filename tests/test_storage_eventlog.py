@@ -448,9 +448,16 @@ def test_appends_keep_their_latency_while_an_erasure_rewrites_a_large_log(
     at most for one segment roll. A loop of erase requests is coalesced into passes."""
     log = EventLog.open(tmp_path, partitions=2, mode="writer", segment_bytes=1 << 20)
     payload = json.dumps({"type": "view", "user_id": "someone", "pad": "x" * 400}).encode()
-    for _ in range(20):  # ~9 MB over both partitions: a rewrite takes a while
+    for _ in range(40):  # ~18 MB over both partitions: a rewrite takes a while
         log.append([(f"user-{i}", payload) for i in range(1000)])
     log.append([("victim", b'{"user_id": "victim"}')])
+
+    def victim(key: str, payload: bytes) -> bool:
+        return json.loads(payload).get("user_id") == "victim"
+
+    t0 = time.perf_counter()
+    assert log.rewrite_without(lambda k, p: victim(k, p) and k == "nobody") == 0
+    solo_s = time.perf_counter() - t0  # one pass over the log, nothing else running
 
     def append_latencies(stop: threading.Event, out: list[float]) -> None:
         while not stop.is_set():
@@ -467,28 +474,43 @@ def test_appends_keep_their_latency_while_an_erasure_rewrites_a_large_log(
     stop = threading.Event()
     appender = threading.Thread(target=append_latencies, args=(stop, during))
     appender.start()
-    t0 = time.perf_counter()
-    assert log.rewrite_without(lambda key, payload: b"victim" in payload) == 1
-    rewrite_s = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        assert log.rewrite_without(victim) == 1
+        rewrite_s = time.perf_counter() - t0
+    finally:
+        stop.set()
+        appender.join()
+    print(
+        f"rewrite {solo_s:.2f}s alone, {rewrite_s:.2f}s while appending; "
+        f"append p99 {_p99(baseline) * 1e3:.2f} ms before, "
+        f"{_p99(during) * 1e3:.2f} ms during ({len(during)} appends), "
+        f"longest {max(during) * 1e3:.1f} ms"
+    )
+    assert len(during) > 50, "appends starved during the erasure"
+    # The longest wait, not p99: one appender blocked for the whole rewrite is 1 sample.
+    assert max(during) < max(0.15, solo_s / 4), (max(during), solo_s)
+
     # A loop of erase requests from 8 threads: coalesced, appends keep going.
     passes = log.rewrite_passes
+    during.clear()
+    stop = threading.Event()
+    appender = threading.Thread(target=append_latencies, args=(stop, during))
+    appender.start()
     erasers = [
         threading.Thread(target=log.rewrite_without, args=(lambda k, p, n=n: k == f"gone-{n}",))
         for n in range(8)
     ]
-    for t in erasers:
-        t.start()
-    for t in erasers:
-        t.join()
-    stop.set()
-    appender.join()
-    assert log.rewrite_passes - passes <= 3  # 8 requests, at most 1 running + 1 queued (+1)
-    assert len(during) > 50, "appends starved during the erasure"
-    print(
-        f"rewrite {rewrite_s:.2f}s; append p99 {_p99(baseline) * 1e3:.2f} ms before, "
-        f"{_p99(during) * 1e3:.2f} ms during ({len(during)} appends)"
-    )
-    assert _p99(during) < max(0.25, rewrite_s / 4), (_p99(during), rewrite_s)
+    try:
+        for t in erasers:
+            t.start()
+        for t in erasers:
+            t.join()
+    finally:
+        stop.set()
+        appender.join()
+    assert log.rewrite_passes - passes <= 3  # 8 requests: 1 running + 1 queued (+1 late)
+    assert len(during) > 50, "appends starved during the erase loop"
     for f in tmp_path.rglob("*.log"):
         assert b"victim" not in f.read_bytes()
     log.close()
