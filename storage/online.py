@@ -423,7 +423,9 @@ class OnlineStore:
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             for name in names:
                 target = f'"{schema}"."{name}"' if schema else f'"{name}"'
-                conn.exec_driver_sql(f"VACUUM {target}")
+                exists = conn.exec_driver_sql("SELECT to_regclass(%s)", (target,)).scalar()
+                if exists is not None:  # the API's tables may not exist yet
+                    conn.exec_driver_sql(f"VACUUM {target}")
 
 
 # --- helpers ----------------------------------------------------------------------------
