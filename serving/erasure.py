@@ -167,9 +167,17 @@ def resume_erasures(
     killed or restarted mid-job); returns how many were resumed. The user's id is only in
     the job's erase request, so with the embedded log it is read back from there; a Kafka
     topic is not scanned, so those jobs say to DELETE again (which is idempotent)."""
+    unfinished = runtime.serving.unfinished_erasure_jobs()
+    for j in unfinished:
+        log_done = j.stores.get("eventlog", "").startswith(("done", "retention"))
+        if log_done and not j.stores.get("scan", "").startswith(("done", "failed")):
+            # The request that names the user is gone from the log: nothing to scan for.
+            runtime.serving.update_erasure_stores(
+                j.job_id, {"scan": "failed: the API restarted before the scan; DELETE again"}
+            )
     open_jobs = {
         j.job_id: j
-        for j in runtime.serving.unfinished_erasure_jobs()
+        for j in unfinished
         if not j.stores.get("eventlog", "").startswith(("done", "failed", "retention"))
     }
     if not open_jobs:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-_CHUNK = 8 << 20
+_CHUNK = 1 << 20  # small reads: the GIL is released between them (the API serves meanwhile)
 
 
 def _pattern(needles: Iterable[bytes]) -> re.Pattern[bytes] | None:

@@ -74,7 +74,7 @@ def test_a_repeated_delete_joins_the_running_job(settings: Settings) -> None:
 def test_ids_are_matched_whole_not_inside_longer_ids(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b'{"user_id": "u10", "event_id": "web-u100-1"}')
     (tmp_path / "b").write_bytes(b'{"event_id": "web-u1-7"}')
-    (tmp_path / "c").write_bytes(b"x" * (8 << 20) + b"anon:u1")  # across a chunk boundary
+    (tmp_path / "c").write_bytes(b"x" * (1 << 20) + b"anon:u1")  # across a chunk boundary
     assert scan_tree(tmp_path, Needles(["u1"])) == ["b", "c"]
 
 
