@@ -22,28 +22,38 @@ Delta tables it appends, so it erases them itself and reports each store in the 
   process does it because it already holds the request in log order, after bronze.
 """
 
-import json
 import logging
 import pickle
+import re
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.compute as _compute
 
 from nextbest.settings import Settings
 from pipelines.records import Erase
-from storage.delta.erasure import DERIVED_STORES, DERIVED_TABLES, erase_derived, store_name
+from storage.delta.erasure import (
+    DERIVED_STORES,
+    DERIVED_TABLES,
+    erase_derived,
+    log_mentions,
+    purge_history,
+    store_name,
+)
 from storage.delta.store import DeltaStore
+from storage.erasure_scan import Needles
 from storage.online.serving import ServingStore, scrub_sqlite
 from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
 log = logging.getLogger(__name__)
+pc: Any = _compute  # kernels are generated at import time: invisible to pyright
 
 ERASE_MARKER = "__erase__"
 SINK_STEPS = frozenset({"sink_lake", "sink_user_vectors"})  # Spec.step_id("sink", ...)
@@ -66,8 +76,41 @@ def erase_marker(request: Erase) -> dict[str, Any]:
     return {ERASE_MARKER: request.user_id, "job_id": request.job_id, "anon": request.anonymous_ids}
 
 
+def subject_ids(request: Erase) -> tuple[list[str], list[str]]:
+    """(actors, anonymous ids) of a request. A `user_id` of `anon:<id>` is a visitor who
+    never identified: `<id>` is one of their anonymous ids (bronze `anonymous_id`)."""
+    anonymous = set(request.anonymous_ids)
+    if request.user_id.startswith("anon:"):
+        anonymous.add(request.user_id.removeprefix("anon:"))
+    actors = {request.user_id, *(f"anon:{a}" for a in anonymous)}
+    return sorted(actors), sorted(anonymous)
+
+
 def actors_of(request: Erase) -> list[str]:
-    return [request.user_id, *(f"anon:{a}" for a in request.anonymous_ids)]
+    return subject_ids(request)[0]
+
+
+def _ids(request: Erase) -> list[str]:
+    """The ids whose bytes must go: the user id and each anonymous id (`anon:<id>`
+    contains `<id>`)."""
+    return [request.user_id, *subject_ids(request)[1]]
+
+
+def _strings(data: pa.Table) -> pa.Table:
+    """string_view columns (files rewritten by a delete) back to string."""
+    return data.cast(
+        pa.schema(
+            [f.with_type(pa.string()) if f.type == pa.string_view() else f for f in data.schema]
+        )
+    )
+
+
+def _regex_mask(column: pa.ChunkedArray, needles: Needles) -> pa.ChunkedArray:
+    """Values naming an id (RE2: no look-behind, so explicit boundaries)."""
+    if not needles:
+        return pc.equal(column, pa.scalar("\x00", pa.string()))
+    alts = "|".join(re.escape(i) for i in needles.ids)
+    return pc.match_substring_regex(column, f"(^|[^A-Za-z0-9])({alts})($|[^A-Za-z0-9])")
 
 
 def _report(settings: Settings, job_id: str, updates: dict[str, str]) -> None:
@@ -107,13 +150,15 @@ class StreamEraser:
             _report(self.settings, request.job_id, dict.fromkeys(DELTA_STORES, failed))
 
     def _erase(self, request: Erase) -> None:
+        actors, anonymous = subject_ids(request)
+        needles = Needles(_ids(request))
         updates: dict[str, str] = {}
-        for table, (name, key) in DELTA_TABLES.items():
-            n = self._erase_rows(table, "user_id", request.user_id, key)
-            if table == "events":  # events sent before an identify carry only anonymous_id
-                for anon in request.anonymous_ids:
-                    n += self._erase_rows(table, "anonymous_id", anon, key)
-            updates[name] = f"done: {n} rows"
+        events = self._erase_events(actors, anonymous, needles)
+        updates["delta_events"] = f"done: {events} rows"
+        decisions, decision_ids = self._erase_by_actor("decisions", actors, needles)
+        updates["delta_decisions"] = f"done: {decisions} rows"
+        feedback, _ = self._erase_by_actor("feedback", actors, needles, decision_ids)
+        updates["delta_feedback"] = f"done: {feedback} rows"
         # Bronze is erased: from here on a recomputation cannot bring the user back.
         updates[DEAD_LETTERS] = _guarded(lambda: f"done: {self._erase_dead_letters(request)} rows")
         for table, columns in DERIVED_TABLES.items():
@@ -123,7 +168,7 @@ class StreamEraser:
         online = OnlineStore.from_settings(self.settings, pool_size=1)
         try:
             # Events may have reached the online store after the API's own delete.
-            for actor in actors_of(request):
+            for actor in actors:
                 online.delete_user(actor)
             _scrub_until(lambda: ServingStore(online).scrub(), timeout_s=30.0)
         finally:
@@ -131,27 +176,80 @@ class StreamEraser:
         _report(self.settings, request.job_id, updates)
         RecoveryScrubber(self.settings, request).start()
 
-    def _erase_rows(self, table: str, column: str, value: str, key: str) -> int:
-        """`DeltaStore.erase` semantics (delete by opaque keys, then vacuum retention 0).
-
-        The key scan compares on a cast column: after a delete rewrote a file, delta-rs
-        may hand pyarrow `string_view` columns next to `string` ones, and a plain
-        `(column, "=", value)` filter then fails ("no kernel matching input types
-        (string, string_view)").
-        """
-        if not self.store.exists(table):
+    def _erase_events(self, actors: list[str], anonymous: list[str], needles: Needles) -> int:
+        """Bronze rows of the person: by `user_id` (any actor), by `anonymous_id` (rows
+        sent before an identify carry only that), and every row whose client-chosen
+        `event_id` names one of the ids. Deleted by source position where the stream
+        wrote one (opaque), else by event id; a log that still names an id (an event id
+        in an old commit's statistics, a predicate) loses its history."""
+        if not self.store.exists("events"):
             return 0
-        expr = pc.field(column).cast(pa.string()) == pa.scalar(value, pa.string())
-        ids = sorted(
-            set(self.store.read(table, columns=[key], filters=expr).column(key).to_pylist())
+        cols = ["event_id", "user_id", "anonymous_id", "source_partition", "source_offset"]
+        data = _strings(self.store.read("events", columns=cols))
+        mask = pc.or_kleene(
+            pc.is_in(data["user_id"], pa.array(actors, pa.string())),
+            pc.is_in(data["anonymous_id"], pa.array(anonymous or [""], pa.string())),
         )
-        deleted = 0
-        for i in range(0, len(ids), 500):
-            chunk = ", ".join("'" + str(k).replace("'", "''") + "'" for k in ids[i : i + 500])
-            deleted += int(self.store.delete(table, f"{key} IN ({chunk})")["num_deleted_rows"])
-        if ids:
-            self._vacuum(table)
+        mask = pc.or_kleene(mask, _regex_mask(data["event_id"], needles))
+        rows = data.filter(pc.fill_null(mask, False)).to_pylist()
+        positions: dict[int, set[int]] = {}
+        keys: set[str] = set()
+        for row in rows:
+            if row["source_partition"] is None or row["source_offset"] is None:
+                keys.add(row["event_id"])
+            else:
+                positions.setdefault(int(row["source_partition"]), set()).add(
+                    int(row["source_offset"])
+                )
+        deleted = self._delete_positions("events", positions)
+        deleted += self._delete_keys("events", "event_id", keys)
+        self._finish("events", needles, changed=bool(rows))
         return deleted
+
+    def _erase_by_actor(
+        self, table: str, actors: list[str], needles: Needles, decisions: Sequence[str] = ()
+    ) -> tuple[int, list[str]]:
+        """Decisions or feedback logged under any actor of the person (their anonymous
+        ids included), feedback on their decisions, rows whose decision id names an id;
+        deleted by decision id. Returns (rows deleted, their decision ids)."""
+        if not self.store.exists(table):
+            return 0, []
+        data = _strings(self.store.read(table, columns=["decision_id", "user_id"]))
+        mask = pc.is_in(data["user_id"], pa.array(actors, pa.string()))
+        if decisions:
+            mask = pc.or_kleene(mask, pc.is_in(data["decision_id"], pa.array(list(decisions))))
+        mask = pc.or_kleene(mask, _regex_mask(data["decision_id"], needles))
+        ids = sorted(set(data.filter(pc.fill_null(mask, False))["decision_id"].to_pylist()))
+        deleted = self._delete_keys(table, "decision_id", set(ids))
+        self._finish(table, needles, changed=bool(ids))
+        return deleted, ids
+
+    def _delete_positions(self, table: str, positions: dict[int, set[int]]) -> int:
+        deleted = 0
+        for partition, offsets in sorted(positions.items()):
+            ordered = sorted(offsets)
+            for i in range(0, len(ordered), 500):
+                chunk = ", ".join(str(o) for o in ordered[i : i + 500])
+                predicate = f"source_partition = {partition} AND source_offset IN ({chunk})"
+                deleted += int(self.store.delete(table, predicate)["num_deleted_rows"])
+        return deleted
+
+    def _delete_keys(self, table: str, key: str, ids: set[str]) -> int:
+        ordered = sorted(ids)
+        deleted = 0
+        for i in range(0, len(ordered), 500):
+            chunk = ", ".join("'" + k.replace("'", "''") + "'" for k in ordered[i : i + 500])
+            deleted += int(self.store.delete(table, f"{key} IN ({chunk})")["num_deleted_rows"])
+        return deleted
+
+    def _finish(self, table: str, needles: Needles, *, changed: bool) -> None:
+        """Vacuum what the deletes removed; purge the log when a commit still names an
+        id (`storage.delta.erasure.purge_history`)."""
+        if changed:
+            self._vacuum(table)
+        uri = self.store.uri(table)
+        if log_mentions(uri, needles):
+            purge_history(uri, storage_options=self.store.storage_options)
 
     def _vacuum(self, table: str) -> None:
         time.sleep(0.005)  # files removed this millisecond are not older than the cutoff
@@ -161,12 +259,13 @@ class StreamEraser:
         """Dead letters whose raw payload names the user, deleted by source position."""
         if not self.store.exists("dead_letters"):
             return 0
+        needles = Needles(_ids(request))
         rows = self.store.read(
             "dead_letters", columns=["raw", "source_partition", "source_offset"]
         ).to_pylist()
         positions: dict[int, set[int]] = {}
         for row in rows:
-            if row["raw"] and _names_subject(row["raw"], request):
+            if row["raw"] and needles.found_in(row["raw"]):
                 if row["source_partition"] is None or row["source_offset"] is None:
                     raise ValueError("a dead letter naming the user has no source position")
                 positions.setdefault(row["source_partition"], set()).add(row["source_offset"])
@@ -177,8 +276,7 @@ class StreamEraser:
                 chunk = ", ".join(str(int(o)) for o in ordered[i : i + 500])
                 predicate = f"source_partition = {int(partition)} AND source_offset IN ({chunk})"
                 deleted += int(self.store.delete("dead_letters", predicate)["num_deleted_rows"])
-        if positions:
-            self._vacuum("dead_letters")
+        self._finish("dead_letters", needles, changed=bool(positions))
         return deleted
 
     def _erase_derived(self, table: str, columns: tuple[str, ...], request: Erase) -> str:
@@ -200,19 +298,6 @@ def _guarded(step: Any) -> str:
     except Exception as exc:
         log.exception("erasure step failed")
         return f"failed: {type(exc).__name__}"
-
-
-def _names_subject(raw: bytes, request: Erase) -> bool:
-    """Does a raw log payload name the user or a linked anonymous id? In JSON, as a
-    whole string value (so `u1` does not match `u10`); otherwise as any substring."""
-    ids = [request.user_id, *request.anonymous_ids]
-    try:
-        json.loads(raw)
-    except ValueError:  # UnicodeDecodeError included
-        return any(i.encode() in raw for i in ids)
-    names = [*ids, *(f"anon:{a}" for a in request.anonymous_ids)]
-    tokens = {json.dumps(n, ensure_ascii=a).encode() for n in names for a in (True, False)}
-    return any(t in raw for t in tokens)
 
 
 def _scrub_until(scrub: Any, *, timeout_s: float) -> bool:
@@ -339,7 +424,7 @@ class RecoveryScrubber(threading.Thread):
 
 def _needles(request: Erase) -> list[bytes]:
     """The ids as they appear in snapshots (anonymous ids without the `anon:` prefix)."""
-    return [a.encode() for a in (request.user_id, *request.anonymous_ids)]
+    return [a.encode() for a in _ids(request)]
 
 
 def _mentions(batch: Any, needles: list[bytes]) -> bool:

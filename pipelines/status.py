@@ -1,5 +1,5 @@
 """The stream's heartbeat: what `/ready` reads to tell whether the stream is alive and
-caught up (`storage.online_status`).
+caught up (`storage.online.status`).
 
 One board per process. Sources `touch` it from `next_batch` (called by the worker even
 when idle, so a fresh heartbeat means the worker loop is turning), the lake sink counts
@@ -14,8 +14,8 @@ import threading
 import time
 
 from nextbest.settings import Settings
+from storage.online.status import PartitionStatus, read_status, write_status
 from storage.online.store import OnlineStore
-from storage.online_status import PartitionStatus, read_status, write_status
 
 log = logging.getLogger(__name__)
 

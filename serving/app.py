@@ -11,7 +11,7 @@ failed authentications per client address (`serving.keys`); a token bucket per
 *verified* API key (per client IP when keys are off) answering 429 with `Retry-After`
 (`serving.ratelimit`); bodies over `settings.max_body_bytes` get 413 and bodies nested
 too deep or with too long an array 400, before decoding (`serving.bodyguard`); each
-value is then checked against `nextbest.limits.Limits` by the controllers. An
+value is then checked against `nextbest.ingest.limits.Limits` by the controllers. An
 unhandled error is logged with a request id and answered with a generic 500 carrying
 only that id, never a message or trace from the inside.
 """
@@ -34,7 +34,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, Yaml
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from nextbest.limits import Limits
+from nextbest.ingest.limits import Limits
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 from nextbest.spec.models import Spec

@@ -4,7 +4,7 @@ A body nested thousands of arrays deep, or one array of millions of zeros, costs
 decoder (and then pydantic) far more than its bytes suggest; the first was a 500. This
 middleware reads the body of the routes that take one (those naming a key scope, after
 authentication), answers 413 past `max_body_bytes` and 400 when
-`nextbest.limits.scan_json` finds the nesting or an array too large, then replays the
+`nextbest.ingest.limits.scan_json` finds the nesting or an array too large, then replays the
 bytes to the handler unchanged.
 """
 
@@ -12,7 +12,7 @@ from litestar.exceptions import ClientException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.types import ASGIApp, HTTPRequestEvent, Receive, ReceiveMessage, Scope, Send
 
-from nextbest.limits import Limits, scan_json
+from nextbest.ingest.limits import Limits, scan_json
 from serving.keys import required_scope
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})

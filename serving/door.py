@@ -1,4 +1,4 @@
-"""Request bodies held to the door's bounds (`nextbest.limits.Limits`) before a
+"""Request bodies held to the door's bounds (`nextbest.ingest.limits.Limits`) before a
 controller acts on them: each violation is a 422 whose detail starts with the field
 (and whose `extra.field` names it), so clients can tell which value to fix.
 """
@@ -9,7 +9,7 @@ from typing import Any
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_422_UNPROCESSABLE_ENTITY
 
-from nextbest.limits import LimitExceeded, Limits
+from nextbest.ingest.limits import LimitExceeded, Limits
 from nextbest.spec.models import Spec
 from serving.schemas import DecideIn, FeedbackIn
 

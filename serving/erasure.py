@@ -25,6 +25,7 @@ each unfinished job's request in the embedded log (it names the user) and finish
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from nextbest.ingest.validation import keyed_hash
 from serving.runtime import ServingRuntime
 from serving.sinks import EventLogSink, KafkaSink
 from storage.delta.erasure import DERIVED_STORES
+from storage.erasure_scan import Needles, scan_tree
 from storage.online.models import now_ms
 from storage.online.serving import ErasureJob
 
@@ -49,13 +51,35 @@ STREAM_STORES = (
     "delta_dead_letters",
     *DERIVED_STORES,
 )
-STORES = ("online", "cached_decisions", "eventlog", *STREAM_STORES)
+STORES = ("online", "cached_decisions", "eventlog", *STREAM_STORES, "scan")
+"""`scan`: the proof. Once every other store is done, every file under the data home is
+scanned for the ids (`storage.erasure_scan`); `done` only when none holds one."""
 STREAM_WAIT_S = 3600.0
 """How long the API waits for the stream before leaving `eventlog` pending."""
 
 
 def subject_of(runtime: ServingRuntime, user_id: str) -> str:
     return keyed_hash(runtime.pseudonymization_key, f"erasure:{user_id}")
+
+
+def person_of(runtime: ServingRuntime, user_id: str) -> tuple[str, list[str]]:
+    """(user id, anonymous ids) of the person a DELETE names. `anon:<id>` is a visitor:
+    the user an identify linked them to, if any (everything stitched goes together),
+    else the visitor alone, whose `<id>` is then their one anonymous id."""
+    person = runtime.serving.resolve(user_id) if user_id.startswith("anon:") else user_id
+    anonymous = set(runtime.online.aliases_of(person))
+    if person.startswith("anon:"):
+        anonymous.add(person.removeprefix("anon:"))
+    return person, sorted(anonymous)
+
+
+def traces(runtime: ServingRuntime, person: str, anonymous: Iterable[str]) -> Needles:
+    """What no file may hold once the job is done: the ids as bytes, and the keyed hash
+    the stream keys their state by (`pipelines.flow.state_key`)."""
+    anonymous = list(anonymous)
+    actors = {person, *(f"anon:{a}" for a in anonymous)}
+    hashed = [keyed_hash(runtime.pseudonymization_key, f"state:{a}") for a in actors]
+    return Needles([person, *anonymous, *hashed])
 
 
 def erase_record(user_id: str, job_id: str, anonymous_ids: list[str]) -> bytes:
@@ -68,12 +92,14 @@ def erase_record(user_id: str, job_id: str, anonymous_ids: list[str]) -> bytes:
     return json.dumps(body).encode()
 
 
-def _is_erase_record(payload: bytes, job_id: str) -> bool:
+def _is_any_erase_record(payload: bytes) -> bool:
+    if b'"erase"' not in payload:
+        return False
     try:
         raw = json.loads(payload)
     except ValueError:
         return False
-    return isinstance(raw, dict) and raw.get("record") == "erase" and raw.get("job_id") == job_id
+    return isinstance(raw, dict) and raw.get("record") == "erase"
 
 
 def start_erasure(
@@ -86,7 +112,13 @@ def start_erasure(
     """Erase the online store now; rewrite the log and hand over to the stream in the
     background."""
     now = now_ms()
-    anonymous = runtime.online.aliases_of(user_id)
+    subject = subject_of(runtime, user_id)
+    running = runtime.serving.latest_erasure_job(subject)
+    if running is not None and running.status == "running":
+        # A repeated DELETE while a job runs joins it: a loop of requests for one person
+        # costs one job (its final log pass and scan come after every request so far).
+        return running
+    user_id, anonymous = person_of(runtime, user_id)
     actors = {user_id, *(f"anon:{a}" for a in anonymous)}
     counts = runtime.serving.erase_user(user_id)
     for actor in actors:
@@ -99,10 +131,11 @@ def start_erasure(
         "cached_decisions": f"done: {cached} rows",
         "eventlog": "running" if log_owned else "running: erase request to the topic",
         **{name: "pending: stream" for name in STREAM_STORES},
+        "scan": "pending: every store done",
     }
     job = ErasureJob(
         job_id=uuid.uuid4().hex,
-        subject=subject_of(runtime, user_id),
+        subject=subject,
         status="running",
         stores=stores,
         created_at_ms=now,
@@ -120,7 +153,7 @@ def start_erasure(
         )
         return updated or job
     run = spawn or _thread
-    run(lambda: _hand_over(runtime, job, actors, stream_wait_s))
+    run(lambda: _hand_over(runtime, job, user_id, anonymous, stream_wait_s))
     return job
 
 
@@ -134,9 +167,17 @@ def resume_erasures(
     killed or restarted mid-job); returns how many were resumed. The user's id is only in
     the job's erase request, so with the embedded log it is read back from there; a Kafka
     topic is not scanned, so those jobs say to DELETE again (which is idempotent)."""
+    unfinished = runtime.serving.unfinished_erasure_jobs()
+    for j in unfinished:
+        log_done = j.stores.get("eventlog", "").startswith(("done", "retention"))
+        if log_done and not j.stores.get("scan", "").startswith(("done", "failed")):
+            # The request that names the user is gone from the log: nothing to scan for.
+            runtime.serving.update_erasure_stores(
+                j.job_id, {"scan": "failed: the API restarted before the scan; DELETE again"}
+            )
     open_jobs = {
         j.job_id: j
-        for j in runtime.serving.unfinished_erasure_jobs()
+        for j in unfinished
         if not j.stores.get("eventlog", "").startswith(("done", "failed", "retention"))
     }
     if not open_jobs:
@@ -158,8 +199,11 @@ def resume_erasures(
             )
             continue
         user_id, anonymous = request
-        actors = {user_id, *(f"anon:{a}" for a in anonymous)}
-        run(lambda job=job, actors=actors: _hand_over(runtime, job, actors, stream_wait_s))
+        run(
+            lambda job=job, user_id=user_id, anonymous=anonymous: _hand_over(
+                runtime, job, user_id, anonymous, stream_wait_s
+            )
+        )
     return len(found)
 
 
@@ -184,18 +228,30 @@ def _thread(fn: Callable[[], None]) -> None:
 
 
 def _hand_over(
-    runtime: ServingRuntime, job: ErasureJob, actors: set[str], stream_wait_s: float
+    runtime: ServingRuntime,
+    job: ErasureJob,
+    person: str,
+    anonymous: list[str],
+    stream_wait_s: float,
 ) -> None:
-    """Rewrite the log without the user (keeping this job's erase request), and once the
-    stream reports every store done, remove the request itself (embedded log) or report
-    what the topic's configuration does with the user's records (Kafka). Safe to run
-    again after a restart: every step is idempotent."""
+    """Rewrite the log without the person (keeping erase requests, which the stream
+    still needs), and once the stream reports every store done, remove the requests
+    too (embedded log) or report what the topic's configuration does with the records
+    (Kafka); then prove it with a scan of the data home. Safe to run again after a
+    restart: every step is idempotent."""
     sink = runtime.sink
     owned = isinstance(sink, EventLogSink)
+    actors = {person, *(f"anon:{a}" for a in anonymous)}
+    named = Needles([person, *anonymous])
+
+    def theirs(key: str, payload: bytes) -> bool:
+        # Their key, or a payload naming them (a client-chosen event id, a decision).
+        return key in actors or named.found_in(payload)
+
     try:
         if isinstance(sink, EventLogSink):
             removed = sink.log.rewrite_without(
-                lambda key, payload: key in actors and not _is_erase_record(payload, job.job_id)
+                lambda key, payload: theirs(key, payload) and not _is_any_erase_record(payload)
             )
             runtime.serving.update_erasure_stores(
                 job.job_id, {"eventlog": f"running: {removed} records removed"}
@@ -215,9 +271,7 @@ def _hand_over(
         return
     try:
         if isinstance(sink, EventLogSink):
-            sink.log.rewrite_without(
-                lambda key, payload: key in actors or _is_erase_record(payload, job.job_id)
-            )
+            sink.log.rewrite_without(theirs)
             status = "done"
         elif isinstance(sink, KafkaSink):
             status = kafka_erasure(sink, runtime.settings.kafka_bootstrap or "", sorted(actors))
@@ -229,6 +283,28 @@ def _hand_over(
         runtime.serving.update_erasure_stores(
             job.job_id, {"eventlog": f"failed: {type(exc).__name__}"}
         )
+        return
+    runtime.serving.update_erasure_stores(
+        job.job_id, {"scan": prove(runtime, traces(runtime, person, anonymous))}
+    )
+
+
+def prove(runtime: ServingRuntime, needles: Needles, *, timeout_s: float = 10.0) -> str:
+    """The `scan` status: every file under the data home, searched for the ids. Files
+    in flux (a WAL being checkpointed, a table being compacted) get a few retries."""
+    home = runtime.settings.home_dir
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runtime.serving.scrub()
+        found = scan_tree(home, needles)
+        if not found:
+            files = sum(len(f) for _, _, f in os.walk(home))
+            return f"done: none of {files} files under the data home holds an id"
+        if time.monotonic() > deadline:
+            more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+            shown = ", ".join(found[:10]) + more
+            return f"failed: still found in {shown}"
+        time.sleep(0.2)
 
 
 def _stream_done(runtime: ServingRuntime, job_id: str, wait_s: float) -> bool:

@@ -295,7 +295,9 @@ class ServingRuntime:
     def health(self) -> Health:
         checks: dict[str, str] = {}
         checks["online_store"] = "ok" if self.online.ping() else "unreachable"
-        checks["event_log"] = "ok" if self.sink.ping() else "unreachable"
+        problem = getattr(self.sink, "problem", None)  # the embedded log says why
+        reason = problem() if problem is not None else None
+        checks["event_log"] = reason or ("ok" if self.sink.ping() else "unreachable")
         if self.vectors is None:
             checks["vector_store"] = f"unavailable: {self.vectors_error}"
         else:

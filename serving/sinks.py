@@ -48,7 +48,13 @@ class EventLogSink:
         self.log.append(list(records))
 
     def ping(self) -> bool:
-        return self.log.path.is_dir()
+        """Ready only when an append could succeed now (`EventLog.unwritable`)."""
+        return self.problem() is None
+
+    def problem(self) -> str | None:
+        """`not writable: <reason>` (disk full, a failed write, ...) or None, for /ready."""
+        reason = self.log.unwritable()
+        return None if reason is None else f"not writable: {reason}"
 
     def close(self) -> None:
         self.log.close()

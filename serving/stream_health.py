@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from nextbest.settings import Settings
 from storage.eventlog.log import EventLog
 from storage.online.models import now_ms
-from storage.online_status import read_status
+from storage.online.status import read_status
 
 log = logging.getLogger(__name__)
 

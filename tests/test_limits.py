@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from definitions.batch.importer import import_events
-from nextbest.limits import Limits, scan_json
+from nextbest.ingest.limits import Limits, scan_json
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 

@@ -382,3 +382,21 @@ def test_kafka_producer_acknowledges_before_202(tmp_path: Path, kafka_broker: An
     finally:
         stop_server(live)
         world.store.dispose()
+
+
+def test_ready_says_why_the_event_log_cannot_be_written(tmp_path: Path) -> None:
+    """A log that cannot take an append (here: its writer closed after a failure) makes
+    /ready 503 with the reason, instead of a ping that only knows the directory exists."""
+    settings = _settings(tmp_path / "home")
+    world = build_world(settings)
+    app = create_app(settings)
+    live = start_server(app)
+    try:
+        assert httpx.get(f"{live.url}/ready").json()["checks"]["event_log"] == "ok"
+        app.state.runtime.sink.log.close()
+        ready = httpx.get(f"{live.url}/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["event_log"] == "not writable: closed"
+    finally:
+        stop_server(live)
+        world.store.dispose()

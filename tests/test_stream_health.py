@@ -14,7 +14,7 @@ from serving.app import create_app
 from serving.keys import create_key
 from storage.eventlog.log import EventLog
 from storage.online.models import now_ms
-from storage.online_status import PartitionStatus, write_status
+from storage.online.status import PartitionStatus, write_status
 from tests.test_serving_world import World, build_world, start_server, stop_server
 from tests.waiting import wait_until
 

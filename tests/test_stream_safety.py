@@ -17,8 +17,8 @@ from nextbest.spec.models import Spec
 from pipelines.flow import build_flow
 from pipelines.run import ensure_recovery_dir
 from storage.delta.store import DeltaStore
+from storage.online.status import read_status
 from storage.online.store import OnlineStore
-from storage.online_status import read_status
 from tests.stream_helpers import append_log, demo_events, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]

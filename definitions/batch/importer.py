@@ -1,7 +1,7 @@
 """Historical loads into Delta: events and items from JSONL/CSV, and MovieLens 100k.
 
 Events are checked with `nextbest.ingest.validation.validate_event` (the API's own rules and
-bounds, `nextbest.limits.Limits`: old history is fine, future timestamps are not); a
+bounds, `nextbest.ingest.limits.Limits`: old history is fine, future timestamps are not); a
 bad row is reported with its line number and skipped, never loaded. Accepted rows
 are appended to bronze `events` in chunks with Delta transaction ids
 (`app_id="import-<sha256 of the file>"`, one batch version per chunk), so importing
@@ -36,8 +36,8 @@ from tqdm import tqdm
 from definitions.batch.history import ITEMS_TABLE
 from definitions.batch.import_consent import ImportConsent
 from nextbest.ingest.events import Event
+from nextbest.ingest.limits import Limits
 from nextbest.ingest.validation import EventRejected, pseudonymize, validate_event
-from nextbest.limits import Limits
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
 from storage.delta.schemas import events_to_table

@@ -4,7 +4,7 @@ The API uses it to accept the valid events of a batch and reject the rest; the s
 uses it again on what it reads, so an event that bypassed the API (a file, a Kafka
 producer of the user's) goes to the dead-letter table instead of crashing the flow.
 PII properties declared in the spec are replaced by a keyed hash before any store
-sees them. With `limits` (`nextbest.limits.Limits`: the API and the importer pass
+sees them. With `limits` (`nextbest.ingest.limits.Limits`: the API and the importer pass
 them), an event must also fit the door's bounds: ts window, id length and characters,
 reserved prefixes, finite bounded numbers, bounded nesting.
 """
@@ -19,8 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from nextbest.ingest.events import Event
-from nextbest.limits import RESERVED_ID_PREFIX as RESERVED_ID_PREFIX  # re-exported
-from nextbest.limits import LimitExceeded, Limits
+from nextbest.ingest.limits import RESERVED_ID_PREFIX as RESERVED_ID_PREFIX  # re-exported
+from nextbest.ingest.limits import LimitExceeded, Limits
 from nextbest.spec.models import Spec
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {

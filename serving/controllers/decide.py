@@ -1,6 +1,6 @@
 """POST /v1/decide: the next-best actions for one user, cached + real-time.
 
-Before deciding, the body is held to the door's bounds (`nextbest.limits`): the user
+Before deciding, the body is held to the door's bounds (`nextbest.ingest.limits`): the user
 id and excluded ids, context values, and the surface, which must be one the spec
 declares (a typo used to be served silently as `default`, and minted a metric label).
 """
@@ -11,7 +11,7 @@ from litestar import Controller, post
 from litestar.openapi import ResponseSpec
 from litestar.params import Body
 
-from nextbest.limits import Limits
+from nextbest.ingest.limits import Limits
 from serving import examples
 from serving.controllers.common import AUTH_ERRORS, SECURITY
 from serving.decisions import decide_request

@@ -26,8 +26,8 @@ from litestar.params import Body
 
 from nextbest.ingest.consent import DROP_REASON, Screened, screen
 from nextbest.ingest.events import Event
+from nextbest.ingest.limits import Limits
 from nextbest.ingest.validation import validate_batch
-from nextbest.limits import Limits
 from serving import examples
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
 from serving.runtime import ServingRuntime

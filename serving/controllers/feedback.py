@@ -15,7 +15,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Body
 
 from nextbest.ingest.consent import allowed
-from nextbest.limits import Limits
+from nextbest.ingest.limits import Limits
 from serving import examples
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
 from serving.door import check_feedback

@@ -21,10 +21,13 @@ after the fence reads bronze after it, and bronze is erased before any derived t
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError
+
+from storage.erasure_scan import Needles, scan_tree
 
 T = TypeVar("T")
 
@@ -83,25 +86,21 @@ def erase_derived(
     """Remove the actors' rows from a derived table, current version and history alike.
 
     Order: fence (a log-retention change marked `FENCE_KEY`), delete, vacuum every
-    removed file, a second fence commit so the checkpoint is newer than the delete
-    (whose predicate names the actors), checkpoint, delete every older log entry, and
-    restore the log retention. Returns the rows deleted. Commit conflicts with
-    concurrent writers (another erasure, maintenance, an asset) are retried.
+    removed file, then `purge_history` (the delete's predicate names the actors).
+    Returns the rows deleted. Commit conflicts with concurrent writers (another
+    erasure, maintenance, an asset) are retried.
     """
     options = dict(storage_options or {})
 
     def table() -> DeltaTable:
         return DeltaTable(uri, storage_options=options)
 
-    previous = table().metadata().configuration.get(LOG_RETENTION) or DEFAULT_LOG_RETENTION
-    if previous == ZERO:  # a concurrent erasure's setting, not the table's own
-        previous = DEFAULT_LOG_RETENTION
+    previous = _retention(table())
     fence = CommitProperties(custom_metadata={FENCE_KEY: "fence"})
-
-    def set_retention(value: str) -> None:
-        table().alter.set_table_properties({LOG_RETENTION: value}, commit_properties=fence)
-
-    _retry(lambda: set_retention(ZERO), attempts)
+    _retry(
+        lambda: table().alter.set_table_properties({LOG_RETENTION: ZERO}, commit_properties=fence),
+        attempts,
+    )
     names = {f.name for f in table().schema().fields}
     present = [c for c in columns if c in names]
     deleted = 0
@@ -111,12 +110,54 @@ def erase_derived(
         metrics = _retry(lambda: table().delete(predicate), attempts)
         deleted = int(metrics.get("num_deleted_rows", 0))
     _retry(lambda: vacuum_now(table()), attempts)
+    purge_history(uri, storage_options=options, attempts=attempts, restore=previous)
+    return deleted
+
+
+def _retention(dt: DeltaTable) -> str:
+    value = dt.metadata().configuration.get(LOG_RETENTION) or DEFAULT_LOG_RETENTION
+    return DEFAULT_LOG_RETENTION if value == ZERO else value  # ZERO: a concurrent erasure's
+
+
+def purge_history(
+    uri: str,
+    *,
+    storage_options: Mapping[str, str] | None = None,
+    attempts: int = 10,
+    restore: str | None = None,
+) -> int:
+    """Drop every log entry and checkpoint older than a fresh checkpoint, so no old
+    commit (a delete predicate naming an id, `add` statistics of an erased client-chosen
+    key) survives. Order: a fence commit (log retention 0, marked `FENCE_KEY`) so the
+    checkpoint is newer than everything to forget, checkpoint, cleanup, then the log
+    retention back. Time travel before the checkpoint is lost; returns its version."""
+    options = dict(storage_options or {})
+
+    def table() -> DeltaTable:
+        return DeltaTable(uri, storage_options=options)
+
+    previous = restore or _retention(table())
+    fence = CommitProperties(custom_metadata={FENCE_KEY: "fence"})
+
+    def set_retention(value: str) -> None:
+        table().alter.set_table_properties({LOG_RETENTION: value}, commit_properties=fence)
+
     _retry(lambda: set_retention(ZERO), attempts)
     dt = table()
     dt.create_checkpoint()
+    version = dt.version()
     dt.cleanup_metadata()
     _retry(lambda: set_retention(previous), attempts)
-    return deleted
+    return version
+
+
+def log_mentions(uri: str, needles: Needles) -> bool:
+    """Does any file of the table's `_delta_log` (commits, checkpoints) name an id?
+    Only a local table can be looked at byte by byte: for any other, True (purge)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return True
+    log_dir = Path(uri.removeprefix("file://")) / "_delta_log"
+    return bool(scan_tree(log_dir, needles))
 
 
 def vacuum_now(dt: DeltaTable) -> int:

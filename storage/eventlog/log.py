@@ -21,25 +21,27 @@ import contextlib
 import itertools
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self
 
 from nextbest.settings import Settings
+from storage.eventlog.rewrite import Rewrites
 from storage.eventlog.segments import (
     MAX_KEY_BYTES,
     MAX_PAYLOAD_BYTES,
+    QUARANTINE_DIR,
     TMP_SUFFIX,
     CorruptLogError,
     EventLogError,
     Layout,
+    Quarantine,
     Scan,
     SegmentReader,
     WriterLockedError,
     encode,
     partition_for,
-    sealed_records,
     take_writer_lock,
     write_all,
 )
@@ -57,6 +59,10 @@ __all__ = [
 Mode = Literal["writer", "reader"]
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _LOCK = "writer.lock"
+_PROBE = "writable.probe"
+MIN_FREE_BYTES = 16 << 20
+"""Below this much free disk the log reports itself not writable (a segment roll, a
+rewrite's temp copy and the fsyncs need room before an append fails outright)."""
 
 
 @dataclass(slots=True)
@@ -78,7 +84,7 @@ class _Request:
     done: bool = False
 
 
-class EventLog:
+class EventLog(Rewrites):
     """Partitioned append-only log on local disk; one writer process, any number of readers.
 
     Readers may open (and create) the log before the writer exists.
@@ -94,7 +100,8 @@ class EventLog:
         self.path, self.partitions, self.mode = path, partitions, mode
         self._segment_bytes = segment_bytes
         self._layout = Layout(path, partitions, fsync)
-        self._reader = SegmentReader(self._layout)
+        self.quarantine = Quarantine(path / QUARANTINE_DIR)
+        self._reader = SegmentReader(self._layout, quarantine=self.quarantine)
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[_Request] = []
         self._leader = False
@@ -102,6 +109,7 @@ class EventLog:
         self._failed: BaseException | None = None
         self._active: dict[int, _Active] = {}
         self._lock_fd: int | None = None
+        self._init_rewrites()
         path.mkdir(parents=True, exist_ok=True)
         if mode == "writer":
             self._lock_fd = take_writer_lock(path / _LOCK)
@@ -169,20 +177,6 @@ class EventLog:
             raise EventLogError(f"append to {self.path} failed: {req.error}") from req.error
         return req.result
 
-    def rewrite_without(self, predicate: Callable[[str, bytes], bool]) -> int:
-        """Erase records where predicate(key, payload) is true; other offsets stay put.
-
-        Each affected segment is rewritten to a temp file and renamed over the old one, so
-        the erased bytes leave the directory. `predicate` must be pure (it runs twice per
-        record). Returns the number of records removed.
-        """
-        self._require_writer()
-        with self._exclusive():
-            removed = sum(self._rewrite_partition(p, predicate) for p in range(self.partitions))
-            if removed:
-                self._reset_reads()
-            return removed
-
     def trim(self, partition: int, below_offset: int) -> int:
         """Delete whole segments whose records are all below `below_offset`; never the last.
 
@@ -190,7 +184,7 @@ class EventLog:
         """
         self._require_writer()
         self._check_partition(partition)
-        with self._exclusive():
+        with self._maintenance, self._exclusive():
             deleted = 0
             for base, following in itertools.pairwise(self._layout.bases(partition)):
                 if following > below_offset:
@@ -201,6 +195,38 @@ class EventLog:
                 self._reset_reads()
                 self._layout.sync_dir(self._layout.partition_dir(partition))
             return deleted
+
+    # ---- health --------------------------------------------------------------------
+
+    def unwritable(self, *, min_free_bytes: int = MIN_FREE_BYTES) -> str | None:
+        """Why an append would fail now, or None when the log takes writes: a closed or
+        read-only handle, an earlier failed write or fsync (the writer fail-stops until
+        reopened), less than `min_free_bytes` free on its disk, or a probe write +
+        fsync of a marker file failing (a read-only or broken filesystem). For
+        readiness checks: `eventlog: not writable: <reason>`."""
+        if self.mode != "writer":
+            return "opened read-only"
+        if self._closed:
+            return "closed"
+        if self._failed is not None:
+            return f"an earlier write failed ({self._failed}); restart to reopen the log"
+        try:
+            st = os.statvfs(self.path)
+            free = st.f_bavail * st.f_frsize
+            if free < min_free_bytes:
+                return f"disk full: {free} bytes free under {self.path}"
+            fd = os.open(self.path / _PROBE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_all(fd, b"1")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return f"probe write failed: {exc}"
+        return None
+
+    def writable(self) -> bool:
+        return self.unwritable() is None
 
     # ---- reading -------------------------------------------------------------------
 
@@ -333,7 +359,9 @@ class EventLog:
             return _Active(0, self._layout.create_segment(p, 0), 0, 0, 0)
         base = bases[-1]
         fd = os.open(self._layout.segment_path(p, base), os.O_RDWR | os.O_APPEND)
-        scan = Scan(fd, 0, after=base - 1)
+        # Damaged records followed by good ones are skipped (quarantined), not cut:
+        # only bytes after the last good record are a crash's torn tail.
+        scan = Scan(fd, 0, after=base - 1, on_skip=self.quarantine.sink(p, base))
         for _ in scan:
             pass
         if not scan.clean:
@@ -341,32 +369,11 @@ class EventLog:
             self._layout.sync(fd)
         return _Active(base, fd, scan.pos, scan.last + 1, scan.last + 1)
 
-    def _rewrite_partition(self, p: int, predicate: Callable[[str, bytes], bool]) -> int:
-        removed = 0
-        for base in self._layout.bases(p):
-            path = self._layout.segment_path(p, base)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if not any(predicate(k.decode(), v) for _, k, v in sealed_records(fd, base)):
-                    continue
-                if base == self._active[p].base:
-                    # Seal it first: a new segment at the next offset means erasing the
-                    # newest records can never make their offsets reusable, even on a crash.
-                    self._roll(p, [])
-                tmp = path.with_name(path.name + TMP_SUFFIX)
-                with open(tmp, "wb") as out:
-                    for offset, k, v in sealed_records(fd, base):
-                        if predicate(k.decode(), v):
-                            removed += 1
-                        else:
-                            out.write(encode(offset, k, v))
-                    out.flush()
-                    self._layout.sync(out.fileno())
-                os.replace(tmp, path)
-                self._layout.sync_dir(path.parent)
-            finally:
-                os.close(fd)
-        return removed
+    def _active_base(self, p: int) -> tuple[int, int]:
+        """(base, durable end) of the partition's active segment, read consistently."""
+        with self._cond:
+            st = self._active[p]
+            return st.base, st.durable
 
     def _reset_reads(self) -> None:
         with self._reader.lock:

@@ -83,7 +83,7 @@ class StreamOffsetTable(SQLModel, table=True):
 
 
 class StreamStatusTable(SQLModel, table=True):
-    """The stream's heartbeat per source partition (`storage.online_status`): how far
+    """The stream's heartbeat per source partition (`storage.online.status`): how far
     it has read, when it was last alive and when it last moved forward, and how many
     records it turned into dead letters."""
 

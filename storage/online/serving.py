@@ -34,7 +34,7 @@ from storage.online.models import (
     now_ms,
     state_record,
 )
-from storage.online.store import OnlineStore
+from storage.online.store import ERASED_TABLES, OnlineStore
 
 
 class ActionCapTable(SQLModel, table=True):
@@ -353,9 +353,13 @@ class ServingStore:
         return None if row is None else ErasureJob(**{**row, "stores": dict(row["stores"] or {})})
 
     def scrub(self) -> bool:
-        """SQLite only: rebuild the file and empty the WAL, so deleted rows leave no bytes
-        in free pages or old WAL frames. False while a reader pins the WAL (retry)."""
+        """SQLite: rebuild the file and empty the WAL, so deleted rows leave no bytes
+        in free pages or old WAL frames; False while a reader pins the WAL (retry).
+        PostgreSQL: VACUUM the tables an erasure deletes from (`OnlineStore.vacuum_tables`)."""
         url = self.engine.url
+        if url.get_backend_name() == "postgresql":
+            self.store.vacuum_tables([t.name for t in (*ERASED_TABLES, CAPS)])
+            return True
         if url.get_backend_name() != "sqlite" or not url.database:
             return True
         return scrub_sqlite(url.database)

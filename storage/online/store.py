@@ -401,7 +401,7 @@ class OnlineStore:
             )
             actors = [user_id, *(anon_actor(a) for a in anonymous)]
             counts: dict[str, int] = {}
-            for table in (FEATURES, STATES, DECISIONS, CONSENT):
+            for table in ERASED_TABLES[:-1]:
                 result = conn.execute(sa.delete(table).where(table.c.user_id.in_(actors)))
                 counts[table.name] = result.rowcount
             result = conn.execute(
@@ -412,8 +412,26 @@ class OnlineStore:
             counts[ALIASES.name] = result.rowcount
         return counts
 
+    def vacuum_tables(self, names: Sequence[str]) -> None:
+        """PostgreSQL: VACUUM the tables an erasure deleted from, so the dead tuples (a
+        deleted user's rows) are reclaimed instead of lingering in the heap pages. A
+        no-op elsewhere (SQLite has `scrub_sqlite`). VACUUM cannot run in a transaction."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        translate = self.engine.get_execution_options().get("schema_translate_map") or {}
+        schema = translate.get(None)
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for name in names:
+                target = f'"{schema}"."{name}"' if schema else f'"{name}"'
+                exists = conn.exec_driver_sql("SELECT to_regclass(%s)", (target,)).scalar()
+                if exists is not None:  # the API's tables may not exist yet
+                    conn.exec_driver_sql(f"VACUUM {target}")
+
 
 # --- helpers ----------------------------------------------------------------------------
+
+ERASED_TABLES = (FEATURES, STATES, DECISIONS, CONSENT, ALIASES)
+"""What `delete_user` deletes from (aliases last: they are matched differently)."""
 
 
 def _insert(conn: sa.Connection, table: sa.Table) -> Any:
