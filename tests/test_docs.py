@@ -1,5 +1,5 @@
 """docs/architecture.md stays true to the tree: every file it names exists, and every
-`docs/architecture.md#anchor` cited in the code names one of its headings."""
+anchor of it that the code cites names one of its headings."""
 
 import re
 import subprocess
