@@ -1,6 +1,8 @@
 # Two commands on a fresh machine with Python 3.11 and make:
 #   make up     install into .venv, then run the whole stack on embedded defaults
-#   make test   install with test tools into .venv, then run the whole test suite
+#   make test   install with test tools into .venv, check the dependency rule and import
+#               cycles (tools/check_layers.py, docs/architecture.md), lint, type-check,
+#               then run the whole test suite
 PYTHON ?= python3
 VENV := .venv
 UV := $(VENV)/bin/uv
@@ -24,9 +26,7 @@ up: install
 	$(VENV)/bin/nextbest up $(ARGS)
 
 test: install-dev
-	@if [ -f ../shared/tools/check_layers.py ]; then \
-		$(VENV)/bin/python ../shared/tools/check_layers.py .; \
-	else echo "check_layers: ../shared/tools not beside this clone, skipped"; fi
+	$(VENV)/bin/python tools/check_layers.py .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright

@@ -62,7 +62,7 @@ def bronze_ids(settings: Settings) -> list[str]:
 
 class BronzeProgress:
     """The highest source offset bronze has committed per log partition, read from the
-    Delta transaction versions the stream records (`bronze-p{partition}`, contracts.md).
+    Delta transaction versions the stream records (docs/architecture.md#replays).
     Keeps one table handle and refreshes it incrementally, so polling stays cheap."""
 
     def __init__(self, settings: Settings, partitions: int) -> None:

@@ -1,2 +1,4 @@
-"""The command line's store-facing parts (status, doctor, keys): above every layer,
-imported by `launcher.cli` inside its command functions only (DESIGN.md)."""
+"""The command line, above every layer (docs/architecture.md#layers-and-the-dependency-rule):
+`cli` (the parser; imports each component inside its command function), `common` (exit
+codes, the spec), `commands` and `admin` (store-facing commands), `materialize`, and
+`supervisor` <- `stack` (the processes of `nextbest up`, then their order)."""

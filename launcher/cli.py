@@ -10,15 +10,11 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from launcher.common import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, spec_or_exit
 from nextbest.locks import EXIT_LOCKED, AlreadyRunning, InstanceLock
 from nextbest.settings import Settings
-
-if TYPE_CHECKING:
-    from nextbest.spec.models import Spec
-
-EXIT_OK, EXIT_FAILURE, EXIT_INVALID = 0, 1, 2
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -50,17 +46,6 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _spec(settings: Settings) -> "Spec":
-    """Load the spec or exit 2 with every problem (commands need a valid spec)."""
-    from nextbest.spec.loader import SpecError, load_spec
-
-    try:
-        return load_spec(settings.spec)
-    except SpecError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(EXIT_INVALID) from None
-
-
 PSEUDONYMIZATION_KEY_FILE = "pseudonymization_key"
 
 
@@ -85,7 +70,7 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     """Create the data home and every store, idempotently."""
     from storage.bootstrap import init_stores
 
-    spec = _spec(settings)
+    spec = spec_or_exit(settings)
     written = ensure_pseudonymization_key(settings)
     for line in init_stores(settings, spec):
         print(line)
@@ -110,7 +95,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     with lock:
         from serving.run import run_api
 
-        _spec(settings)
+        spec_or_exit(settings)
         run_api(settings)
     return EXIT_OK
 
@@ -126,7 +111,7 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
 
     return run_stream_cli(
         settings,
-        _spec(settings),
+        spec_or_exit(settings),
         process_id=args.process_id,
         addresses=args.addresses or None,
         workers_per_process=args.workers,
@@ -136,7 +121,7 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_dagster(args: argparse.Namespace, settings: Settings) -> int:
     from launcher.supervisor import dagster_commands, run_foreground
 
-    _spec(settings)
+    spec_or_exit(settings)
     lock = _locked(settings, "dagster")
     if lock is None:
         return EXIT_LOCKED
@@ -145,15 +130,15 @@ def cmd_dagster(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from launcher.supervisor import up
+    from launcher.stack import bring_up
 
-    return up(settings, _spec(settings), simulate=args.simulate, rate=args.rate)
+    return bring_up(settings, spec_or_exit(settings), simulate=args.simulate, rate=args.rate)
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from definitions.batch import importer
 
-    spec = _spec(settings)
+    spec = spec_or_exit(settings)
     path = Path(args.path)
     if args.kind == "movielens":
         summaries = list(importer.import_movielens(settings, spec, path).values())
@@ -172,7 +157,7 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
     goes to `<home>/logs/materialize.log`, a short summary to the terminal."""
     from launcher.materialize import materialize_with_summary
 
-    spec = _spec(settings)
+    spec = spec_or_exit(settings)
     return materialize_with_summary(settings, spec, select=args.select)
 
 
@@ -180,7 +165,9 @@ def cmd_recommend(args: argparse.Namespace, settings: Settings) -> int:
     from definitions.runs import recommend
 
     try:
-        n = recommend(settings, Path(args.users), args.k, Path(args.out), spec=_spec(settings))
+        n = recommend(
+            settings, Path(args.users), args.k, Path(args.out), spec=spec_or_exit(settings)
+        )
     except LookupError as exc:
         print(f"no promoted model yet ({exc}); run `nextbest materialize` first", file=sys.stderr)
         return EXIT_FAILURE

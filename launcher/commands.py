@@ -4,7 +4,7 @@
 import argparse
 import sys
 
-from launcher.cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, _spec
+from launcher.common import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, spec_or_exit
 from nextbest.settings import Settings
 
 
@@ -16,7 +16,7 @@ def format_metric(value: float) -> str:
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     from definitions.runs import evaluate
 
-    metrics = evaluate(settings, spec=_spec(settings), out=None)
+    metrics = evaluate(settings, spec=spec_or_exit(settings), out=None)
     width = max((len(n) for n in metrics), default=0)
     for name, value in metrics.items():
         print(f"{name:<{width}}  {format_metric(value)}")
@@ -109,7 +109,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     from launcher.admin import format_status, status_info
 
-    info = status_info(settings, _spec(settings))
+    info = status_info(settings, spec_or_exit(settings))
     if args.json:
         print(json.dumps(info))
     else:

@@ -16,9 +16,9 @@ from launcher.supervisor import (
     ROOT,
     Component,
     Supervisor,
-    _install_signals,
     child_env,
     dagster_commands,
+    install_signals,
     nextbest_argv,
     run_step,
     status,
@@ -148,7 +148,7 @@ def bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> 
 
 def _bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> int:
     sup = Supervisor(settings)
-    _install_signals(sup)
+    install_signals(sup)
     print(f"nextbest up: spec {spec.name}, data home {settings.home_dir}", flush=True)
     try:
         run_step(settings, "init")

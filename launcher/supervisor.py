@@ -4,7 +4,9 @@ Components are separate processes (`nextbest api`, `nextbest stream`, the Dagste
 webserver and daemon, optionally the simulator), each in its own process group so a
 stop reaches their children too. A component that dies is restarted with backoff; on
 Ctrl-C or SIGTERM every group gets SIGTERM, then SIGKILL after a grace period. This
-module only launches processes and speaks HTTP: it imports no other layer.
+module only launches processes and speaks HTTP: it imports no other layer, and no other
+launcher module (`launcher.stack`, the order of `nextbest up`, builds on it, never the
+reverse).
 """
 
 import contextlib
@@ -25,7 +27,6 @@ import httpx
 
 from nextbest.locks import EXIT_LOCKED
 from nextbest.settings import Settings
-from nextbest.spec.models import Spec
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE_SECONDS = 15.0
@@ -242,7 +243,7 @@ def status(settings: Settings) -> dict[str, object]:
 def run_foreground(settings: Settings, components: Sequence[Component]) -> int:
     """Run components until Ctrl-C/SIGTERM (used by `nextbest dagster`)."""
     sup = Supervisor(settings)
-    _install_signals(sup)
+    install_signals(sup)
     for c in components:
         sup.start(c)
     try:
@@ -254,15 +255,11 @@ def run_foreground(settings: Settings, components: Sequence[Component]) -> int:
     return 0
 
 
-def _install_signals(sup: Supervisor) -> None:
+def install_signals(sup: Supervisor) -> None:
+    """SIGTERM and Ctrl-C set `sup.stopping`; the caller's loop then stops every group."""
+
     def handler(signum: int, frame: object) -> None:
         sup.stopping.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-
-
-def up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) -> int:
-    from launcher.stack import bring_up
-
-    return bring_up(settings, spec, simulate=simulate, rate=rate)

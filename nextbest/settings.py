@@ -19,7 +19,7 @@ KEY_FILE = "pseudonymization_key"
 class Settings(BaseSettings):
     """Where data lives and how components reach each other.
 
-    Defaults give the embedded single-machine layout of DESIGN.md under `home`;
+    Defaults give the embedded single-machine layout of docs/architecture.md#data-home under `home`;
     scale-out swaps in PostgreSQL (`online_url`), Kafka (`kafka_bootstrap`) and
     object storage (`delta_uri`, `lance_uri` with `storage_options`).
     """

@@ -42,7 +42,7 @@ from nextbest.spec.models import (
 from storage.online.models import FeatureRow, UserState, now_ms
 
 HISTORY_MAX = 200
-"""Entries of `session["history"]` and of each `session["seen"]` list (contracts.md)."""
+"""Entries of `session["history"]` and of each seen list (docs/architecture.md#user-state)."""
 
 ItemLookup = Callable[[str], Mapping[str, Any] | None]
 Source = tuple[int, int]  # (partition, offset) of the newest event in a batch
@@ -50,7 +50,7 @@ Touched = dict[str, set[str]]  # feature -> groups offered an event in this batc
 
 
 def item_actor(item_id: str) -> str:
-    """The online-store key of an item entity's window features (contracts.md)."""
+    """The online-store key of item window features (docs/architecture.md#stores-and-writers)."""
     return f"item:{item_id}"
 
 

@@ -7,7 +7,7 @@ flow replays from the last snapshot):
 - Delta: one `DeltaStore.append` per (table, source partition) with
   `app_id=f"{prefix}-p{partition}"` and `batch_version` = the highest source offset in
   the batch; rows at or below the table's recorded version are dropped first, so a
-  replay that regroups offsets never duplicates a row (contracts.md).
+  replay that regroups offsets never duplicates a row (docs/architecture.md#replays).
 - Online store: absolute values keyed by (user, feature, group); a replay rewrites the
   same values.
 - LanceDB users: merge_insert by user_id from a single sink partition, so exactly one

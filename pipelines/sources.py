@@ -199,7 +199,7 @@ class KafkaEventSource(FixedPartitionedSource[SourceItem, Any]):
 def source_from_settings(
     settings: Settings, *, tail: bool = True
 ) -> EventLogSource | KafkaEventSource:
-    """Kafka when `kafka_bootstrap` is set, else the embedded log (DESIGN.md)."""
+    """Kafka if `kafka_bootstrap` is set, else the embedded log (docs/architecture.md#data-home)."""
     if settings.kafka_bootstrap:
         return KafkaEventSource.from_settings(settings, tail=tail)
     return EventLogSource.from_settings(settings, tail=tail)

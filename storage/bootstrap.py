@@ -1,7 +1,7 @@
 """Create the data home and every store for a spec, idempotently (`nextbest init`).
 
 Each component also creates what it needs on first use; this exists so a newcomer
-(and `nextbest up`) gets the whole layout of DESIGN.md in one step, with one line per
+(and `nextbest up`) gets the layout of docs/architecture.md#data-home in one step, one line per
 store saying where it lives.
 """
 

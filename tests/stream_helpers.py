@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def payload_key(event: Mapping[str, Any]) -> str:
-    """The log key of an event dict: `Event.actor` (contracts.md)."""
+    """The log key of an event dict: `Event.actor` (docs/architecture.md#one-event-end-to-end)."""
     return event["user_id"] if event.get("user_id") else f"anon:{event['anonymous_id']}"
 
 

@@ -1,4 +1,4 @@
-"""`nextbest init` lays out every store of DESIGN.md under the data home."""
+"""`nextbest init` lays out every store of docs/architecture.md#data-home."""
 
 import subprocess
 import sys

@@ -1,6 +1,6 @@
 """A small served world for the serving tests and the benchmark: demo catalog in Delta,
 an EASE model trained on demo events, registered and promoted, and online state
-written the way the stream writes it (contracts.md, item 3).
+written the way the stream writes it (docs/architecture.md#user-state).
 
 Also holds the tests of that builder itself, so a broken world fails loudly here
 rather than as confusing decision assertions elsewhere.

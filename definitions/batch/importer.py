@@ -11,7 +11,7 @@ the same file twice, or resuming after a crash, never duplicates a row. With
 the file's consent events are recorded in the online store.
 
 File formats (`nextbest import`):
-- events JSONL: one Event object per line (DESIGN.md).
+- events JSONL: one Event object per line (docs/architecture.md#the-event-record).
 - events CSV: header with Event field names (`event_id, type, user_id, anonymous_id,
   item_id, ts, value, context, properties`); `context` and `properties` are JSON
   text; empty cells are absent values. `ts` is ISO 8601 or epoch seconds.

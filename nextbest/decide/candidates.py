@@ -67,7 +67,8 @@ def user_view(
     values: Mapping[str, float | None] | None = None,
     as_of_ms: int | None = None,
 ) -> UserView:
-    """Build a `UserView` from the online state of contracts.md: `session["history"]`
+    """Build a `UserView` from the user's online state
+    (docs/architecture.md#user-state): `session["history"]`
     ([item_id, event_type, ts_ms], newest first) becomes {item: sum of event weights};
     `session["online_model"]` is read as of `as_of_ms` (its feedback decays until then)."""
     session = session or {}

@@ -1,6 +1,6 @@
 """The event record shared by the API, the event log, the stream and the batch.
 
-`Event` is the wire shape of DESIGN.md. `ts` accepts ISO 8601 or epoch seconds and
+The wire shape: docs/architecture.md#the-event-record. `ts` accepts ISO 8601 or epoch seconds and
 is normalised to an aware UTC datetime; a missing `event_id` is assigned so that
 downstream sinks can deduplicate on it.
 """
