@@ -47,7 +47,7 @@ def tuning_metadata(result: TuneResult) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "tuning": dg.MetadataValue.json(result.summary()),
         "tuning_candidates": dg.MetadataValue.table(
-            records=[dg.TableRecord({k: v for k, v in r.items() if v is not None}) for r in rows],
+            records=[dg.TableRecord(r) for r in rows],
             schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in CANDIDATE_COLUMNS]),
         ),
         "chosen": result.best.label,
