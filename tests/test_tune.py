@@ -15,6 +15,7 @@ from nextbest.learn.tune import (
     holdout_ndcg,
     matrix,
     ndcg_of_scores,
+    split,
     time_split,
     tune,
 )
@@ -136,3 +137,15 @@ def test_short_drifting_history_keeps_a_short_half_life() -> None:
     tuned, _ = holdout_ndcg(ev, result.params, fraction=0.2)
     no_decay, _ = holdout_ndcg(ev, params_of(half_life="none", tune=False), fraction=0.2)
     assert tuned > no_decay, (tuned, no_decay)
+
+
+def test_search_runs_on_the_most_used_items_only() -> None:
+    ev = demo_events(DemoConfig.small(days=30, n_events=6000))
+    tuning = {"half_life": ["30d"], "l2": [200], "kinds": ["ease"], "max_items": 40}
+    result = tune(ev, params_of(tune=tuning))
+    assert any("40 most used of 300 items" in n for n in result.notes)
+    s = split(ev, fraction=0.2, how="global", max_users=10_000, max_items=40)
+    assert s.seen.shape[1] == s.targets.shape[1] == 40
+    counts = np.bincount(ev.items[~time_split(ev, how="global")], minlength=300)
+    # the kept items are the 40 with most training events: none outside beats the least kept
+    assert int(s.train.weights.size) == int(np.sort(counts)[::-1][:40].sum())

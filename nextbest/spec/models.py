@@ -292,6 +292,9 @@ class Tune(_Model):
     )
     validation_fraction: float = Field(default=0.2, gt=0, lt=0.5)
     max_users: int = Field(default=2000, ge=10, description="Validation users scored (a sample).")
+    max_items: int = Field(
+        default=1000, ge=10, description="The search runs on this many most-used items."
+    )
 
 
 class Model(_Model):
