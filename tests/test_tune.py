@@ -82,8 +82,15 @@ def test_tune_records_every_candidate_and_the_spec_setting() -> None:
     ev = demo_events(DemoConfig.small(days=60, n_events=8000))
     params = params_of(tune={"l2": [100, 1000], "half_life": ["7d", "none"], "kinds": ["ease"]})
     result = tune(ev, params)
-    # 7d, none, plus the spec's 30d; 100, 1000 plus the spec's 200.
-    assert len(result.candidates) == 9
+    # 7d, none, plus the spec's 30d; 100, 1000 plus the spec's 200 ...
+    grid = {(h, l2) for h in ("7d", "30d", None) for l2 in (100.0, 200.0, 1000.0)}
+    assert grid <= {(c.half_life, c.l2) for c in result.candidates}
+    for hl in ("7d", "30d", None):  # ... and 3000, 9000, ... only while the largest wins
+        mine = sorted((c for c in result.candidates if c.half_life == hl), key=lambda c: c.l2 or 0)
+        for i in range(3, len(mine)):
+            assert mine[i].l2 == 3 * mine[i - 1].l2  # type: ignore[operator]
+            assert max(mine[:i], key=lambda c: c.ndcg) is mine[i - 1]
+        assert len(mine) <= 3 + 3
     assert {(c.half_life, c.l2) for c in result.candidates} >= {("30d", 200.0), (None, 1000.0)}
     assert result.baseline is not None and result.baseline.half_life == "30d"
     assert result.best.ndcg == max(c.ndcg for c in result.candidates)
@@ -115,7 +122,9 @@ def _train_part(ev: Events, fraction: float) -> Events:
 
 # Issue #16, item 1, "done when".
 LONG = DemoConfig.small(n_users=1000, n_events=80_000, days=180)
-DRIFT = DemoConfig.small(n_users=1000, n_events=80_000, days=28, taste_shift_days=7)
+DRIFT = DemoConfig.small(
+    n_users=1000, n_events=80_000, days=42, taste_shift_days=14, favourite_intent=0.8
+)
 
 
 def test_long_stable_history_picks_a_long_half_life_and_beats_the_old_default() -> None:

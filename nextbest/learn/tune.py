@@ -23,6 +23,8 @@ from nextbest.spec.models import Duration
 from nextbest.spec.models import Model as ModelParams
 
 K = 10
+EXTEND_L2 = 3
+"""At most this many l2 values beyond the grid (each 3x the last) while the largest wins."""
 DAY_MS = 86_400_000
 
 
@@ -303,11 +305,16 @@ def tune(ev: Events, params: ModelParams, *, seed: int = 0) -> TuneResult:
             eig = np.linalg.eigh((x.T @ x).toarray())
             xv = np.asarray(xh @ eig[1])
             shared = time.perf_counter() - t0
-            for l2 in l2s:
+            grid = list(l2s)
+            for l2 in grid:  # grows while the best l2 is the largest (an extra l2 is cheap)
                 t1 = time.perf_counter()
                 ndcg = ndcg_of_scores(_ease_scores(eig, xv, l2), s.seen, s.targets)
                 took = time.perf_counter() - t1 + shared / len(l2s)
                 results.append(Candidate("ease", hl, l2, ndcg, took))
+                mine = [c for c in results if c.kind == "ease" and c.half_life == hl]
+                top = max(mine, key=lambda c: c.ndcg)
+                if l2 == grid[-1] and top.l2 == l2 and len(grid) < len(l2s) + EXTEND_L2:
+                    grid.append(l2 * 3)
         if "item_knn" in kinds:
             t1 = time.perf_counter()
             b = train_item_knn(x, neighbours=params.neighbours)
