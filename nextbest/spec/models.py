@@ -260,7 +260,7 @@ NO_DECAY = ("none", "off", "never")
 def _half_lives(value: Any) -> tuple[Duration | None, ...]:
     """A list of durations, where "none" (or null) means no time decay."""
     if not isinstance(value, list | tuple) or not value:
-        raise ValueError("half_life is a non-empty list of durations or 'none', e.g. ['7d', 'none']")
+        raise ValueError("half_life: a non-empty list of durations or 'none', e.g. ['7d', 'none']")
     out: list[Duration | None] = []
     for v in value:
         out.append(None if v is None or str(v).strip().lower() in NO_DECAY else _duration(v))
