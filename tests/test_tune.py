@@ -154,7 +154,7 @@ def test_search_runs_on_the_most_used_items_only() -> None:
     result = tune(ev, params_of(tune=tuning))
     assert any("40 most used of 300 items" in n for n in result.notes)
     s = split(ev, fraction=0.2, how="global", max_users=10_000, max_items=40)
-    assert s.seen.shape[1] == s.targets.shape[1] == 40
+    assert s.seen.shape == s.targets.shape == (len(s.users), 40)
     counts = np.bincount(ev.items[~time_split(ev, how="global")], minlength=300)
     # the kept items are the 40 with most training events: none outside beats the least kept
     assert int(s.train.weights.size) == int(np.sort(counts)[::-1][:40].sum())
