@@ -2,12 +2,14 @@
 20k items).
 
     .venv/bin/python benchmarks/retrain.py [--events N] [--users N] [--items N]
-        [--kind ease|item_knn] [--max-dense-items N] [--home DIR]
+        [--kind ease|item_knn] [--max-dense-items N] [--no-tune] [--home DIR]
 
 Generates bronze events and a catalog straight into Delta (vectorised, not timed),
 then runs the Dagster `retrain` job in-process and prints each asset's wall time, the
 total, and the peak resident memory of the process (`resource.getrusage`). The model
 follows the spec's rule: EASE while items <= max_dense_items, sparse item-kNN beyond.
+By default `item_model` first tunes l2/half_life/kind (`model.tune`); `--no-tune` pins
+the spec's values (the retrain as it was before self-tuning), for a before/after.
 """
 
 import argparse
@@ -99,6 +101,8 @@ def write_spec(home: Path, args: argparse.Namespace) -> Path:
     model["kind"] = args.kind
     if args.max_dense_items is not None:
         model["max_dense_items"] = args.max_dense_items
+    if args.no_tune:
+        model["tune"] = False
     path = home / "bench-spec.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -111,6 +115,7 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--kind", choices=["ease", "item_knn"], default="ease")
     parser.add_argument("--max-dense-items", type=int, default=None)
+    parser.add_argument("--no-tune", action="store_true", help="pin the spec's l2/half_life")
     parser.add_argument("--home", type=Path, default=None, help="keep the data home here")
     args = parser.parse_args()
 

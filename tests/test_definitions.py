@@ -283,3 +283,42 @@ def test_resource_from_settings_points_at_the_home(settings: Settings) -> None:
     assert resource.settings().home_dir == settings.home_dir
     assert resource.promotion_tolerance == 0.1
     assert resource.load_spec().name == "demo_shop"
+
+
+def _latest_metadata(settings: Settings, asset: str) -> dict:
+    with instance_for(settings) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        assert event is not None and event.asset_materialization is not None
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_retraining_tunes_and_records_every_candidate(home: Settings) -> None:
+    """Issue #16 item 1: the default spec tunes; every candidate's validation nDCG@10 is
+    in item_model's metadata (a table and one float each), and the promoted model's
+    offline metrics say which setting won and by how much."""
+    meta = _latest_metadata(home, "item_model")
+    rows = meta["tuning_candidates"].records
+    tune = load_spec(home.spec).model.tune
+    assert tune is not None
+    # Default grid: 4 half-lives x (5 l2 + the spec's 200 already in it) EASE, + 4 item-kNN
+    # (+ up to 3 larger l2 per half-life while the largest wins).
+    grid = {(h or "none", l2) for h in tune.half_life for l2 in tune.l2}
+    assert grid <= {(r.data["half_life"], r.data["l2"]) for r in rows if r.data["l2"]}
+    assert sum(r.data["kind"] == "item_knn" for r in rows) == len(tune.half_life)
+    floats = {k: v for k, v in meta.items() if k.startswith("candidate/")}
+    assert len(floats) == len(rows) and all(0.0 <= v <= 1.0 for v in floats.values())
+    best = max(r.data["ndcg@10"] for r in rows)
+    assert meta["validation_ndcg@10"] == pytest.approx(best, abs=1e-5)
+    hyper = meta["hyperparameters"]
+    chosen = hyper["tuning"]["chosen"]
+    assert (hyper["l2"], hyper["half_life"] or "none") == (
+        chosen["l2"] if chosen["kind"] == "ease" else 200.0,
+        chosen["half_life"],
+    )
+    evaluation = _latest_metadata(home, "model_evaluation")
+    assert evaluation["tuning_gain@10"] >= 0.0 and "kind=" in evaluation["chosen"]
+    online = OnlineStore.from_settings(home)
+    record = next(m for m in online.list_models() if m.version == meta["version"])
+    online.dispose()
+    assert record.metrics["tuned_validation_ndcg@10"] == pytest.approx(best, abs=1e-5)
+    assert "tuning_gain@10" in record.metrics

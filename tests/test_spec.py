@@ -59,6 +59,7 @@ INVALID = {
         "must be bool, not string",
     ),
     "consent_bad_mode": (55, "privacy.consent.without_consent", "'keep' is not allowed"),
+    "model_tune_bad_half_life": (52, "model.tune.half_life", "'soon' is not a duration"),
 }
 
 
@@ -157,3 +158,14 @@ def test_cli_exit_codes() -> None:
     assert bad.returncode == 2
     assert "misspelled_key.yaml:25: features.views_1h.aggregate" in bad.stderr
     assert "2 problems" in bad.stderr
+
+
+def test_model_tune_defaults_and_switch() -> None:
+    """Tuning is on by default; `tune: false` pins the values; "none" means no decay."""
+    text = (SPECS / "minimal.yaml").read_text()
+    spec, _ = parse_spec(text)
+    assert spec is not None and spec.model.tune is not None
+    assert None in spec.model.tune.half_life and spec.model.tune.split == "global"
+    pinned, problems = parse_spec(text + "model:\n  half_life: none\n  tune: false\n")
+    assert pinned is not None, problems
+    assert pinned.model.tune is None and pinned.model.half_life_ms is None

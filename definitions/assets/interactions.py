@@ -30,7 +30,7 @@ def gold_interactions(nextbest: NextbestResource) -> dg.MaterializeResult:
     version = store.version("events")
     inter = interactions_of(spec, read_events(store, version=version))
     reference = int(inter.ts_ms.max()) if len(inter) else int(time.time() * 1000)
-    half_life_ms = spec.model.half_life.seconds * 1000
+    half_life_ms = spec.model.half_life_ms
     weights = decayed(inter.weights, inter.ts_ms, now_ms=reference, half_life_ms=half_life_ms)
     pairs = aggregate_pairs(inter.actors, inter.items, weights, inter.ts_ms)
     n = pairs.num_rows
@@ -46,7 +46,7 @@ def gold_interactions(nextbest: NextbestResource) -> dg.MaterializeResult:
             "users": users,
             "items": items,
             "events_version": version,
-            "half_life": str(spec.model.half_life),
+            "half_life": str(spec.model.half_life or "none"),
             "reference_ts_ms": reference,
         },
         data_version=dg.DataVersion(f"events-v{version}"),

@@ -128,8 +128,12 @@ def interactions_of(spec: Spec, table: pa.Table) -> Interactions:
     return Interactions(actors[keep], items[keep], weights[keep], ts_ms(table)[keep])
 
 
-def decayed(weights: np.ndarray, ts: np.ndarray, *, now_ms: int, half_life_ms: float) -> np.ndarray:
-    """w * 0.5 ** (age / half_life); events after `now_ms` count as age 0."""
+def decayed(
+    weights: np.ndarray, ts: np.ndarray, *, now_ms: int, half_life_ms: float | None
+) -> np.ndarray:
+    """w * 0.5 ** (age / half_life); events after `now_ms` count as age 0; None: no decay."""
+    if half_life_ms is None:
+        return weights
     age = np.maximum(0, now_ms - ts).astype(np.float64)
     return weights * np.power(0.5, age / half_life_ms)
 

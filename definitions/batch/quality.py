@@ -144,7 +144,7 @@ def temporal_replay(
     ev = events.select(order)
     cut = int(np.quantile(ev.ts_ms, cutoff_quantile))
     before = ev.ts_ms < cut
-    half_life_ms = params.half_life.seconds * 1000
+    half_life_ms = params.half_life_ms
     pairs = aggregate_pairs(
         ev.actors[before],
         ev.items[before],

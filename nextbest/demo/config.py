@@ -31,6 +31,9 @@ class DemoConfig:
     """Sessions = n_events / this; session lengths are geometric around it (min 2)."""
     favourite_intent: float = 0.4
     """Probability that a session's intent is one of the user's long-term favourites."""
+    taste_shift_days: float | None = None
+    """When set, every user's favourite categories move on to others each this many
+    days (a drifting taste, so old history predicts less); None: tastes never change."""
     in_intent: float = 0.85
     """Probability that a view stays in the session's intent category."""
     cart_rate: float = 0.10
@@ -52,6 +55,8 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.n_events must be >= 0, got {self.n_events}")
         if self.seed < 0:
             raise ValueError(f"DemoConfig.seed must be >= 0, got {self.seed}")
+        if self.taste_shift_days is not None and not self.taste_shift_days > 0:
+            raise ValueError("DemoConfig.taste_shift_days must be > 0 (or None: no drift)")
         if self.mean_session_events < 2:
             raise ValueError("DemoConfig.mean_session_events must be >= 2")
         for name in (

@@ -34,11 +34,19 @@ referrer (-1 or index), user (-1 if the event carries no user_id), anonymous (bo
 carries anonymous_id), geo, device (indices into REGIONS / DEVICES)."""
 
 
-def _intents(world: World, rng: np.random.Generator, user: np.ndarray) -> np.ndarray:
-    """Each session's intent: a favourite with P(favourite_intent), else another category."""
+def _intents(
+    world: World, rng: np.random.Generator, user: np.ndarray, start_ms: np.ndarray
+) -> np.ndarray:
+    """Each session's intent: a favourite with P(favourite_intent), else another category.
+    With `taste_shift_days`, the favourites in the e-th period since the start are the
+    user's own shifted by e * (a per-user stride) categories: a deterministic drift."""
     cat, users, cfg = world.catalog, world.users, world.cfg
     m, n_cat = len(user), len(cat.categories)
     fav = users.favourites[user].astype(np.int64)
+    if cfg.taste_shift_days is not None and n_cat > 1:
+        period = (start_ms - cfg.start_ms) // int(cfg.taste_shift_days * 86_400_000)
+        stride = 1 + user.astype(np.int64) % (n_cat - 1)
+        fav = np.where(fav >= 0, (fav + (period * stride)[:, None]) % n_cat, fav)
     cum = np.cumsum(users.favourite_w[user], axis=1)
     k = (fav >= 0).sum(axis=1)
     which = np.minimum((rng.random(m)[:, None] > cum).sum(axis=1), k - 1)
@@ -68,7 +76,7 @@ def _block(world: World, b: int) -> Cols:
     m = len(sess)
     user = plan.user[sess]
     length = plan.length[sess].astype(np.int64)
-    intent = _intents(world, rng, user)
+    intent = _intents(world, rng, user, plan.start_ms[sess])
     anon = rng.random(m) < cfg.anonymous_rate
     identify = anon & (rng.random(m) < cfg.identify_rate) & (length >= 3)
     id_pos = np.where(

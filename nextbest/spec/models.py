@@ -253,15 +253,82 @@ class Schedules(_Model):
     )
 
 
+ModelKind = Literal["ease", "item_knn"]
+NO_DECAY = ("none", "off", "never")
+
+
+def _half_lives(value: Any) -> tuple[Duration | None, ...]:
+    """A list of durations, where "none" (or null) means no time decay."""
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError("half_life: a non-empty list of durations or 'none', e.g. ['7d', 'none']")
+    out: list[Duration | None] = []
+    for v in value:
+        out.append(None if v is None or str(v).strip().lower() in NO_DECAY else _duration(v))
+    return tuple(dict.fromkeys(out))
+
+
+HalfLives = Annotated[
+    tuple[Duration | None, ...],
+    PlainValidator(_half_lives),
+    WithJsonSchema({"type": "array", "items": {"type": ["string", "null"]}, "minItems": 1}),
+]
+
+
+class Tune(_Model):
+    """The search the model asset runs before each retrain (`nextbest.learn.tune`): every
+    combination of the listed values is trained on the older part of the history and
+    scored (nDCG@10) on the newest part; the best one is trained on everything. A list
+    left out uses the defaults; the spec's own `l2`/`half_life`/`kind` always compete."""
+
+    l2: tuple[Annotated[float, Field(gt=0)], ...] = Field(
+        default=(50.0, 200.0, 1000.0, 3000.0, 10000.0), min_length=1
+    )
+    half_life: HalfLives = Field(default=(Duration("7d"), Duration("30d"), Duration("180d"), None))
+    kinds: tuple[ModelKind, ...] = Field(default=("ease", "item_knn"), min_length=1)
+    split: Literal["global", "user"] = Field(
+        default="global",
+        description="global: events after a time cut validate (as serving meets the future); "
+        "user: each user's newest events (cuts sessions, so it favours short half-lives).",
+    )
+    validation_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    max_users: int = Field(default=2000, ge=10, description="Validation users scored (a sample).")
+    max_items: int = Field(
+        default=1000, ge=10, description="The search runs on this many most-used items."
+    )
+
+
 class Model(_Model):
     """Hyperparameters of the default recommender (EASE-class item model)."""
 
-    kind: Literal["ease", "item_knn"] = "ease"
+    kind: ModelKind = "ease"
     l2: float = Field(default=200.0, gt=0)
     neighbours: int = Field(default=200, ge=1)
     max_dense_items: int = Field(default=10000, ge=1)
     dim: int = Field(default=64, ge=2, le=1024)
-    half_life: DurationText = Field(default=Duration("30d"))
+    half_life: DurationText | None = Field(
+        default=Duration("30d"), description="Time decay of interactions; 'none': no decay."
+    )
+    tune: Tune | None = Field(
+        default_factory=Tune,
+        description="Search l2/half_life/kind on a time-aware validation split at each "
+        "retrain (true, or the search space); false pins the values above.",
+    )
+
+    @property
+    def half_life_ms(self) -> float | None:
+        return None if self.half_life is None else self.half_life.seconds * 1000
+
+    @field_validator("half_life", mode="before")
+    @classmethod
+    def _no_decay(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip().lower() in NO_DECAY else v
+
+    @field_validator("tune", mode="before")
+    @classmethod
+    def _tune_flag(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        return None if v is False else v
 
 
 class Consent(_Model):
