@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 from nextbest.features.windows import VALUE_BOUND
-from nextbest.ingest.events import Event
-from nextbest.ingest.validation import EventRejected, check_event, keyed_hash, validate_event
+from nextbest.ingest.events import ACTOR_PREFIXES, Event
+from nextbest.ingest.validation import EventRejected, accept_event
 from nextbest.learn.online_model import Feedback
 from nextbest.spec.models import Spec
 from storage.delta.schemas import DeadLetter
@@ -25,11 +25,10 @@ SourceItem = tuple[int, int, str, bytes]
 
 RecordKind = Literal["event", "decision", "feedback", "dead", "erase"]
 FEEDBACK_OUTCOMES = frozenset({"impression", "click", "conversion", "dismiss"})
-_HASH_LEN = len(keyed_hash(b"k", "v"))
 _RECORD_FIELD = b'"record"'
 STORED_ID_CHARS = 256
 """Ids are VARCHAR(256) in the online store, after the stream's prefixes."""
-MAX_ID_CHARS = STORED_ID_CHARS - len("anon:")
+MAX_ID_CHARS = STORED_ID_CHARS - max(len(p) for p in ACTOR_PREFIXES)
 """The longest user, anonymous or item id the stream keeps: `anon:<id>` and
 `item:<id>` must still fit the online store's columns."""
 
@@ -112,9 +111,7 @@ def parse_record(
             return Record("feedback", partition, offset, row)
         if kind == "erase":
             return Record("erase", partition, offset, erase_request(raw))
-        event = validate_event(raw, spec)
-        if pii_key is not None:
-            event = pseudonymize_once(event, spec, pii_key)
+        event = accept_event(raw, spec, key=pii_key)
         problem = unusable_event(event, max_ahead_ms)
         if problem is not None:
             return _dead(item, problem)
@@ -134,8 +131,7 @@ def _event_fast(payload: bytes, spec: Spec, pii_key: bytes | None) -> Event | No
     if not isinstance(payload, bytes) or _RECORD_FIELD in payload:
         return None  # a decision, feedback or erase record (or an event naming one)
     try:
-        event = check_event(Event.model_validate_json(payload), spec)
-        return event if pii_key is None else pseudonymize_once(event, spec, pii_key)
+        return accept_event(Event.model_validate_json(payload), spec, key=pii_key)
     except Exception:
         return None
 
@@ -200,29 +196,6 @@ def _dead(item: SourceItem, error: str) -> Record:
         source_offset=offset,
     )
     return Record("dead", partition, offset, letter)
-
-
-def pseudonymize_once(event: Event, spec: Spec, key: bytes) -> Event:
-    """Hash the spec's PII properties unless the API already did (values 'h:<hex>').
-
-    Events that bypassed the API (a Kafka producer, a file) must not reach a store
-    with PII in clear; events from the API must not be hashed twice.
-    """
-    declared = spec.events.get(event.type)
-    if declared is None:
-        return event
-    props = dict(event.properties)
-    changed = False
-    for name, prop in declared.properties.items():
-        value = props.get(name)
-        if prop.pii and value is not None and not _is_hashed(value):
-            props[name] = keyed_hash(key, str(value))
-            changed = True
-    return event.model_copy(update={"properties": props}) if changed else event
-
-
-def _is_hashed(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith("h:") and len(value) == _HASH_LEN
 
 
 def parse_ts(value: Any) -> datetime:
