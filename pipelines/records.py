@@ -92,10 +92,7 @@ def parse_record(
     partition, offset, _key, payload = item
     event = _event_fast(payload, spec, pii_key)
     if event is not None:
-        problem = unusable_event(event, max_ahead_ms)
-        if problem is not None:
-            return _dead(item, problem)
-        return Record("event", partition, offset, event)
+        return _event_record(item, event, max_ahead_ms)
     try:
         raw = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -111,15 +108,19 @@ def parse_record(
             return Record("feedback", partition, offset, row)
         if kind == "erase":
             return Record("erase", partition, offset, erase_request(raw))
-        event = accept_event(raw, spec, key=pii_key)
-        problem = unusable_event(event, max_ahead_ms)
-        if problem is not None:
-            return _dead(item, problem)
-        return Record("event", partition, offset, event)
+        return _event_record(item, accept_event(raw, spec, key=pii_key), max_ahead_ms)
     except (EventRejected, ValueError, TypeError, KeyError) as exc:
         return _dead(item, str(exc) or type(exc).__name__)
     except Exception as exc:  # never let one record crash the flow
         return _dead(item, f"{type(exc).__name__}: {exc}")
+
+
+def _event_record(item: SourceItem, event: Event, max_ahead_ms: int | None) -> Record:
+    """The accepted event as a record, or a dead letter when the stream cannot keep it."""
+    problem = unusable_event(event, max_ahead_ms)
+    if problem is not None:
+        return _dead(item, problem)
+    return Record("event", item[0], item[1], event)
 
 
 def _event_fast(payload: bytes, spec: Spec, pii_key: bytes | None) -> Event | None:

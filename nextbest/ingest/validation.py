@@ -208,18 +208,18 @@ def keyed_hash(key: bytes, value: str) -> str:
 
 
 _HASHED_LEN = len(_HASH_PREFIX) + _HASH_HEX
-_HEX = "0123456789abcdef"
 
 
 def is_hashed(value: Any) -> bool:
-    """Whether `value` has the shape `keyed_hash` gives ('h:' and 32 lowercase hex
-    digits; a client's clear text of that length in 'h:...' is still hashed)."""
-    return (
-        type(value) is str
-        and len(value) == _HASHED_LEN
-        and value[:2] == _HASH_PREFIX
-        and not value[2:].strip(_HEX)
-    )
+    """Whether `value` has the shape `keyed_hash` gives: 'h:' and 32 hex digits (so a
+    client's clear text of that length in 'h:...' is still hashed). `bytes.fromhex` is
+    the cheapest exact check: 16 bytes only from 32 hex digits without spaces."""
+    if type(value) is not str or len(value) != _HASHED_LEN or value[:2] != _HASH_PREFIX:
+        return False
+    try:
+        return len(bytes.fromhex(value[2:])) == _HASH_HEX // 2
+    except ValueError:
+        return False
 
 
 def _first_error(exc: ValidationError) -> str:
