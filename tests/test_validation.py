@@ -74,14 +74,18 @@ def test_missing_event_ids_are_assigned_and_unique(spec) -> None:
     assert len({e.event_id for e in accepted}) == 2
 
 
-def test_pii_is_pseudonymized_with_a_keyed_hash(spec) -> None:
-    raw = {
+def identify(email: str) -> dict[str, Any]:
+    return {
         "type": "identify",
         "anonymous_id": "a1",
         "user_id": "u1",
         "ts": 1,
-        "properties": {"email": "jane@example.com"},
+        "properties": {"email": email},
     }
+
+
+def test_pii_is_pseudonymized_with_a_keyed_hash(spec) -> None:
+    raw = identify("jane@example.com")
     (event,), _ = validate_batch([raw], spec, key=KEY)
     assert event.properties["email"] == keyed_hash(KEY, "jane@example.com")
     assert "jane" not in event.to_json().decode()
@@ -91,13 +95,7 @@ def test_pii_is_pseudonymized_with_a_keyed_hash(spec) -> None:
 
 def test_pseudonymizing_twice_equals_once(spec) -> None:
     """The API hashes, the stream reads the result back and hashes again: no change."""
-    raw = {
-        "type": "identify",
-        "anonymous_id": "a1",
-        "user_id": "u1",
-        "ts": 1,
-        "properties": {"email": "jane@example.com"},
-    }
+    raw = identify("jane@example.com")
     once = accept_event(raw, spec, key=KEY)
     assert once.properties["email"] == keyed_hash(KEY, "jane@example.com")
     assert pseudonymize(once, spec, KEY) is once  # nothing to hash: the same object
@@ -117,6 +115,5 @@ def test_pseudonymizing_twice_equals_once(spec) -> None:
 def test_clear_text_shaped_like_a_hash_is_still_hashed(spec, clear: str) -> None:
     """Idempotence must not let a client keep PII in clear by prefixing it with 'h:'
     (the first three have a hash's length: only its digits tell them apart)."""
-    raw = {"type": "identify", "anonymous_id": "a1", "user_id": "u1", "ts": 1}
-    event = accept_event({**raw, "properties": {"email": clear}}, spec, key=KEY)
+    event = accept_event(identify(clear), spec, key=KEY)
     assert event.properties["email"] == keyed_hash(KEY, clear)
