@@ -35,7 +35,7 @@ def anonymous_of(actor: str) -> str | None:
 
 
 def item_actor(item_id: str) -> str:
-    """The online-store key of an item entity's window features (contracts.md)."""
+    """The online-store key of item window features (docs/architecture.md#stores-and-writers)."""
     return ITEM_PREFIX + item_id
 
 
