@@ -29,7 +29,7 @@ import threading
 from typing import Any
 
 from nextbest.ingest.consent import Overlay, anonymize, change_of, is_anonymized, judged, verdict
-from nextbest.ingest.events import Event
+from nextbest.ingest.events import Event, anon_actor
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
 from pipelines.records import Erase, Record
@@ -70,7 +70,7 @@ class StreamConsent:
     def __call__(self, record: Record) -> Record | None:
         if record.kind == "erase":
             erase: Erase = record.body
-            self.cache.forget([erase.user_id, *(f"anon:{a}" for a in erase.anonymous_ids)])
+            self.cache.forget([erase.user_id, *(anon_actor(a) for a in erase.anonymous_ids)])
             return record
         if record.kind == "feedback":
             return self._feedback(record)
@@ -79,22 +79,16 @@ class StreamConsent:
         event = record.body
         change = change_of(event, self.consent)
         if change is not None:
-            self.cache.store.record([change])
-            self.cache.apply(change)
+            self.cache.commit([change])
             return record
         if judged(event, self.key):
             identify = event.type in self.spec.identify_events()
             if identify and event.anonymous_id is not None and event.user_id is not None:
-                self.cache.link(event.anonymous_id, event.user_id)
+                self.cache.commit(links={event.anonymous_id: event.user_id})
             return record
         overlay = Overlay(self.cache)
         judgement = verdict(event, self.spec, self.consent, overlay, self.key)
-        if overlay.recorded:  # an identify's inherited answer
-            self.cache.store.record(overlay.recorded)
-            for inherited in overlay.recorded:
-                self.cache.apply(inherited)
-        for anonymous_id, user_id in overlay.links.items():
-            self.cache.link(anonymous_id, user_id)
+        self.cache.commit(overlay.recorded, overlay.links)  # an identify's inherited answer
         if judgement == "keep":
             return record
         if judgement == "aggregate":

@@ -36,6 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as _compute
 
+from nextbest.ingest.events import anon_actor, anonymous_of
 from nextbest.settings import Settings
 from pipelines.records import Erase
 from storage.delta.erasure import (
@@ -80,9 +81,10 @@ def subject_ids(request: Erase) -> tuple[list[str], list[str]]:
     """(actors, anonymous ids) of a request. A `user_id` of `anon:<id>` is a visitor who
     never identified: `<id>` is one of their anonymous ids (bronze `anonymous_id`)."""
     anonymous = set(request.anonymous_ids)
-    if request.user_id.startswith("anon:"):
-        anonymous.add(request.user_id.removeprefix("anon:"))
-    actors = {request.user_id, *(f"anon:{a}" for a in anonymous)}
+    visitor = anonymous_of(request.user_id)
+    if visitor is not None:
+        anonymous.add(visitor)
+    actors = {request.user_id, *(anon_actor(a) for a in anonymous)}
     return sorted(actors), sorted(anonymous)
 
 
@@ -128,7 +130,7 @@ def erase_vectors(settings: Settings, store: VectorStore, marker: dict[str, Any]
     user_id = marker[ERASE_MARKER]
     removed = store.delete_user(user_id)
     for anon in marker.get("anon", ()):
-        removed += store.delete_user(f"anon:{anon}")
+        removed += store.delete_user(anon_actor(anon))
     store.optimize("users", cleanup_older_than=timedelta(0))
     _report(settings, marker["job_id"], {"lance_users": f"done: {removed} rows"})
 

@@ -53,7 +53,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 
-from nextbest.ingest.events import Event
+from nextbest.ingest.events import Event, anon_actor, anonymous_of
 from nextbest.ingest.validation import keyed_hash
 from nextbest.learn.online_model import Feedback
 from nextbest.settings import Settings
@@ -204,11 +204,11 @@ def build_flow(
     )
     routes = op.branch(sid("route", "identity"), personal, lambda x: _needs_stitch(x, identify))
     anonymous = op.key_on(
-        sid("key", "anonymous"), routes.trues, lambda x: skey(f"anon:{x[2].anonymous_id}")
+        sid("key", "anonymous"), routes.trues, lambda x: skey(anon_actor(str(x[2].anonymous_id)))
     )
     # Feedback reaches the same keys as events: an `anon:` user's through the stitch step.
     feedback_routes = op.branch(
-        sid("route", "feedback"), feedback, lambda x: x[2].user_id.startswith("anon:")
+        sid("route", "feedback"), feedback, lambda x: anonymous_of(x[2].user_id) is not None
     )
     anonymous_feedback = op.key_on(
         sid("key", "anonymous_feedback"), feedback_routes.trues, lambda x: skey(x[2].user_id)
@@ -221,7 +221,7 @@ def build_flow(
     anonymous_erasures = op.flat_map(
         sid("key", "anonymous_erasures"),
         erasures,
-        lambda e: [(skey(f"anon:{a}"), e) for a in e.anonymous_ids],
+        lambda e: [(skey(anon_actor(a)), e) for a in e.anonymous_ids],
     )
 
     def stitch_fold(state: StitchState, batch: list[Incoming]) -> list[Routed | Record]:
@@ -245,7 +245,7 @@ def build_flow(
     user_erasures = op.flat_map(
         sid("key", "user_erasures"),
         erasures,
-        lambda e: [(skey(a), e) for a in (e.user_id, *(f"anon:{x}" for x in e.anonymous_ids))],
+        lambda e: [(skey(a), e) for a in (e.user_id, *map(anon_actor, e.anonymous_ids))],
     )
     actors = op.merge(sid("merge", "actors"), known, rekeyed, user_erasures, known_feedback)
 

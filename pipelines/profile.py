@@ -31,7 +31,7 @@ from nextbest.features.semantics import (
     session_vector,
     window_ms,
 )
-from nextbest.ingest.events import Event
+from nextbest.ingest.events import Event, item_actor
 from nextbest.learn.online_model import Feedback, OnlinePlan, OnlineState
 from nextbest.spec.models import (
     LastNFeature,
@@ -47,11 +47,6 @@ HISTORY_MAX = 200
 ItemLookup = Callable[[str], Mapping[str, Any] | None]
 Source = tuple[int, int]  # (partition, offset) of the newest event in a batch
 Touched = dict[str, set[str]]  # feature -> groups offered an event in this batch
-
-
-def item_actor(item_id: str) -> str:
-    """The online-store key of item window features (docs/architecture.md#stores-and-writers)."""
-    return f"item:{item_id}"
 
 
 @dataclass(frozen=True)

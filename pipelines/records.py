@@ -13,8 +13,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 from nextbest.features.windows import VALUE_BOUND
-from nextbest.ingest.events import Event
-from nextbest.ingest.validation import EventRejected, check_event, keyed_hash, validate_event
+from nextbest.ingest.consent import is_anonymized
+from nextbest.ingest.events import ACTOR_PREFIXES, Event
+from nextbest.ingest.validation import EventRejected, accept_event
 from nextbest.learn.online_model import Feedback
 from nextbest.spec.models import Spec
 from storage.delta.schemas import DeadLetter
@@ -25,11 +26,10 @@ SourceItem = tuple[int, int, str, bytes]
 
 RecordKind = Literal["event", "decision", "feedback", "dead", "erase"]
 FEEDBACK_OUTCOMES = frozenset({"impression", "click", "conversion", "dismiss"})
-_HASH_LEN = len(keyed_hash(b"k", "v"))
 _RECORD_FIELD = b'"record"'
 STORED_ID_CHARS = 256
 """Ids are VARCHAR(256) in the online store, after the stream's prefixes."""
-MAX_ID_CHARS = STORED_ID_CHARS - len("anon:")
+MAX_ID_CHARS = STORED_ID_CHARS - max(len(p) for p in ACTOR_PREFIXES)
 """The longest user, anonymous or item id the stream keeps: `anon:<id>` and
 `item:<id>` must still fit the online store's columns."""
 
@@ -93,14 +93,11 @@ def parse_record(
     partition, offset, _key, payload = item
     event = _event_fast(payload, spec, pii_key)
     if event is not None:
-        problem = unusable_event(event, max_ahead_ms)
-        if problem is not None:
-            return _dead(item, problem)
-        return Record("event", partition, offset, event)
+        return _event_record(item, event, max_ahead_ms, pii_key)
     try:
         raw = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        return _dead(item, f"undecodable payload: {exc}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: too deep
+        return _dead(item, f"undecodable payload: {type(exc).__name__}: {exc}")
     try:
         kind = raw.get("record") if isinstance(raw, dict) else None
         if kind == "decision":
@@ -112,17 +109,21 @@ def parse_record(
             return Record("feedback", partition, offset, row)
         if kind == "erase":
             return Record("erase", partition, offset, erase_request(raw))
-        event = validate_event(raw, spec)
-        if pii_key is not None:
-            event = pseudonymize_once(event, spec, pii_key)
-        problem = unusable_event(event, max_ahead_ms)
-        if problem is not None:
-            return _dead(item, problem)
-        return Record("event", partition, offset, event)
+        return _event_record(item, accept_event(raw, spec, key=pii_key), max_ahead_ms, pii_key)
     except (EventRejected, ValueError, TypeError, KeyError) as exc:
         return _dead(item, str(exc) or type(exc).__name__)
     except Exception as exc:  # never let one record crash the flow
         return _dead(item, f"{type(exc).__name__}: {exc}")
+
+
+def _event_record(
+    item: SourceItem, event: Event, max_ahead_ms: int | None, pii_key: bytes | None
+) -> Record:
+    """The accepted event as a record, or a dead letter when the stream cannot keep it."""
+    problem = unusable_event(event, max_ahead_ms) or _reserved_id(event, pii_key)
+    if problem is not None:
+        return _dead(item, problem)
+    return Record("event", item[0], item[1], event)
 
 
 def _event_fast(payload: bytes, spec: Spec, pii_key: bytes | None) -> Event | None:
@@ -134,8 +135,7 @@ def _event_fast(payload: bytes, spec: Spec, pii_key: bytes | None) -> Event | No
     if not isinstance(payload, bytes) or _RECORD_FIELD in payload:
         return None  # a decision, feedback or erase record (or an event naming one)
     try:
-        event = check_event(Event.model_validate_json(payload), spec)
-        return event if pii_key is None else pseudonymize_once(event, spec, pii_key)
+        return accept_event(Event.model_validate_json(payload), spec, key=pii_key)
     except Exception:
         return None
 
@@ -161,6 +161,19 @@ def unusable_event(event: Event, max_ahead_ms: int | None) -> str | None:
                 f"ts: {event.ts.isoformat()} is {ahead // 1000} s ahead of the stream clock"
                 f" (at most {max_ahead_ms // 1000} s allowed)"
             )
+    return None
+
+
+def _reserved_id(event: Event, pii_key: bytes | None) -> str | None:
+    """A user or anonymous id that spells a system prefix (`anon:`, `item:`, `~nc:`) would
+    land on a key the system owns (`item:<id>` is the item's own online row). The API
+    refuses them; a producer writing past it gets a dead letter. The one exception is an
+    event the API anonymized (`~nc:<keyed hash>`), which only the key can produce."""
+    for name, text in (("user_id", event.user_id), ("anonymous_id", event.anonymous_id)):
+        if text is not None and text.startswith(ACTOR_PREFIXES):
+            if name == "anonymous_id" and pii_key is not None and is_anonymized(event, pii_key):
+                continue
+            return f"{name}: {text[:40]!r} starts with a prefix the system reserves"
     return None
 
 
@@ -200,29 +213,6 @@ def _dead(item: SourceItem, error: str) -> Record:
         source_offset=offset,
     )
     return Record("dead", partition, offset, letter)
-
-
-def pseudonymize_once(event: Event, spec: Spec, key: bytes) -> Event:
-    """Hash the spec's PII properties unless the API already did (values 'h:<hex>').
-
-    Events that bypassed the API (a Kafka producer, a file) must not reach a store
-    with PII in clear; events from the API must not be hashed twice.
-    """
-    declared = spec.events.get(event.type)
-    if declared is None:
-        return event
-    props = dict(event.properties)
-    changed = False
-    for name, prop in declared.properties.items():
-        value = props.get(name)
-        if prop.pii and value is not None and not _is_hashed(value):
-            props[name] = keyed_hash(key, str(value))
-            changed = True
-    return event.model_copy(update={"properties": props}) if changed else event
-
-
-def _is_hashed(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith("h:") and len(value) == _HASH_LEN
 
 
 def parse_ts(value: Any) -> datetime:

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 
+from nextbest.ingest.events import anon_actor, anonymous_of
 from nextbest.ingest.validation import keyed_hash
 from serving.runtime import ServingRuntime
 from serving.sinks import EventLogSink, KafkaSink
@@ -66,10 +67,11 @@ def person_of(runtime: ServingRuntime, user_id: str) -> tuple[str, list[str]]:
     """(user id, anonymous ids) of the person a DELETE names. `anon:<id>` is a visitor:
     the user an identify linked them to, if any (everything stitched goes together),
     else the visitor alone, whose `<id>` is then their one anonymous id."""
-    person = runtime.serving.resolve(user_id) if user_id.startswith("anon:") else user_id
+    person = user_id if anonymous_of(user_id) is None else runtime.serving.resolve(user_id)
     anonymous = set(runtime.online.aliases_of(person))
-    if person.startswith("anon:"):
-        anonymous.add(person.removeprefix("anon:"))
+    visitor = anonymous_of(person)
+    if visitor is not None:
+        anonymous.add(visitor)
     return person, sorted(anonymous)
 
 
@@ -77,7 +79,7 @@ def traces(runtime: ServingRuntime, person: str, anonymous: Iterable[str]) -> Ne
     """What no file may hold once the job is done: the ids as bytes, and the keyed hash
     the stream keys their state by (`pipelines.flow.state_key`)."""
     anonymous = list(anonymous)
-    actors = {person, *(f"anon:{a}" for a in anonymous)}
+    actors = {person, *(anon_actor(a) for a in anonymous)}
     hashed = [keyed_hash(runtime.pseudonymization_key, f"state:{a}") for a in actors]
     return Needles([person, *anonymous, *hashed])
 
@@ -119,7 +121,7 @@ def start_erasure(
         # costs one job (its final log pass and scan come after every request so far).
         return running
     user_id, anonymous = person_of(runtime, user_id)
-    actors = {user_id, *(f"anon:{a}" for a in anonymous)}
+    actors = {user_id, *(anon_actor(a) for a in anonymous)}
     counts = runtime.serving.erase_user(user_id)
     for actor in actors:
         runtime.decision_log.forget(actor)
@@ -241,7 +243,7 @@ def _hand_over(
     restart: every step is idempotent."""
     sink = runtime.sink
     owned = isinstance(sink, EventLogSink)
-    actors = {person, *(f"anon:{a}" for a in anonymous)}
+    actors = {person, *(anon_actor(a) for a in anonymous)}
     named = Needles([person, *anonymous])
 
     def theirs(key: str, payload: bytes) -> bool:

@@ -132,13 +132,6 @@ def test_the_stream_survives_the_erasures(run: Run) -> None:
     assert run.crashes == [], run.crashes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: the stream keeps events whose user_id/anonymous_id carry a reserved "
-    "prefix (item:, ~nc:, anon:) when a producer writes them to the log past the API: "
-    "pipelines/records.py checks length and NUL only, so user_id 'item:i00011' lands in "
-    "bronze and its user features are written under the item's own online key",
-)
 def test_records_written_past_the_api_are_dead_letters(run: Run) -> None:
     assert run.canary_s is not None, "the stream never caught up"
     assert run.kept_poison == []

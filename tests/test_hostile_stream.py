@@ -6,8 +6,6 @@ because a stopped stream there would hide every other verdict of that run."""
 import json
 import time
 
-import pytest
-
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 from storage.delta.store import DeltaStore
@@ -18,12 +16,6 @@ from tests.stream_helpers import demo_events, start_stream, write_catalog
 from tests.waiting import wait_until
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: pipelines/records.py parse_record catches (UnicodeDecodeError, "
-    "ValueError) around json.loads, not the RecursionError a 3,000-deep payload raises: "
-    "the stream process exits in step parse_records (and again on every restart)",
-)
 def test_a_record_nested_3000_deep_is_a_dead_letter_and_the_stream_goes_on(
     settings: Settings,
 ) -> None:

@@ -12,8 +12,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-import storage.online.store
+import storage.online.sql
 from nextbest.ingest.consent import ConsentChange
+from nextbest.ingest.events import anon_actor
 from nextbest.settings import Settings
 from storage.online.consent import ConsentStore
 from storage.online.engine import create_online_engine, write_engine
@@ -22,7 +23,6 @@ from storage.online.models import (
     CachedDecision,
     FeatureRow,
     UserState,
-    anon_actor,
 )
 from storage.online.store import OnlineStore
 
@@ -103,7 +103,7 @@ def test_non_finite_feature_value_is_rejected(store: OnlineStore) -> None:
 
 
 def test_large_batches_are_chunked(store: OnlineStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage.online.store, "UPSERT_CHUNK_ROWS", 7)
+    monkeypatch.setattr(storage.online.sql, "CHUNK_ROWS", 7)
     rows = [_feature(f"u{i % 20}", f"f{i % 3}", float(i), i) for i in range(100)]
     assert store.upsert_features(rows) == 60
     got = store.get_features_many([f"u{i}" for i in range(20)])

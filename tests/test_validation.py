@@ -4,7 +4,14 @@ from typing import Any
 
 import pytest
 
-from nextbest.ingest.validation import EventRejected, keyed_hash, validate_batch, validate_event
+from nextbest.ingest.validation import (
+    EventRejected,
+    accept_event,
+    keyed_hash,
+    pseudonymize,
+    validate_batch,
+    validate_event,
+)
 from nextbest.spec.loader import load_spec
 from tests.conftest import ROOT
 
@@ -67,16 +74,46 @@ def test_missing_event_ids_are_assigned_and_unique(spec) -> None:
     assert len({e.event_id for e in accepted}) == 2
 
 
-def test_pii_is_pseudonymized_with_a_keyed_hash(spec) -> None:
-    raw = {
+def identify(email: str) -> dict[str, Any]:
+    return {
         "type": "identify",
         "anonymous_id": "a1",
         "user_id": "u1",
         "ts": 1,
-        "properties": {"email": "jane@example.com"},
+        "properties": {"email": email},
     }
+
+
+def test_pii_is_pseudonymized_with_a_keyed_hash(spec) -> None:
+    raw = identify("jane@example.com")
     (event,), _ = validate_batch([raw], spec, key=KEY)
     assert event.properties["email"] == keyed_hash(KEY, "jane@example.com")
     assert "jane" not in event.to_json().decode()
     (other,), _ = validate_batch([raw], spec, key=b"another-key")
     assert other.properties["email"] != event.properties["email"]
+
+
+def test_pseudonymizing_twice_equals_once(spec) -> None:
+    """The API hashes, the stream reads the result back and hashes again: no change."""
+    raw = identify("jane@example.com")
+    once = accept_event(raw, spec, key=KEY)
+    assert once.properties["email"] == keyed_hash(KEY, "jane@example.com")
+    assert pseudonymize(once, spec, KEY) is once  # nothing to hash: the same object
+    assert accept_event(once.model_dump(mode="json"), spec, key=KEY) == once
+    assert accept_event(once, spec, key=KEY) == once
+
+
+@pytest.mark.parametrize(
+    "clear",
+    [
+        "h:jane.doe.198402@mail.example.org",  # the hash's length, not its digits
+        "h:" + "a" * 31 + "g",
+        "h:" + "a" * 30 + " a",
+        "h:" + "a" * 33,
+    ],
+)
+def test_clear_text_shaped_like_a_hash_is_still_hashed(spec, clear: str) -> None:
+    """Idempotence must not let a client keep PII in clear by prefixing it with 'h:'
+    (the first three have a hash's length: only its digits tell them apart)."""
+    event = accept_event(identify(clear), spec, key=KEY)
+    assert event.properties["email"] == keyed_hash(KEY, clear)

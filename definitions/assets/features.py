@@ -16,6 +16,7 @@ from definitions.batch.history import (
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
 from nextbest.features.semantics import batch_window_values, identity_links
+from nextbest.ingest.events import item_actor
 
 ALL_COLUMNS = [*EVENT_COLUMNS, "context", "properties"]
 
@@ -40,7 +41,7 @@ def user_features(nextbest: NextbestResource) -> dg.MaterializeResult:
         values = batch_window_values(spec, name, events, catalog, aliases=aliases)
         per_feature[name] = len(values)
         for entity, groups in values.items():
-            entity_id = f"item:{entity}" if feature.entity == "item" else entity
+            entity_id = item_actor(entity) if feature.entity == "item" else entity
             for group, value in groups.items():
                 rows["entity_id"].append(entity_id)
                 rows["feature"].append(name)

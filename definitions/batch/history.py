@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from definitions.batch.arrow import pc
 from nextbest.features.semantics import identity_links
-from nextbest.ingest.events import Event, EventContext
+from nextbest.ingest.events import Event, EventContext, anon_actor
 from nextbest.spec.models import Spec
 from storage.delta.store import DeltaStore
 
@@ -67,7 +67,7 @@ def stitched_actors(spec: Spec, table: pa.Table) -> np.ndarray:
     missing = np.flatnonzero(pc.is_null(table.column("user_id")).to_numpy(zero_copy_only=False))
     for i in missing.tolist():
         anon = anons[i]
-        users[i] = links.get(anon) or f"anon:{anon}"
+        users[i] = links.get(anon) or anon_actor(anon)
     return users
 
 

@@ -52,17 +52,10 @@ class ImportConsent:
     def screen(self, events: Sequence[Event]) -> Screened:
         """Judge a chunk (kept events are marked as the API marks them) and store the
         answers it holds before the caller appends the chunk."""
-        subjects = [e.actor for e in events]
-        subjects += [f"anon:{e.anonymous_id}" for e in events if e.anonymous_id and e.user_id]
-        self.cache.prefetch(subjects, [e.anonymous_id for e in events if e.anonymous_id])
+        self.cache.prefetch_events(events)
         screened = screen(events, self.spec, self.cache, self.key)
-        if screened.changes:
-            self.cache.store.record(screened.changes)
-            self.recorded += len(screened.changes)
-            for change in screened.changes:
-                self.cache.apply(change)
-        for anonymous_id, user_id in screened.links.items():
-            self.cache.link(anonymous_id, user_id)
+        self.cache.commit(screened.changes, screened.links)
+        self.recorded += len(screened.changes)
         return screened
 
     def close(self) -> None:

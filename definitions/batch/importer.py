@@ -1,6 +1,6 @@
 """Historical loads into Delta: events and items from JSONL/CSV, and MovieLens 100k.
 
-Events are checked with `nextbest.ingest.validation.validate_event` (the API's own rules and
+Events are checked with `nextbest.ingest.validation.accept_event` (the API's own rules and
 bounds, `nextbest.ingest.limits.Limits`: old history is fine, future timestamps are not); a
 bad row is reported with its line number and skipped, never loaded. Accepted rows
 are appended to bronze `events` in chunks with Delta transaction ids
@@ -37,7 +37,7 @@ from definitions.batch.history import ITEMS_TABLE
 from definitions.batch.import_consent import ImportConsent
 from nextbest.ingest.events import Event
 from nextbest.ingest.limits import Limits
-from nextbest.ingest.validation import EventRejected, pseudonymize, validate_event
+from nextbest.ingest.validation import EventRejected, accept_event
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
 from storage.delta.schemas import events_to_table
@@ -216,15 +216,16 @@ def load_events(
             try:
                 if isinstance(raw, EventRejected):
                     raise raw
-                # The API's bounds too: old history is fine, the future is not.
-                event = validate_event(raw, spec, limits=limits)
+                # The API's check and bounds (old history is fine, the future is not)
+                # and its pseudonymization.
+                event = accept_event(raw, spec, key=pii_key, limits=limits)
                 if event.event_id in seen:
                     raise EventRejected(f"event_id {event.event_id!r} repeated in this file")
             except EventRejected as exc:
                 summary.reject(line, str(exc))
                 continue
             seen.add(event.event_id)
-            batch.append(pseudonymize(event, spec, pii_key))  # as the API does at ingest
+            batch.append(event)
             summary.accepted += 1
             if len(batch) >= CHUNK_ROWS:
                 summary.written += _append_events(

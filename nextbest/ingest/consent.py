@@ -32,16 +32,17 @@ decisions come in through `ConsentState` (see `storage.online.consent`).
 """
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from nextbest.ingest.events import Event, EventContext
-from nextbest.ingest.validation import RESERVED_ID_PREFIX, keyed_hash
+from nextbest.ingest.events import (
+    NO_CONSENT_PREFIX as NO_CONSENT_PREFIX,  # re-exported: the anonymized events' prefix
+)
+from nextbest.ingest.events import Event, EventContext, anon_actor, anonymous_of
+from nextbest.ingest.validation import keyed_hash
 from nextbest.spec.models import Consent, Spec
 
-NO_CONSENT_PREFIX = RESERVED_ID_PREFIX
-"""`anonymous_id` prefix of an anonymized (aggregate-only) event; clients may not use it."""
 MARK = "nb_consent"
 """Context key the API sets on events it judged: `granted:<tag>` or `aggregated:<tag>`."""
 DROP_REASON = "no consent"
@@ -88,6 +89,20 @@ def change_of(event: Event, consent: Consent) -> ConsentChange | None:
     return ConsentChange(event.actor, value is True, event.ts_ms)
 
 
+def prefetch_keys(events: Iterable[Event]) -> tuple[list[str], list[str]]:
+    """(subjects, anonymous ids) whose stored answers and links judging `events` reads:
+    each actor, both sides of an event with two ids (an identify), every visitor."""
+    subjects: list[str] = []
+    anonymous: list[str] = []
+    for e in events:
+        subjects.append(e.actor)
+        if e.anonymous_id:
+            anonymous.append(e.anonymous_id)
+            if e.user_id:
+                subjects.append(anon_actor(e.anonymous_id))
+    return subjects, anonymous
+
+
 def _tag(key: bytes, kind: str, event_id: str) -> str:
     return keyed_hash(key, f"{MARK}:{kind}:{event_id}").removeprefix("h:")
 
@@ -105,8 +120,9 @@ def is_anonymized(event: Event, key: bytes) -> bool:
 
 def allowed(state: ConsentState, actor: str, consent: Consent) -> bool:
     """Whether `actor` (a user id or `anon:<id>`) consents now."""
-    if actor.startswith("anon:"):
-        user = state.linked_user(actor[5:])
+    anonymous = anonymous_of(actor)
+    if anonymous is not None:
+        user = state.linked_user(anonymous)
         if user is not None:
             row = state.stored(user)
             if row is not None:
@@ -189,7 +205,7 @@ def inherited(
     """For an identify event: (the answer it is judged by, the copy the side without an
     answer takes). Nothing is copied when the visitor is already linked to another
     user: the stream keeps that first link, so the visitor follows that user."""
-    anon = f"anon:{anonymous_id}"
+    anon = anon_actor(anonymous_id)
     user_row, anon_row = state.stored(user_id), state.stored(anon)
     if user_row is not None:
         answer, copy = user_row, None if anon_row else ConsentChange(anon, *_of(user_row))

@@ -12,6 +12,37 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+ANON_PREFIX = "anon:"
+"""Key prefix of an anonymous visitor (`anon_actor`): events, consent, the online store."""
+ITEM_PREFIX = "item:"
+"""Key prefix of an item entity's window features in the online store (`item_actor`)."""
+NO_CONSENT_PREFIX = "~nc:"
+"""Ids the system makes for what is stored without its person (`nextbest.ingest.consent`
+anonymized events, `serving.consent.unlogged_actor` decisions)."""
+ACTOR_PREFIXES = (ANON_PREFIX, ITEM_PREFIX, NO_CONSENT_PREFIX)
+"""Every prefix the system writes in front of ids to key its stores: a client id starting
+with one would collide with the system's own keys (erasing `item:X` would wipe an item)."""
+
+
+def anon_actor(anonymous_id: str) -> str:
+    """The actor key of an anonymous visitor (what `Event.actor` is without a user id)."""
+    return ANON_PREFIX + anonymous_id
+
+
+def anonymous_of(actor: str) -> str | None:
+    """The inverse of `anon_actor`: the anonymous id of a visitor's key, else None."""
+    return actor[len(ANON_PREFIX) :] if actor.startswith(ANON_PREFIX) else None
+
+
+def item_actor(item_id: str) -> str:
+    """The online-store key of item window features (docs/architecture.md#stores-and-writers)."""
+    return ITEM_PREFIX + item_id
+
+
+def item_of(key: str) -> str | None:
+    """The inverse of `item_actor`: the item id of an item key, else None."""
+    return key[len(ITEM_PREFIX) :] if key.startswith(ITEM_PREFIX) else None
+
 
 class EventContext(BaseModel):
     """Request context; known keys are typed, anything else is kept."""
@@ -78,7 +109,7 @@ class Event(BaseModel):
     @property
     def actor(self) -> str:
         """The key the event is routed and partitioned by (user id, else anonymous id)."""
-        return self.user_id if self.user_id is not None else f"anon:{self.anonymous_id}"
+        return self.user_id if self.user_id is not None else ANON_PREFIX + str(self.anonymous_id)
 
     @property
     def ts_ms(self) -> int:

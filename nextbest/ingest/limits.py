@@ -14,12 +14,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-RESERVED_ID_PREFIX = "~nc:"
+from nextbest.ingest.events import ACTOR_PREFIXES, NO_CONSENT_PREFIX, anonymous_of
+
+RESERVED_ID_PREFIX = NO_CONSENT_PREFIX
 """Ids the system makes for events stored without their person (`nextbest.ingest.consent`)."""
-ACTOR_PREFIXES = ("anon:", "item:", RESERVED_ID_PREFIX)
-"""Prefixes the system writes in front of ids to key its stores (`Event.actor` for
-visitors, `pipelines.profile` for items, consent's `~nc:`): a client id starting with one
-would collide with the system's own keys (erasing `item:X` would wipe an item)."""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -95,10 +93,8 @@ class Limits:
 
     def check_actor_ref(self, field: str, value: str) -> None:
         """A user id as decide/feedback take it: a user id or `anon:<anonymous id>`."""
-        if value.startswith("anon:"):
-            self.check_id(field, value.removeprefix("anon:"), actor=True)
-        else:
-            self.check_id(field, value, actor=True)
+        anonymous = anonymous_of(value)
+        self.check_id(field, value if anonymous is None else anonymous, actor=True)
 
     def check_number(self, field: str, value: float | None) -> None:
         if value is None:

@@ -1,12 +1,16 @@
 """Check raw events against the spec, one by one, with a reason for each rejection.
 
-The API uses it to accept the valid events of a batch and reject the rest; the stream
-uses it again on what it reads, so an event that bypassed the API (a file, a Kafka
-producer of the user's) goes to the dead-letter table instead of crashing the flow.
-PII properties declared in the spec are replaced by a keyed hash before any store
-sees them. With `limits` (`nextbest.ingest.limits.Limits`: the API and the importer pass
-them), an event must also fit the door's bounds: ts window, id length and characters,
-reserved prefixes, finite bounded numbers, bounded nesting.
+`accept_event` is the one ingest check: the API (each event of a batch), the importer
+(each line of a file) and the stream (each record it reads: an event that bypassed the
+API, from a file or a Kafka producer of the user's, goes to the dead-letter table
+instead of crashing the flow) all call it, so the three write the same event for the
+same input. PII properties declared in the spec are replaced by a keyed hash before any
+store sees them, exactly once: a value already hashed (the API's, read again by the
+stream) is left alone. With `limits` (`nextbest.ingest.limits.Limits`: the API and the
+importer pass them), an event must also fit the door's bounds: ts window, id length and
+characters, reserved prefixes, finite bounded numbers, bounded nesting. The stream
+passes none: it reads the system's own events back (anonymized ones carry the reserved
+`~nc:` prefix) and applies its own, looser bounds (`pipelines.records.unusable_event`).
 """
 
 import hashlib
@@ -19,7 +23,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from nextbest.ingest.events import Event
-from nextbest.ingest.limits import RESERVED_ID_PREFIX as RESERVED_ID_PREFIX  # re-exported
 from nextbest.ingest.limits import LimitExceeded, Limits
 from nextbest.spec.models import Spec
 
@@ -50,22 +53,40 @@ def _type_ok(kind: str, value: Any) -> bool:
     return isinstance(value, _PY_TYPES[kind])
 
 
+def accept_event(
+    raw: Any,
+    spec: Spec,
+    *,
+    key: bytes | None = None,
+    limits: Limits | None = None,
+    now: datetime | None = None,
+) -> Event:
+    """The one ingest check: a raw JSON object (or an `Event` a fast parser already
+    built) -> the `Event` to store: fits the spec (and `limits`, when given), PII
+    pseudonymized with `key` (when given, never twice), else `EventRejected`."""
+    event = raw if isinstance(raw, Event) else _parse(raw)
+    if limits is not None:
+        check_limits(event, limits, now)
+    check_event(event, spec)
+    return pseudonymize(event, spec, key) if key else event
+
+
 def validate_event(
     raw: Any, spec: Spec, *, limits: Limits | None = None, now: datetime | None = None
 ) -> Event:
-    """One raw JSON object -> an `Event` that fits the spec (and `limits`, when given),
-    or `EventRejected`."""
+    """`accept_event` without pseudonymization."""
+    return accept_event(raw, spec, limits=limits, now=now)
+
+
+def _parse(raw: Any) -> Event:
     if not isinstance(raw, Mapping):
         raise EventRejected("an event must be a JSON object")
     try:
-        event = Event.model_validate(raw)
+        return Event.model_validate(raw)
     except ValidationError as exc:
         raise EventRejected(_first_error(exc)) from None
     except RecursionError:  # nested past Python's stack: not a 500, not a crash
         raise EventRejected("properties/context: nested too deep") from None
-    if limits is not None:
-        check_limits(event, limits, now)
-    return check_event(event, spec)
 
 
 def check_limits(event: Event, limits: Limits, now: datetime | None = None) -> None:
@@ -146,7 +167,7 @@ def validate_batch(
     seen: set[str] = set()
     for i, raw in enumerate(raws):
         try:
-            event = validate_event(raw, spec, limits=limits, now=now)
+            event = accept_event(raw, spec, key=key, limits=limits, now=now)
         except EventRejected as exc:
             event_id = raw.get("event_id") if isinstance(raw, Mapping) else None
             if not isinstance(event_id, str) or len(event_id) > limits.max_id_length:
@@ -157,27 +178,48 @@ def validate_batch(
             rejected.append(Rejection(i, "event_id repeated within the batch", event.event_id))
             continue
         seen.add(event.event_id)
-        accepted.append(pseudonymize(event, spec, key) if key else event)
+        accepted.append(event)
     return accepted, rejected
 
 
 def pseudonymize(event: Event, spec: Spec, key: bytes) -> Event:
-    """Replace the spec's PII properties by a keyed hash (HMAC-SHA256, hex)."""
+    """Replace the spec's PII properties by a keyed hash (HMAC-SHA256, hex). Idempotent:
+    a value that already is a keyed hash (`is_hashed`) is kept, so an event the API
+    pseudonymized is not hashed again by the stream."""
     declared = spec.events.get(event.type)
     if declared is None:
         return event
-    pii = [n for n, p in declared.properties.items() if p.pii and n in event.properties]
-    if not pii:
-        return event
-    props = dict(event.properties)
-    for name in pii:
-        if props[name] is not None:
-            props[name] = keyed_hash(key, str(props[name]))
-    return event.model_copy(update={"properties": props})
+    props = event.properties
+    updated: dict[str, Any] | None = None
+    for name, prop in declared.properties.items():
+        if prop.pii and (value := props.get(name)) is not None and not is_hashed(value):
+            if updated is None:
+                updated = dict(props)
+            updated[name] = keyed_hash(key, str(value))
+    return event if updated is None else event.model_copy(update={"properties": updated})
+
+
+_HASH_PREFIX = "h:"  # two characters: `is_hashed` slices at 2
+_HASH_HEX = 32
 
 
 def keyed_hash(key: bytes, value: str) -> str:
-    return "h:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
+    return _HASH_PREFIX + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:_HASH_HEX]
+
+
+_HASHED_LEN = len(_HASH_PREFIX) + _HASH_HEX
+
+
+def is_hashed(value: Any) -> bool:
+    """Whether `value` has the shape `keyed_hash` gives: 'h:' and 32 hex digits (so a
+    client's clear text of that length in 'h:...' is still hashed). `bytes.fromhex` is
+    the cheapest exact check: 16 bytes only from 32 hex digits without spaces."""
+    if type(value) is not str or len(value) != _HASHED_LEN or value[:2] != _HASH_PREFIX:
+        return False
+    try:
+        return len(bytes.fromhex(value[2:])) == _HASH_HEX // 2
+    except ValueError:
+        return False
 
 
 def _first_error(exc: ValidationError) -> str:

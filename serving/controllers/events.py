@@ -25,7 +25,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Body
 
 from nextbest.ingest.consent import DROP_REASON, Screened, screen
-from nextbest.ingest.events import Event
+from nextbest.ingest.events import ACTOR_PREFIXES, Event
 from nextbest.ingest.limits import Limits
 from nextbest.ingest.validation import validate_batch
 from serving import examples
@@ -33,6 +33,7 @@ from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
 from serving.runtime import ServingRuntime
 from serving.schemas import DroppedEvent, ErrorOut, EventsIn, EventsOut, RejectedEvent
 
+_PREFIXES = ", ".join(f"`{p}`" for p in ACTOR_PREFIXES)
 _CONSENT_LOCK = threading.Lock()
 """Serializes judge + append + record when the spec declares consent (one process
 appends to the embedded log anyway)."""
@@ -56,7 +57,7 @@ class EventsController(Controller):
             "(checked before decoding). Besides the spec, each event must fit the "
             "configured bounds: ts not in the future (beyond a small skew) nor before "
             "1970, bounded ids without control characters or the reserved prefixes "
-            "`anon:`, `item:`, `~nc:`, finite bounded numbers, bounded nesting. Missing "
+            f"{_PREFIXES}, finite bounded numbers, bounded nesting. Missing "
             "event_ids are assigned and returned. When the spec "
             "declares consent (privacy.consent), events of users without consent are "
             "listed under `dropped` (not stored) or stored without the person "
@@ -135,11 +136,8 @@ def _prefetch(runtime: ServingRuntime, events: list[Event]) -> None:
     """Read the batch's consent fresh from the store (both sides of an identify)."""
     cache = runtime.consent
     assert cache is not None
-    subjects = [e.actor for e in events]
-    subjects += [f"anon:{e.anonymous_id}" for e in events if e.anonymous_id and e.user_id]
-    anonymous = [e.anonymous_id for e in events if e.anonymous_id]
     try:
-        cache.prefetch(subjects, anonymous, fresh=True)
+        cache.prefetch_events(events, fresh=True)
     except Exception as exc:
         raise ServiceUnavailableException(
             f"consent could not be read ({type(exc).__name__}); retry"
@@ -151,14 +149,9 @@ def _record_consent(runtime: ServingRuntime, screened: Screened) -> None:
     cache = runtime.consent
     if cache is None:
         return
-    if screened.changes:
-        try:
-            cache.store.record(screened.changes)
-        except Exception as exc:  # the events are in the log: a retry is deduplicated
-            raise ServiceUnavailableException(
-                f"consent could not be recorded ({type(exc).__name__}); retry"
-            ) from exc
-        for change in screened.changes:
-            cache.apply(change)
-    for anonymous_id, user_id in screened.links.items():
-        cache.link(anonymous_id, user_id)
+    try:
+        cache.commit(screened.changes, screened.links)
+    except Exception as exc:  # the events are in the log: a retry is deduplicated
+        raise ServiceUnavailableException(
+            f"consent could not be recorded ({type(exc).__name__}); retry"
+        ) from exc

@@ -22,20 +22,20 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
-from nextbest.ingest.consent import ConsentChange, allowed, newest
+from nextbest.ingest.consent import ConsentChange, allowed, newest, prefetch_keys
+from nextbest.ingest.events import Event, anonymous_of
 from nextbest.spec.models import Consent
 from storage.online.engine import write_engine
-from storage.online.models import ALIASES, now_ms
+from storage.online.models import now_ms
+from storage.online.sql import id_chunks, linked_users, upsert
 
 T = TypeVar("T")
-_CHUNK = 5000
 
 
 class ConsentTable(SQLModel, table=True):
@@ -73,20 +73,12 @@ class ConsentStore:
             for c in latest.values()
         ]
         with self._writer.begin() as conn:
-            ins = (sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert)(CONSENT)
-            stmt = ins.on_conflict_do_update(
-                index_elements=["user_id"],
-                set_={c: ins.excluded[c] for c in ("granted", "ts_ms", "updated_at_ms")},
-                where=CONSENT.c.ts_ms <= ins.excluded.ts_ms,
-            )
-            for start in range(0, len(rows), _CHUNK):
-                conn.execute(stmt, rows[start : start + _CHUNK])
-        return len(rows)
+            return upsert(conn, CONSENT, rows, where=lambda new: CONSENT.c.ts_ms <= new.ts_ms)
 
     def get_many(self, subjects: Iterable[str]) -> dict[str, ConsentChange]:
         out: dict[str, ConsentChange] = {}
         with self.engine.connect() as conn:
-            for ids in _chunks(subjects):
+            for ids in id_chunks(subjects):
                 stmt = sa.select(CONSENT.c.user_id, CONSENT.c.granted, CONSENT.c.ts_ms).where(
                     CONSENT.c.user_id.in_(ids)
                 )
@@ -99,14 +91,8 @@ class ConsentStore:
 
     def links(self, anonymous_ids: Iterable[str]) -> dict[str, str]:
         """anonymous id -> the user an identify event linked it to."""
-        out: dict[str, str] = {}
         with self.engine.connect() as conn:
-            for ids in _chunks(anonymous_ids):
-                stmt = sa.select(ALIASES.c.anonymous_id, ALIASES.c.user_id).where(
-                    ALIASES.c.anonymous_id.in_(ids)
-                )
-                out.update((a, u) for a, u in conn.execute(stmt))
-        return out
+            return linked_users(conn, anonymous_ids)
 
 
 class _Lru(Generic[T]):
@@ -180,6 +166,25 @@ class ConsentCache:
             for s in [*rows, *users]:
                 self._put_row(s, found.get(s), expires)
 
+    def prefetch_events(self, events: Iterable[Event], *, fresh: bool = False) -> None:
+        """`prefetch` what judging `events` reads (`nextbest.ingest.consent.prefetch_keys`):
+        the one read before a batch is screened, at the API, the importer and the stream."""
+        subjects, anonymous_ids = prefetch_keys(events)
+        self.prefetch(subjects, anonymous_ids, fresh=fresh)
+
+    def commit(
+        self, changes: Sequence[ConsentChange] = (), links: Mapping[str, str] | None = None
+    ) -> None:
+        """What screening decided, in the one order: record the decisions (durable when
+        this returns; raises when the store cannot), then cache them, then cache the
+        identity links (anonymous id -> user) until the stream stores them."""
+        if changes:
+            self.store.record(changes)
+            for change in changes:
+                self.apply(change)
+        for anonymous_id, user_id in (links or {}).items():
+            self.link(anonymous_id, user_id)
+
     def _put_row(self, subject: str, read: ConsentChange | None, expires: float) -> None:
         """Cache what was read, unless an `apply` meanwhile cached a newer decision (an
         expired entry yields: the store is then the newer, e.g. after an erasure)."""
@@ -228,8 +233,9 @@ class ConsentCache:
         with self._lock:
             for actor in gone:
                 self._rows.data.pop(actor, None)
-                if actor.startswith("anon:"):
-                    self._links.data.pop(actor[5:], None)
+                anonymous = anonymous_of(actor)
+                if anonymous is not None:
+                    self._links.data.pop(anonymous, None)
             for anon, (user, _) in list(self._links.data.items()):
                 if user in gone:
                     del self._links.data[anon]
@@ -241,9 +247,10 @@ class ConsentCache:
     def peek(self, actor: str, consent: Consent) -> bool | None:
         """`allowed` from the cache alone; None when the store would have to be read."""
         now = self.clock()
+        anonymous = anonymous_of(actor)
         with self._lock:
-            if actor.startswith("anon:"):
-                hit, user = self._links.get(actor[5:], now)
+            if anonymous is not None:
+                hit, user = self._links.get(anonymous, now)
                 if not hit:
                     return None
                 if user is not None:
@@ -256,8 +263,3 @@ class ConsentCache:
         if not hit:
             return None
         return row.granted if row is not None else consent.default == "granted"
-
-
-def _chunks(ids: Iterable[str]) -> list[list[str]]:
-    unique = list(dict.fromkeys(ids))
-    return [unique[i : i + _CHUNK] for i in range(0, len(unique), _CHUNK)]

@@ -245,11 +245,6 @@ AliasInput = Alias | Mapping[str, Any]
 DecisionInput = CachedDecision | Mapping[str, Any]
 
 
-def anon_actor(anonymous_id: str) -> str:
-    """The key the stream stores an anonymous visitor under (mirrors `Event.actor`)."""
-    return f"anon:{anonymous_id}"
-
-
 def pack_vector(vector: Iterable[float] | None) -> bytes | None:
     """Little-endian float32: 4 bytes a dimension on both dialects."""
     if vector is None:

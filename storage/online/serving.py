@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, SQLModel
 
+from nextbest.ingest.events import ITEM_PREFIX, anon_actor
 from storage.online.engine import write_engine
 from storage.online.models import (
-    ALIASES,
     DECISIONS,
     FEATURES,
     STATES,
@@ -34,6 +33,7 @@ from storage.online.models import (
     now_ms,
     state_record,
 )
+from storage.online.sql import id_chunks, insert, resolve_actor, resolve_actor_sqlite, upsert
 from storage.online.store import ERASED_TABLES, OnlineStore
 
 
@@ -99,7 +99,6 @@ def _loads(text: Any) -> Any:
 _STATE_COLS = _cols(STATES)
 _FEATURE_COLS = _cols(FEATURES)
 _CACHED_COLS = _cols(DECISIONS)
-_SQL_ALIAS = f"SELECT user_id FROM {ALIASES.name} WHERE anonymous_id = ?"
 _SQL_STATE = f"SELECT {', '.join(_STATE_COLS)} FROM {STATES.name} WHERE user_id = ?"
 _SQL_FEATURES = (
     f"SELECT {', '.join(_FEATURE_COLS)} FROM {FEATURES.name} WHERE user_id = ? "
@@ -131,11 +130,7 @@ class ServingStore:
 
     def resolve_actor(self, conn: sa.Connection, actor: str) -> str:
         """`anon:<id>` -> the linked user id when an identify event linked them."""
-        if not actor.startswith("anon:"):
-            return actor
-        stmt = sa.select(ALIASES.c.user_id).where(ALIASES.c.anonymous_id == actor[5:])
-        linked = conn.execute(stmt).scalar_one_or_none()
-        return linked if linked else actor
+        return resolve_actor(conn, actor)
 
     def snapshot(
         self,
@@ -195,11 +190,7 @@ class ServingStore:
         """
         with closing(self.engine.raw_connection()) as raw:
             cur = raw.cursor()
-            resolved = actor
-            if actor.startswith("anon:"):
-                row = cur.execute(_SQL_ALIAS, (actor[5:],)).fetchone()
-                if row and row[0]:
-                    resolved = row[0]
+            resolved = resolve_actor_sqlite(cur, actor)
             row = cur.execute(_SQL_STATE, (resolved,)).fetchone()
             state = None
             if row is not None:
@@ -233,7 +224,12 @@ class ServingStore:
             return self.resolve_actor(conn, actor)
 
     def top_entities(
-        self, feature: str, *, prefix: str = "item:", limit: int = 200, window_ms: int | None = None
+        self,
+        feature: str,
+        *,
+        prefix: str = ITEM_PREFIX,
+        limit: int = 200,
+        window_ms: int | None = None,
     ) -> list[tuple[str, float]]:
         """Entities with the highest value of an entity window feature (e.g. trending
         items from `item_views_1h`), prefix stripped. With `window_ms`, only entities
@@ -266,7 +262,7 @@ class ServingStore:
             key = (user, action, period_start(t, per))
             totals[key] = totals.get(key, 0) + 1
         with self._writer.begin() as conn:
-            ins = (sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert)(CAPS)
+            ins = insert(conn, CAPS)
             for (user, action, start), n in totals.items():
                 conn.execute(
                     sa.delete(CAPS).where(
@@ -288,7 +284,7 @@ class ServingStore:
 
     def erase_user(self, user_id: str) -> dict[str, int]:
         """`OnlineStore.delete_user` plus this module's cap counters (user and aliases)."""
-        actors = [user_id, *(f"anon:{a}" for a in self.store.aliases_of(user_id))]
+        actors = [user_id, *(anon_actor(a) for a in self.store.aliases_of(user_id))]
         with self._writer.begin() as conn:
             caps = conn.execute(sa.delete(CAPS).where(CAPS.c.user_id.in_(actors))).rowcount
         counts = self.store.delete_user(user_id)
@@ -300,8 +296,7 @@ class ServingStore:
         erasure removed meanwhile); `scrub` afterwards to drop the bytes too."""
         removed = 0
         with self._writer.begin() as conn:
-            for i in range(0, len(user_ids), 500):
-                chunk = list(user_ids[i : i + 500])
+            for chunk in id_chunks(user_ids):
                 stmt = sa.delete(DECISIONS).where(DECISIONS.c.user_id.in_(chunk))
                 removed += conn.execute(stmt).rowcount
         return removed
@@ -316,13 +311,7 @@ class ServingStore:
             "updated_at_ms": job.updated_at_ms,
         }
         with self._writer.begin() as conn:
-            ins = (sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert)(ERASURES)
-            conn.execute(
-                ins.values(**row).on_conflict_do_update(
-                    index_elements=["job_id"],
-                    set_={k: row[k] for k in ("status", "stores", "updated_at_ms")},
-                )
-            )
+            upsert(conn, ERASURES, [row], update=("status", "stores", "updated_at_ms"))
 
     def update_erasure_stores(self, job_id: str, updates: Mapping[str, str]) -> ErasureJob | None:
         """Merge per-store results into a job and recompute its status.

@@ -5,10 +5,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from storage.online.engine import is_sqlite, write_engine
+from storage.online.engine import write_engine
 from storage.online.models import STATUS
+from storage.online.sql import upsert
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +38,9 @@ def write_status(
     ]
     if not params:
         return
-    ins = (sqlite.insert if is_sqlite(engine) else postgresql.insert)(STATUS)
-    stmt = ins.on_conflict_do_update(
-        index_elements=["partition"],
-        set_={c: ins.excluded[c] for c in (update or params[0]) if c != "partition"},
-    )
+    columns = [c for c in (update or params[0]) if c != "partition"]
     with write_engine(engine).begin() as conn:
-        conn.execute(stmt, params)
+        upsert(conn, STATUS, params, update=columns)
 
 
 def read_status(engine: sa.Engine) -> dict[int, PartitionStatus]:

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from nextbest.ingest.events import anon_actor
 from nextbest.settings import Settings
 from storage.online.consent import CONSENT
 from storage.online.engine import create_online_engine, is_sqlite, write_engine
@@ -42,7 +42,6 @@ from storage.online.models import (
     StateInput,
     UserState,
     alias_params,
-    anon_actor,
     decision_params,
     feature_params,
     model_record,
@@ -52,8 +51,8 @@ from storage.online.models import (
     state_params,
     state_record,
 )
+from storage.online.sql import anonymous_ids_of, id_chunks, insert, linked_users, upsert
 
-UPSERT_CHUNK_ROWS = 5000
 _DDL_LOCK_KEY = 0x6E62_6F6E  # PostgreSQL advisory lock serialising concurrent create_all
 
 
@@ -116,9 +115,9 @@ class OnlineStore:
         with self._writer.begin() as conn:
             if not _advance_offset(conn, consumer, partition, offset, now):
                 return False
-            _upsert(conn, FEATURES, feature_rows)
-            _upsert(conn, STATES, state_rows)
-            _upsert(conn, ALIASES, alias_rows)
+            upsert(conn, FEATURES, feature_rows)
+            upsert(conn, STATES, state_rows)
+            upsert(conn, ALIASES, alias_rows)
         return True
 
     def write_stream_rows(
@@ -196,7 +195,7 @@ class OnlineStore:
         now = now_ms()
         params = [feature_params(r, now) for r in rows]
         with self._writer.begin() as conn:
-            return _upsert(conn, FEATURES, params)
+            return upsert(conn, FEATURES, params)
 
     def get_features(self, user_id: str) -> list[FeatureRow]:
         return self.get_features_many([user_id]).get(user_id, [])
@@ -205,7 +204,7 @@ class OnlineStore:
         """Features of several users (one snapshot), each ordered by feature then group."""
         out: dict[str, list[FeatureRow]] = {}
         with self.engine.connect() as conn:
-            for ids in _id_chunks(user_ids):
+            for ids in id_chunks(user_ids):
                 stmt = (
                     sa.select(FEATURES)
                     .where(FEATURES.c.user_id.in_(ids))
@@ -219,7 +218,7 @@ class OnlineStore:
         now = now_ms()
         params = [state_params(r, now) for r in rows]
         with self._writer.begin() as conn:
-            return _upsert(conn, STATES, params)
+            return upsert(conn, STATES, params)
 
     def get_state(self, user_id: str) -> UserState | None:
         return self.get_states([user_id]).get(user_id)
@@ -227,7 +226,7 @@ class OnlineStore:
     def get_states(self, user_ids: Sequence[str]) -> dict[str, UserState]:
         out: dict[str, UserState] = {}
         with self.engine.connect() as conn:
-            for ids in _id_chunks(user_ids):
+            for ids in id_chunks(user_ids):
                 stmt = sa.select(STATES).where(STATES.c.user_id.in_(ids))
                 out.update((m["user_id"], state_record(m)) for m in conn.execute(stmt).mappings())
         return out
@@ -240,21 +239,16 @@ class OnlineStore:
         """Point `anonymous_id` at `user_id`; a later link overwrites an earlier one."""
         params = alias_params(Alias(anonymous_id, user_id, linked_at_ms), now_ms())
         with self._writer.begin() as conn:
-            _upsert(conn, ALIASES, [params])
+            upsert(conn, ALIASES, [params])
 
     def resolve(self, anonymous_id: str) -> str | None:
-        stmt = sa.select(ALIASES.c.user_id).where(ALIASES.c.anonymous_id == anonymous_id)
+        """The user an identify event linked `anonymous_id` to, else None."""
         with self.engine.connect() as conn:
-            return conn.execute(stmt).scalar_one_or_none()
+            return linked_users(conn, [anonymous_id]).get(anonymous_id)
 
     def aliases_of(self, user_id: str) -> list[str]:
-        stmt = (
-            sa.select(ALIASES.c.anonymous_id)
-            .where(ALIASES.c.user_id == user_id)
-            .order_by(ALIASES.c.anonymous_id)
-        )
         with self.engine.connect() as conn:
-            return list(conn.execute(stmt).scalars())
+            return anonymous_ids_of(conn, user_id)
 
     # --- cached decisions -------------------------------------------------------------
 
@@ -262,7 +256,7 @@ class OnlineStore:
         now = now_ms()
         params = [decision_params(r, now) for r in rows]
         with self._writer.begin() as conn:
-            return _upsert(conn, DECISIONS, params)
+            return upsert(conn, DECISIONS, params)
 
     def get_cached_decision(self, user_id: str, surface: str = "default") -> CachedDecision | None:
         stmt = sa.select(DECISIONS).where(
@@ -303,7 +297,7 @@ class OnlineStore:
         }
         refresh = ("metrics", "params", "artifact_path", "data_version")
         with self._writer.begin() as conn:
-            _upsert(conn, MODELS, [row], update=refresh)
+            upsert(conn, MODELS, [row], update=refresh)
             return _model_in(conn, version)
 
     def promote_model(self, version: str) -> ModelRecord:
@@ -394,11 +388,7 @@ class OnlineStore:
         every alias pointing at it.
         Returns rows removed per table name."""
         with self._writer.begin() as conn:
-            anonymous = list(
-                conn.execute(
-                    sa.select(ALIASES.c.anonymous_id).where(ALIASES.c.user_id == user_id)
-                ).scalars()
-            )
+            anonymous = anonymous_ids_of(conn, user_id)
             actors = [user_id, *(anon_actor(a) for a in anonymous)]
             counts: dict[str, int] = {}
             for table in ERASED_TABLES[:-1]:
@@ -432,32 +422,6 @@ class OnlineStore:
 
 ERASED_TABLES = (FEATURES, STATES, DECISIONS, CONSENT, ALIASES)
 """What `delete_user` deletes from (aliases last: they are matched differently)."""
-
-
-def _insert(conn: sa.Connection, table: sa.Table) -> Any:
-    return sqlite.insert(table) if conn.dialect.name == "sqlite" else postgresql.insert(table)
-
-
-def _upsert(
-    conn: sa.Connection,
-    table: sa.Table,
-    rows: list[dict[str, Any]],
-    *,
-    update: Sequence[str] | None = None,
-) -> int:
-    """INSERT ... ON CONFLICT (pk) DO UPDATE, last duplicate wins, in chunks."""
-    if not rows:
-        return 0
-    keys = [c.name for c in table.primary_key.columns]
-    unique = list({tuple(r[k] for k in keys): r for r in rows}.values())
-    ins = _insert(conn, table)
-    columns = update if update is not None else [c.name for c in table.c if c.name not in keys]
-    stmt = ins.on_conflict_do_update(
-        index_elements=keys, set_={c: ins.excluded[c] for c in columns}
-    )
-    for start in range(0, len(unique), UPSERT_CHUNK_ROWS):
-        conn.execute(stmt, unique[start : start + UPSERT_CHUNK_ROWS])
-    return len(unique)
 
 
 # Column order of `write_stream_rows` tuples; JSON columns are serialised text.
@@ -519,12 +483,6 @@ def _bulk_sql(dialect: str, schema: str | None) -> dict[str, str]:
     return out
 
 
-def _id_chunks(ids: Sequence[str]) -> list[list[str]]:
-    """Distinct ids in IN-list sized pieces (PostgreSQL caps a statement at 65535 binds)."""
-    unique = list(dict.fromkeys(ids))
-    return [unique[i : i + UPSERT_CHUNK_ROWS] for i in range(0, len(unique), UPSERT_CHUNK_ROWS)]
-
-
 def _advance_offset(
     conn: sa.Connection, consumer: str, partition: int, offset: int, now: int
 ) -> bool:
@@ -533,7 +491,7 @@ def _advance_offset(
     A single conditional upsert with RETURNING: atomic on both dialects, and on
     PostgreSQL its row lock serialises two workers racing on one partition.
     """
-    ins = _insert(conn, OFFSETS).values(
+    ins = insert(conn, OFFSETS).values(
         consumer=consumer, partition=partition, committed_offset=offset, updated_at_ms=now
     )
     stmt = ins.on_conflict_do_update(
