@@ -47,7 +47,7 @@ from nextbest.demo.shop import DemoConfig, iter_event_dicts
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 from storage.eventlog.log import EventLog
-from tests.stream_helpers import delta_events, online_mismatches, write_catalog
+from tests.support.stream_helpers import delta_events, online_mismatches, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "nextbest.yaml"

@@ -1,8 +1,8 @@
 """The crash harness's verdict: bronze against what the API acknowledged, and a way to
 prove the verdict can fail.
 
-Shared by `benchmarks/chaos.py` and `tests/test_chaos.py`. The online-state half of the
-check is `tests.stream_helpers.online_mismatches` (batch recomputation from Delta).
+Shared by `benchmarks/chaos.py` and `tests/e2e/test_chaos.py`. The online-state half of the
+check is `tests.support.stream_helpers.online_mismatches` (batch recomputation from Delta).
 """
 
 import random

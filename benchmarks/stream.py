@@ -32,7 +32,7 @@ from nextbest.spec.loader import load_spec
 from storage.delta.store import DeltaStore
 from storage.eventlog.log import EventLog
 from storage.online.store import OnlineStore
-from tests.stream_helpers import encode, write_catalog
+from tests.support.stream_helpers import encode, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ from pipelines.gctune import tune_for_stream
 from pipelines.run import ensure_recovery_dir
 from pipelines.sources import DEFAULT_BATCH, EventLogSource
 from storage.delta.store import DeltaStore
-from tests.stream_helpers import append_log, write_catalog
+from tests.support.stream_helpers import append_log, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 

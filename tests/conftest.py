@@ -1,10 +1,5 @@
-"""Shared fixtures.
+"""Shared fixtures (helpers live in tests/support/)."""
 
-Server-backed tests (PostgreSQL, the Kafka-protocol broker) skip with a visible reason
-on a laptop without the server, but fail under CI=true so CI never skips them silently.
-"""
-
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,20 +7,11 @@ from pathlib import Path
 import pytest
 
 from nextbest.settings import Settings
+from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
+from tests.support.common import PG_ADMIN_URL, ROOT, require_server
 
-pytest_plugins = ["tests.broker"]
-
-ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN_URL = os.environ.get(
-    "NEXTBEST_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
-
-def require_server(reason: str) -> None:
-    """Skip locally, fail under CI: a missing server in CI is a broken run, not a pass."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI=true but {reason}", pytrace=False)
-    pytest.skip(reason)
+pytest_plugins = ["tests.support.broker"]
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +50,9 @@ def pg_url() -> Iterator[str]:
 def settings(tmp_path: Path) -> Settings:
     """Embedded settings on a temporary data home (nothing from the developer's env)."""
     return Settings(home=tmp_path / "home", spec=ROOT / "nextbest.yaml", _env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def spec() -> Spec:
+    """The repository's nextbest.yaml (the spec `settings` points at); frozen, so shared."""
+    return load_spec(ROOT / "nextbest.yaml")

@@ -3,7 +3,7 @@
 delta-rs (1.6.6 here) commits two concurrent OPTIMIZE compactions of the same files
 both, instead of failing the second with a delete-delete conflict: their removes carry
 `dataChange=false`, which its conflict checker lets pass since delta-io/delta-rs#3982.
-Every compacted row then lives in two or more files (tests/test_concurrency.py: without
+Every compacted row then lives in two or more files (tests/storage/test_concurrency.py: without
 this lock, three overlapping maintenances of a 320-row table left 640 to 1,152 rows).
 Nor can a compaction carry an app transaction to make it conflict: `optimize.compact`
 drops `app_transactions`.

@@ -1,0 +1,1 @@
+"""Tests of the `nextbest` package (named `core` so it cannot shadow `nextbest` itself)."""

@@ -1,0 +1,1 @@
+"""Whole-stack tests: real processes (API, stream, Dagster) working together."""
