@@ -23,7 +23,7 @@ Shape (item types between steps)::
       merge_actors        (actor, Routed)
       state_user          (actor, Update)                       -> online, vectors
                           folds events into features and feedback into the online
-                          model (`UserState.session["online_model"]`, same write)
+                          model (`SessionState.online_model`, same write)
     sink_online           Update                                 (OnlineStore upserts)
     sink_user_vectors     ("lance_users", users row)             (LanceDB, one writer)
 

@@ -12,7 +12,8 @@ a stale group.
 
 Feedback records fold into the user's online model (`nextbest.learn.online_model`), which
 is idempotent by (decision_id, target) the same way; it is written with the user's
-state (`session["online_model"]`) and pickled with the rest of the profile.
+state (`SessionState.online_model`, `nextbest.features.state`) and kept in the
+profile's recovery snapshot.
 """
 
 import bisect
@@ -31,6 +32,7 @@ from nextbest.features.semantics import (
     session_vector,
     window_ms,
 )
+from nextbest.features.state import SessionState
 from nextbest.ingest.events import Event
 from nextbest.learn.online_model import Feedback, OnlinePlan, OnlineState
 from nextbest.spec.models import (
@@ -42,7 +44,7 @@ from nextbest.spec.models import (
 from storage.online.models import FeatureRow, UserState, now_ms
 
 HISTORY_MAX = 200
-"""Entries of `session["history"]` and of each `session["seen"]` list (contracts.md)."""
+"""Entries of `SessionState.history` and of each `SessionState.seen` list."""
 
 ItemLookup = Callable[[str], Mapping[str, Any] | None]
 Source = tuple[int, int]  # (partition, offset) of the newest event in a batch
@@ -390,16 +392,17 @@ class UserProfile:
     def user_state(self, plan: FeaturePlan, actor: str, vector: list[float] | None) -> UserState:
         recent_name = plan.recent_feature
         recent = self.recent.get(recent_name) if recent_name else None
-        session = {
-            "session_id": self.session_id,
-            "last_ts_ms": self.latest[0],
-            "history": [[i, t, ts] for ts, _e, i, t in reversed(self.interactions)],
-            "seen": {kind: items.ids() for kind, items in sorted(self.seen.items())},
-        }
+        online = self.online
+        session = SessionState(
+            session_id=self.session_id,
+            last_ts_ms=self.latest[0],
+            history=[(i, t, ts) for ts, _e, i, t in reversed(self.interactions)],
+            seen={kind: items.ids() for kind, items in sorted(self.seen.items())},
+            online_model=online.evidence() if online is not None else None,
+        )
         newest = self.latest[0]
-        if self.online is not None:
-            session["online_model"] = self.online.to_json()
-            newest = max(newest, self.online.anchor_ms)
+        if online is not None:
+            newest = max(newest, online.anchor_ms)
         return UserState(
             user_id=actor,
             event_ts_ms=max(newest, 0),

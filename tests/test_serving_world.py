@@ -164,5 +164,5 @@ def test_stream_state_is_newest_first(world: World) -> None:
     state = world.store.get_state("u-x")
     assert state is not None
     assert state.recent_items == ["i00002", "i00001"]
-    assert state.session["history"][0] == ["i00002", "purchase", 10_000]
-    assert state.session["seen"] == {"purchase": ["i00002"], "view": ["i00001"]}
+    assert state.session.history[0] == ("i00002", "purchase", 10_000)
+    assert state.session.seen == {"purchase": ["i00002"], "view": ["i00001"]}

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from nextbest.features.state import SessionState
 from nextbest.settings import Settings
 from storage.online.consent import CONSENT
 from storage.online.engine import create_online_engine, is_sqlite, write_engine
@@ -155,7 +156,7 @@ class OnlineStore:
             r.user_id: (
                 r.user_id,
                 dumps(list(r.recent_items)),
-                dumps(dict(r.session)),
+                SessionState.load(r.session).encode().decode(),  # TEXT / CAST AS JSON
                 pack_vector(r.session_vector),
                 r.event_ts_ms,
                 now,
