@@ -27,6 +27,7 @@ from nextbest.features.semantics import (
     NO_GROUP,
     RecentItems,
     WindowState,
+    event_key,
     field_value,
     group_key,
     session_vector,
@@ -123,6 +124,7 @@ def _fold_windows(
 ) -> None:
     """Fold `event` (at `ts_ms`) into every window feature it applies to, noting in
     `offered` the (feature, group) it was offered to, whether or not the window kept it."""
+    key: int | None = None  # the event id's digest, once for all its windows
     for name, feature in routes.get(event.type, ()):
         # The common cases of `group_key` and `field_value` inline (hot path).
         group = NO_GROUP if feature.group_by is None else group_key(feature, item)
@@ -132,7 +134,9 @@ def _fold_windows(
         if state is None:
             state = windows[name] = WindowState(window_ms=plan.window_ms[name], agg=feature.agg)
         value = 1 if feature.field is None else field_value(plan.spec, feature, event, item)
-        state.add(ts_ms, event.event_id, group, value)
+        if key is None:
+            key = event_key(event.event_id)
+        state.add(ts_ms, key, group, value)
         touched = offered.get(name)
         if touched is None:
             offered[name] = {group}
@@ -199,7 +203,7 @@ def _window_rows(
     return rows
 
 
-WindowsState = dict[str, tuple[int, str, list[Any]]]
+WindowsState = dict[str, tuple[int, str, list[Any]]]  # (window_ms, agg, entries)
 
 
 def _windows_state(windows: Mapping[str, WindowState]) -> WindowsState:

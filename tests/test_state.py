@@ -6,13 +6,16 @@ import sqlite3
 from typing import Any
 
 import pytest
+from bytewax.recovery import RecoveryConfig
 from bytewax.testing import run_main
 
 from nextbest.decide.candidates import user_view
 from nextbest.features.state import VERSION, OnlineEvidence, SessionState, StateVersionError
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
+from nextbest.spec.models import Spec
 from pipelines.flow import build_flow
+from pipelines.run import ensure_recovery_dir
 from storage.online.serving import ServingStore
 from storage.online.store import OnlineStore
 from tests.stream_helpers import append_log, demo_events, write_catalog
@@ -118,3 +121,42 @@ def test_decide_reads_what_the_stream_wrote(settings: Settings) -> None:
             expected[e["item_id"]] = expected.get(e["item_id"], 0.0) + weights[e["type"]]
     assert view.history == pytest.approx(expected) and view.fresh
     assert view.seen == session.seen
+
+
+def test_item_windows_keep_no_raw_event_id(settings: Settings) -> None:
+    """An item's window outlives an erased user, so it must not hold a client-chosen
+    event id (which may embed the user's id): the item step's recovery snapshots and
+    the online store hold only its digest, and the window still counts (and dedupes)."""
+    spec = load_spec(settings.spec)
+    cfg, _ = demo_events(10)
+    items = write_catalog(settings, spec, cfg, vectors=False)
+    item = next(iter(items))
+    token = "web-vis7q4z-1"
+    view = {
+        "event_id": token,
+        "type": "view",
+        "anonymous_id": "vis7q4z",
+        "item_id": item,
+        "ts": "2026-01-05T10:00:00+00:00",
+    }
+    append_log(settings, [view, view])  # a client retry: counted once
+    recovery = RecoveryConfig(ensure_recovery_dir(settings.recovery_dir))
+    run_main(build_flow(settings, spec, tail=False), recovery_config=recovery)
+
+    store = OnlineStore.from_settings(settings)
+    try:
+        rows = store.get_features(f"item:{item}")
+    finally:
+        store.dispose()
+    assert [(r.feature, r.value) for r in rows] == [("item_views_1h", 1.0)]
+    item_step = Spec.step_id("state", "item")
+    snaps = []
+    for db in settings.recovery_dir.glob("*.sqlite3"):
+        with sqlite3.connect(db) as conn:
+            snaps += conn.execute(
+                "SELECT step_id, ser_change FROM snaps WHERE ser_change IS NOT NULL"
+            ).fetchall()
+    mine = [blob for step, blob in snaps if step.endswith(item_step)]
+    assert mine, "the item step wrote no snapshot"
+    assert not [blob for blob in mine if token.encode() in blob]
+    assert token.encode() not in (settings.home_dir / "online.db").read_bytes()
