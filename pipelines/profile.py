@@ -33,7 +33,13 @@ from nextbest.features.semantics import (
     session_vector,
     window_ms,
 )
-from nextbest.features.state import SessionState
+from nextbest.features.state import (
+    ITEM_SNAPSHOT,
+    USER_SNAPSHOT,
+    SessionState,
+    WindowSnapshot,
+    encode_snapshot,
+)
 from nextbest.ingest.events import Event
 from nextbest.learn.online_model import Feedback, OnlinePlan, OnlineState
 from nextbest.spec.models import (
@@ -215,6 +221,10 @@ def _windows_restore(state: WindowsState) -> dict[str, WindowState]:
     return {name: WindowState.restore(*w) for name, w in state.items()}
 
 
+def _windows_of(snap: dict[str, WindowSnapshot]) -> dict[str, WindowState]:
+    return {n: WindowState.restore(w.window_ms, w.agg, w.entries) for n, w in snap.items()}
+
+
 def _written(windows: Mapping[str, WindowState]) -> dict[str, dict[str, float]]:
     """`written` as it stands between two batches: every batch ends with `_window_rows`
     for each feature it touched, which leaves `written[name] == values()`, and nothing
@@ -233,6 +243,16 @@ class ItemProfile:
     def restored(self) -> None:
         """Called after a restore from a snapshot (see `_window_rows`)."""
         self.rewrite = set(self.windows) | set(self.written)
+
+    def snapshot(self) -> bytes:
+        """The recovery snapshot: `ItemSnapshot` (`nextbest.features.state`), plain msgpack."""
+        return encode_snapshot(("item.1", _windows_state(self.windows), list(self.rewrite)))
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> "ItemProfile":
+        snap = ITEM_SNAPSHOT.decode(data)
+        windows = _windows_of(snap.windows)
+        return cls(windows, _written(windows), set(snap.rewrite))
 
     def __getstate__(self) -> tuple[Any, ...]:
         return (_windows_state(self.windows), None, self.rewrite)  # see UserProfile
@@ -311,6 +331,43 @@ class UserProfile:
             seen = self.seen[event.type] = RecentItems(HISTORY_MAX)
         seen.add(ts_ms, item_id)
         self._interact((ts_ms, event.event_id, item_id, event.type))
+
+    def snapshot(self) -> bytes:
+        """The recovery snapshot, once per touched key and epoch: `UserSnapshot`
+        (`nextbest.features.state`) as plain msgpack, without what `interactions` and
+        the windows imply (`written`, `interaction_ids`, the aggregates)."""
+        online = self.online
+        return encode_snapshot(
+            (
+                "user.1",
+                _windows_state(self.windows),
+                list(self.rewrite),
+                {name: (r.n, r.items) for name, r in self.recent.items()},
+                {kind: (r.n, r.items) for kind, r in self.seen.items()},
+                self.interactions,
+                self.latest,
+                self.session_id,
+                online.snapshot() if online is not None else None,
+            )
+        )
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> "UserProfile":
+        snap = USER_SNAPSHOT.decode(data)
+        windows = _windows_of(snap.windows)
+        interactions = snap.interactions
+        return cls(
+            windows=windows,
+            written=_written(windows),
+            rewrite=set(snap.rewrite),
+            recent={name: RecentItems(n, items) for name, (n, items) in snap.recent.items()},
+            seen={kind: RecentItems(n, items) for kind, (n, items) in snap.seen.items()},
+            interactions=interactions,
+            interaction_ids={entry[1] for entry in interactions},
+            latest=snap.latest,
+            session_id=snap.session_id,
+            online=OnlineState.restore(snap.online) if snap.online is not None else None,
+        )
 
     def __getstate__(self) -> tuple[Any, ...]:
         # Pickled once per touched key and epoch: one flat tuple of builtins (about half

@@ -2,6 +2,7 @@
 that decide reads exactly what the stream wrote through the real online store."""
 
 import json
+import pickle
 import sqlite3
 from typing import Any
 
@@ -11,13 +12,19 @@ from bytewax.testing import run_main
 
 from nextbest.decide.candidates import user_view
 from nextbest.features.state import VERSION, OnlineEvidence, SessionState, StateVersionError
+from nextbest.features.windows import WindowState
+from nextbest.ingest.events import Event
+from nextbest.learn.online_model import MEMORY, OnlineState
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 from nextbest.spec.models import Spec
-from pipelines.flow import build_flow
+from pipelines.flow import USER_CODEC, build_flow
+from pipelines.profile import FeaturePlan, ItemProfile, UserProfile
 from pipelines.run import ensure_recovery_dir
+from pipelines.stateful import is_pickle, state_builder, unpickle
 from storage.online.serving import ServingStore
 from storage.online.store import OnlineStore
+from tests.conftest import ROOT
 from tests.stream_helpers import append_log, demo_events, write_catalog
 
 STATE = SessionState(
@@ -160,3 +167,82 @@ def test_item_windows_keep_no_raw_event_id(settings: Settings) -> None:
     assert mine, "the item step wrote no snapshot"
     assert not [blob for blob in mine if token.encode() in blob]
     assert token.encode() not in (settings.home_dir / "online.db").read_bytes()
+
+
+def _profiles() -> tuple[UserProfile, ItemProfile]:
+    from tests.test_stream_fast_paths import ITEMS, _ts
+
+    spec = load_spec(ROOT / "nextbest.yaml")
+    plan = FeaturePlan.from_spec(spec)
+    profile, item = UserProfile(), ItemProfile()
+    for n in range(30):
+        kind = ("view", "add_to_cart", "rate")[n % 3]
+        event = Event(
+            event_id=f"e{n}",
+            type=kind,
+            user_id="u1",
+            item_id=f"i{n % 5}",
+            ts=_ts(1_740_000_000 + n),
+            value=3.0 if kind == "rate" else None,
+        )
+        profile.fold(plan, event, ITEMS[event.item_id or ""], {})
+        item.add(plan, event, ITEMS[event.item_id or ""], {})
+    profile.online = OnlineState()
+    profile.online.ensure([60_000, 86_400_000])
+    for n in range(MEMORY + 3):  # past MEMORY: `floor` and `forgotten` are set
+        profile.online.learn(f"d{n}", ["category=x"], "impression", 1_740_000_000_000 + n)
+    # A client's JSON may hold an int beyond 64 bits; a window keeps what it was given.
+    assert profile.windows["views_1h"].add(1_740_000_029_500, 7, "", 10**30)
+    profile.feature_rows(plan, "u1", {name: set() for name in profile.windows}, (0, 1))
+    return profile, item
+
+
+def test_profile_snapshots_are_versioned_msgpack_and_restore_the_same_state() -> None:
+    profile, item = _profiles()
+    data = profile.snapshot()
+    assert not is_pickle(data) and b"pipelines" not in data and b"nextbest" not in data
+    back = UserProfile.from_snapshot(data)
+    assert back.windows["views_1h"].entries == profile.windows["views_1h"].entries
+    assert {n: w.values() for n, w in back.windows.items()} == {
+        n: w.values() for n, w in profile.windows.items()
+    }
+    assert (back.written, back.recent, back.seen, back.interactions, back.latest) == (
+        profile.written,
+        profile.recent,
+        profile.seen,
+        profile.interactions,
+        profile.latest,
+    )
+    assert back.session_id == profile.session_id and back.interaction_ids == profile.interaction_ids
+    assert back.online == profile.online and back.online is not None and back.online.floor
+    item_back = ItemProfile.from_snapshot(item.snapshot())
+    assert {n: w.entries for n, w in item_back.windows.items()} == {
+        n: w.entries for n, w in item.windows.items()
+    }
+
+
+def test_a_snapshot_of_another_layout_is_refused_with_a_clear_message() -> None:
+    profile, item = _profiles()
+    with pytest.raises(StateVersionError, match=r"layout 'item\.1'.*reads 'user\.1'"):
+        UserProfile.from_snapshot(item.snapshot())
+    newer = profile.snapshot().replace(b"user.1", b"user.2", 1)
+    with pytest.raises(StateVersionError, match=r"layout 'user\.2'"):
+        UserProfile.from_snapshot(newer)
+    with pytest.raises(StateVersionError, match="not msgpack"):
+        UserProfile.from_snapshot(b"\xc1")
+
+
+def test_pickled_snapshots_from_before_still_resume_after_a_module_move() -> None:
+    """Older releases pickled the profiles; their module paths have moved since."""
+    profile, _ = _profiles()
+    build = state_builder(UserProfile, lambda s, b: [], None, USER_CODEC)
+    old = build(pickle.dumps(profile)).state
+    assert old.interactions == profile.interactions and old.rewrite == set(profile.windows)
+    window = WindowState(window_ms=1000, agg="count")
+    window.add(1, "e1", "", 1)
+    moved = pickle.dumps(window, protocol=0).replace(
+        b"nextbest.features.windows", b"nextbest.windows"
+    )
+    with pytest.raises(ModuleNotFoundError):
+        pickle.loads(moved)
+    assert unpickle(moved).values() == {"": 1.0}

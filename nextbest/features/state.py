@@ -144,3 +144,120 @@ def _lenient_v0(raw: Mapping[str, Any]) -> SessionState:
         seen=seen,
         online_model=online,
     )
+
+
+# --- recovery snapshots of the stream's per-key state -------------------------------
+#
+# Bytewax keeps what a stateful step's `snapshot` returns. These layouts make that
+# plain msgpack, never a pickled class: a module rename (there was one) cannot break a
+# resume, and a snapshot of another layout is refused with a message, never misread.
+# The tag (first array element) is the kind and layout version; change a layout here
+# by adding a new tagged Struct and reading the old one into it.
+
+Entry = tuple[int, int, str, Any]
+"""A window entry: (ts_ms, event_key, group, value)."""
+Recent = tuple[int, list[tuple[int, str]]]
+"""A `RecentItems`: (n, [(ts_ms, item_id), ...] newest first)."""
+
+
+class WindowSnapshot(msgspec.Struct, array_like=True):
+    window_ms: int
+    agg: str
+    entries: list[Entry]
+
+
+class OnlineSnapshot(msgspec.Struct, array_like=True):
+    """`nextbest.learn.online_model.OnlineState`, field for field."""
+
+    anchor_ms: int
+    sums: dict[int, dict[str, list[float]]]
+    counts: dict[str, list[int]]
+    exposures: list[tuple[str, str, int, int]]  # (decision_id, target, ts_ms, signal)
+    floor: tuple[int, str, str] | None
+    forgotten: list[int]
+
+
+class UserSnapshot(msgspec.Struct, array_like=True, tag="user.1"):
+    """`pipelines.profile.UserProfile` (what it derives on restore left out)."""
+
+    windows: dict[str, WindowSnapshot]
+    rewrite: list[str]
+    recent: dict[str, Recent]
+    seen: dict[str, Recent]
+    interactions: list[tuple[int, str, str, str]]  # (ts_ms, event_id, item_id, type)
+    latest: tuple[int, str]
+    session_id: str | None
+    online: OnlineSnapshot | None
+
+
+class ItemSnapshot(msgspec.Struct, array_like=True, tag="item.1"):
+    """`pipelines.profile.ItemProfile`."""
+
+    windows: dict[str, WindowSnapshot]
+    rewrite: list[str]
+
+
+_BIGINT = 1  # msgpack ext code: an int beyond 64 bits (a client's JSON may hold one)
+
+
+def _ext_hook(code: int, data: memoryview) -> Any:
+    if code == _BIGINT:
+        return int(bytes(data).decode())
+    raise StateVersionError(f"unknown msgpack extension {code} in a recovery snapshot")
+
+
+def _big(value: Any) -> Any:
+    """`value` with every int msgpack cannot hold as an extension (the slow path)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if -(1 << 63) <= value < (1 << 64):
+            return value
+        return msgspec.msgpack.Ext(_BIGINT, str(value).encode())
+    if isinstance(value, list | tuple):
+        return [_big(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _big(v) for k, v in value.items()}
+    return value
+
+
+_PACK = msgspec.msgpack.Encoder()
+
+
+def encode_snapshot(layout: tuple[Any, ...]) -> bytes:
+    """A snapshot from its layout as a plain tuple, tag first (see `UserSnapshot`):
+    encoding the tuple directly skips building the Structs on the hot path."""
+    try:
+        return _PACK.encode(layout)
+    except OverflowError:
+        return _PACK.encode(_big(layout))
+
+
+class SnapshotCodec:
+    """Decodes one kind of snapshot, refusing any other kind or version clearly."""
+
+    def __init__(self, kind: type[msgspec.Struct]) -> None:
+        self.kind = kind
+        self.tag = kind.__struct_config__.tag
+        self._decoder = msgspec.msgpack.Decoder(kind, ext_hook=_ext_hook)
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return self._decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            try:
+                raw = msgspec.msgpack.decode(data, ext_hook=_ext_hook)
+            except msgspec.DecodeError:
+                raw = None
+            tag = raw[0] if isinstance(raw, list) and raw else None
+            if tag != self.tag:
+                raise StateVersionError(
+                    f"recovery snapshot of layout {tag!r}, this nextbest reads {self.tag!r} "
+                    "here (written by another release? resume with that release, or start "
+                    "the stream without its recovery directory to rebuild from the log)"
+                ) from None
+            raise StateVersionError(f"recovery snapshot {tag!r} is malformed: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise StateVersionError(f"recovery snapshot is not msgpack: {exc}") from None
+
+
+USER_SNAPSHOT = SnapshotCodec(UserSnapshot)
+ITEM_SNAPSHOT = SnapshotCodec(ItemSnapshot)

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from nextbest.features.state import OnlineEvidence
+from nextbest.features.state import OnlineEvidence, OnlineSnapshot
 from nextbest.spec.models import OnlineModel, Spec
 
 MEMORY = 256
@@ -171,6 +171,28 @@ class OnlineState:
         # Snapshots pickled before `forgotten` existed restore without it.
         self.__dict__.update(state)
         self.__dict__.setdefault("forgotten", {})
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """The `OnlineSnapshot` layout (`nextbest.features.state`) as plain builtins."""
+        return (
+            self.anchor_ms,
+            self.sums,
+            self.counts,
+            [(d, t, ts, signal) for (d, t), (ts, signal) in self.exposures.items()],
+            self.floor,
+            list(self.forgotten),
+        )
+
+    @classmethod
+    def restore(cls, snap: OnlineSnapshot) -> "OnlineState":
+        return cls(
+            anchor_ms=snap.anchor_ms,
+            sums=snap.sums,
+            counts=snap.counts,
+            exposures={(d, t): (ts, signal) for d, t, ts, signal in snap.exposures},
+            floor=snap.floor,
+            forgotten=dict.fromkeys(snap.forgotten),
+        )
 
     def ensure(self, half_lives: Iterable[int]) -> None:
         """Keep sums for exactly these half-lives; a new one is rebuilt from memory."""
