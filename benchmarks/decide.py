@@ -33,6 +33,7 @@ import uvloop
 
 from benchmarks.openloop import Pool, Stream, head, open_loop, summary
 from nextbest.demo.shop import DemoConfig, generate_items, iter_event_dicts
+from nextbest.features.state import SessionState
 from nextbest.learn.model import fit, interaction_matrix
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
@@ -95,7 +96,7 @@ def build_home(settings: Settings, spec: Spec, cfg: DemoConfig) -> tuple[list[st
             "history": history,
             "seen": seen,
         }
-        states.append(UserState(user, now_ms, recent, session, None))
+        states.append(UserState(user, now_ms, recent, SessionState.load(session), None))
         features.extend(FeatureRow(user, name, float(len(last) % 7), now_ms) for name in counted)
     store.upsert_states(states)
     store.upsert_features(features)

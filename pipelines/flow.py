@@ -23,7 +23,7 @@ Shape (item types between steps)::
       merge_actors        (actor, Routed)
       state_user          (actor, Update)                       -> online, vectors
                           folds events into features and feedback into the online
-                          model (`UserState.session["online_model"]`, same write)
+                          model (`SessionState.online_model`, same write)
     sink_online           Update                                 (OnlineStore upserts)
     sink_user_vectors     ("lance_users", users row)             (LanceDB, one writer)
 
@@ -67,6 +67,7 @@ from pipelines.sources import source_from_settings
 from pipelines.stateful import (
     FEEDBACK_BUFFER,
     STITCH_BUFFER,
+    Codec,
     Incoming,
     StitchState,
     failed,
@@ -77,6 +78,10 @@ from pipelines.stateful import (
 from storage.online.models import Alias
 
 __all__ = ["FEEDBACK_BUFFER", "STITCH_BUFFER", "StitchState", "build_flow", "state_key", "stitch"]
+
+USER_CODEC = Codec(UserProfile.snapshot, UserProfile.from_snapshot)
+ITEM_CODEC = Codec(ItemProfile.snapshot, ItemProfile.from_snapshot)
+"""Profiles snapshot as versioned msgpack (`nextbest.features.state`), never pickles."""
 
 STATE_KEYS_CACHED = 1 << 16
 """Actors whose state key (a keyed hash) is remembered: the active users, typically."""
@@ -190,7 +195,7 @@ def build_flow(
         item_updates = op.stateful_batch(
             sid("state", "item"),
             by_item,
-            state_builder(ItemProfile, item_fold, retention_of(plan, ItemProfile)),
+            state_builder(ItemProfile, item_fold, retention_of(plan, ItemProfile), ITEM_CODEC),
         )
         item_split = op.branch(sid("route", "dead_item"), item_updates, _is_dead)
         dead.append(item_split.trues)
@@ -281,7 +286,7 @@ def build_flow(
     user_states = op.stateful_batch(
         sid("state", "user"),
         actors,
-        state_builder(UserProfile, user_fold, retention_of(plan, UserProfile)),
+        state_builder(UserProfile, user_fold, retention_of(plan, UserProfile), USER_CODEC),
     )
     user_split = op.branch(sid("route", "dead_user"), user_states, _is_dead)
     dead.append(user_split.trues)

@@ -12,7 +12,8 @@ a stale group.
 
 Feedback records fold into the user's online model (`nextbest.learn.online_model`), which
 is idempotent by (decision_id, target) the same way; it is written with the user's
-state (`session["online_model"]`) and pickled with the rest of the profile.
+state (`SessionState.online_model`, `nextbest.features.state`) and kept in the
+profile's recovery snapshot.
 """
 
 import bisect
@@ -26,10 +27,18 @@ from nextbest.features.semantics import (
     NO_GROUP,
     RecentItems,
     WindowState,
+    event_key,
     field_value,
     group_key,
     session_vector,
     window_ms,
+)
+from nextbest.features.state import (
+    ITEM_SNAPSHOT,
+    USER_SNAPSHOT,
+    SessionState,
+    WindowSnapshot,
+    encode_snapshot,
 )
 from nextbest.ingest.events import Event, item_actor
 from nextbest.learn.online_model import Feedback, OnlinePlan, OnlineState
@@ -42,7 +51,7 @@ from nextbest.spec.models import (
 from storage.online.models import FeatureRow, UserState, now_ms
 
 HISTORY_MAX = 200
-"""Entries of `session["history"]` and of each seen list (docs/architecture.md#user-state)."""
+"""Entries of `SessionState.history` and of each `SessionState.seen` list."""
 
 ItemLookup = Callable[[str], Mapping[str, Any] | None]
 Source = tuple[int, int]  # (partition, offset) of the newest event in a batch
@@ -116,6 +125,7 @@ def _fold_windows(
 ) -> None:
     """Fold `event` (at `ts_ms`) into every window feature it applies to, noting in
     `offered` the (feature, group) it was offered to, whether or not the window kept it."""
+    key: int | None = None  # the event id's digest, once for all its windows
     for name, feature in routes.get(event.type, ()):
         # The common cases of `group_key` and `field_value` inline (hot path).
         group = NO_GROUP if feature.group_by is None else group_key(feature, item)
@@ -125,7 +135,9 @@ def _fold_windows(
         if state is None:
             state = windows[name] = WindowState(window_ms=plan.window_ms[name], agg=feature.agg)
         value = 1 if feature.field is None else field_value(plan.spec, feature, event, item)
-        state.add(ts_ms, event.event_id, group, value)
+        if key is None:
+            key = event_key(event.event_id)
+        state.add(ts_ms, key, group, value)
         touched = offered.get(name)
         if touched is None:
             offered[name] = {group}
@@ -192,7 +204,7 @@ def _window_rows(
     return rows
 
 
-WindowsState = dict[str, tuple[int, str, list[Any]]]
+WindowsState = dict[str, tuple[int, str, list[Any]]]  # (window_ms, agg, entries)
 
 
 def _windows_state(windows: Mapping[str, WindowState]) -> WindowsState:
@@ -202,6 +214,10 @@ def _windows_state(windows: Mapping[str, WindowState]) -> WindowsState:
 
 def _windows_restore(state: WindowsState) -> dict[str, WindowState]:
     return {name: WindowState.restore(*w) for name, w in state.items()}
+
+
+def _windows_of(snap: dict[str, WindowSnapshot]) -> dict[str, WindowState]:
+    return {n: WindowState.restore(w.window_ms, w.agg, w.entries) for n, w in snap.items()}
 
 
 def _written(windows: Mapping[str, WindowState]) -> dict[str, dict[str, float]]:
@@ -222,6 +238,16 @@ class ItemProfile:
     def restored(self) -> None:
         """Called after a restore from a snapshot (see `_window_rows`)."""
         self.rewrite = set(self.windows) | set(self.written)
+
+    def snapshot(self) -> bytes:
+        """The recovery snapshot: `ItemSnapshot` (`nextbest.features.state`), plain msgpack."""
+        return encode_snapshot(("item.1", _windows_state(self.windows), list(self.rewrite)))
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> "ItemProfile":
+        snap = ITEM_SNAPSHOT.decode(data)
+        windows = _windows_of(snap.windows)
+        return cls(windows, _written(windows), set(snap.rewrite))
 
     def __getstate__(self) -> tuple[Any, ...]:
         return (_windows_state(self.windows), None, self.rewrite)  # see UserProfile
@@ -300,6 +326,43 @@ class UserProfile:
             seen = self.seen[event.type] = RecentItems(HISTORY_MAX)
         seen.add(ts_ms, item_id)
         self._interact((ts_ms, event.event_id, item_id, event.type))
+
+    def snapshot(self) -> bytes:
+        """The recovery snapshot, once per touched key and epoch: `UserSnapshot`
+        (`nextbest.features.state`) as plain msgpack, without what `interactions` and
+        the windows imply (`written`, `interaction_ids`, the aggregates)."""
+        online = self.online
+        return encode_snapshot(
+            (
+                "user.1",
+                _windows_state(self.windows),
+                list(self.rewrite),
+                {name: (r.n, r.items) for name, r in self.recent.items()},
+                {kind: (r.n, r.items) for kind, r in self.seen.items()},
+                self.interactions,
+                self.latest,
+                self.session_id,
+                online.snapshot() if online is not None else None,
+            )
+        )
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> "UserProfile":
+        snap = USER_SNAPSHOT.decode(data)
+        windows = _windows_of(snap.windows)
+        interactions = snap.interactions
+        return cls(
+            windows=windows,
+            written=_written(windows),
+            rewrite=set(snap.rewrite),
+            recent={name: RecentItems(n, items) for name, (n, items) in snap.recent.items()},
+            seen={kind: RecentItems(n, items) for kind, (n, items) in snap.seen.items()},
+            interactions=interactions,
+            interaction_ids={entry[1] for entry in interactions},
+            latest=snap.latest,
+            session_id=snap.session_id,
+            online=OnlineState.restore(snap.online) if snap.online is not None else None,
+        )
 
     def __getstate__(self) -> tuple[Any, ...]:
         # Pickled once per touched key and epoch: one flat tuple of builtins (about half
@@ -385,16 +448,17 @@ class UserProfile:
     def user_state(self, plan: FeaturePlan, actor: str, vector: list[float] | None) -> UserState:
         recent_name = plan.recent_feature
         recent = self.recent.get(recent_name) if recent_name else None
-        session = {
-            "session_id": self.session_id,
-            "last_ts_ms": self.latest[0],
-            "history": [[i, t, ts] for ts, _e, i, t in reversed(self.interactions)],
-            "seen": {kind: items.ids() for kind, items in sorted(self.seen.items())},
-        }
+        online = self.online
+        session = SessionState(
+            session_id=self.session_id,
+            last_ts_ms=self.latest[0],
+            history=[(i, t, ts) for ts, _e, i, t in reversed(self.interactions)],
+            seen={kind: items.ids() for kind, items in sorted(self.seen.items())},
+            online_model=online.evidence() if online is not None else None,
+        )
         newest = self.latest[0]
-        if self.online is not None:
-            session["online_model"] = self.online.to_json()
-            newest = max(newest, self.online.anchor_ms)
+        if online is not None:
+            newest = max(newest, online.anchor_ms)
         return UserState(
             user_id=actor,
             event_ts_ms=max(newest, 0),

@@ -3,6 +3,7 @@ folded one batch at a time, with the spec's `state.ttl`), identity stitching, an
 dead letters of records that raise inside a step.
 """
 
+import io
 import json
 import logging
 import pickle
@@ -34,10 +35,10 @@ profile would no longer equal a batch recomputation."""
 
 
 class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
-    """A keyed state folded one batch at a time; snapshots are pickled bytes.
+    """A keyed state folded one batch at a time; snapshots are bytes (`Codec`).
 
     Folding a whole batch per key (instead of per item) computes aggregates once per
-    batch, and pickling once is far cheaper than the deepcopy `stateful_map` does on
+    batch, and encoding once is far cheaper than the deepcopy `stateful_map` does on
     every snapshot, while being just as immutable. An `Erase` in the batch forgets
     everything before it; if nothing follows, the key is discarded.
 
@@ -52,11 +53,13 @@ class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
         fold: Callable[[S, list[V]], list[W]],
         new: Callable[[], S],
         retention: "Retention | None" = None,
+        encode: Callable[[S], bytes] | None = None,
     ) -> None:
         self.state = state
         self._fold = fold
         self._new = new
         self._retention = retention
+        self._encode = encode
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[W], bool]:
         cut = max((i for i, v in enumerate(values) if isinstance(v, Erase)), default=-1)
@@ -80,7 +83,41 @@ class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
         return [], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
+        if self._encode is not None:
+            return self._encode(self.state)
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class Codec(NamedTuple, Generic[S]):
+    """How a state becomes a recovery snapshot and back (the profiles' versioned msgpack,
+    `nextbest.features.state`); states without one are pickled."""
+
+    encode: Callable[[S], bytes]
+    decode: Callable[[bytes], S]
+
+
+RENAMED = {
+    "nextbest.windows": "nextbest.features.windows",
+    "nextbest.features": "nextbest.features.semantics",  # a module before the package
+    "nextbest.online_model": "nextbest.learn.online_model",
+    "nextbest.events": "nextbest.ingest.events",
+}
+"""Modules that moved, for pickled snapshots written before they did."""
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(RENAMED.get(module, module), name)
+
+
+def unpickle(data: bytes) -> Any:
+    """A pickled snapshot (a legacy one, or a state without a `Codec`)."""
+    return _LegacyUnpickler(io.BytesIO(data)).load()
+
+
+def is_pickle(data: bytes) -> bool:
+    """Pickles of protocol 2+ start with PROTO (0x80); the codecs' msgpack never does."""
+    return data[:1] == b"\x80"
 
 
 class Retention(NamedTuple):
@@ -100,15 +137,20 @@ def state_builder(
     new: Callable[[], S],
     fold: Callable[[S, list[V]], list[W]],
     retention: Retention | None = None,
+    codec: Codec[S] | None = None,
 ) -> Callable[[bytes | None], FoldLogic[S, V, W]]:
+    encode = codec.encode if codec is not None else None
+
     def build(resume: bytes | None) -> FoldLogic[S, V, W]:
         if resume is None:
-            return FoldLogic(new(), fold, new, retention)
-        state = pickle.loads(resume)
+            return FoldLogic(new(), fold, new, retention, encode)
+        # A pickle: a state without a codec, or a snapshot written before it had one.
+        legacy = codec is None or is_pickle(resume)
+        state = unpickle(resume) if legacy or codec is None else codec.decode(resume)
         restored = getattr(state, "restored", None)
         if restored is not None:
             restored()  # rows written after this snapshot are unknown: rewrite them
-        return FoldLogic(state, fold, new, retention)
+        return FoldLogic(state, fold, new, retention, encode)
 
     return build
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from nextbest.features.state import SessionState
 from nextbest.learn.model import ItemModel
 from nextbest.learn.online_model import OnlineView
 from nextbest.spec.models import SessionVectorFeature, Spec
@@ -45,7 +46,7 @@ class UserView:
     """Every online feature value, grouped ones as `name[group]`: the inputs of the
     uplift model and what the decision log records in `features["values"]`."""
     online: OnlineView | None = None
-    """The user's online model (`session["online_model"]`), learned from feedback."""
+    """The user's online model (`SessionState.online_model`), learned from feedback."""
 
     @property
     def fresh(self) -> bool:
@@ -58,7 +59,7 @@ def user_view(
     actor: str,
     *,
     recent_items: Sequence[Any] = (),
-    session: Mapping[str, Any] | None = None,
+    session: SessionState | Mapping[str, Any] | None = None,
     session_vector: Sequence[float] | None = None,
     features: Mapping[str, float | None] | None = None,
     cached: Sequence[Mapping[str, Any]] = (),
@@ -67,33 +68,27 @@ def user_view(
     values: Mapping[str, float | None] | None = None,
     as_of_ms: int | None = None,
 ) -> UserView:
-    """Build a `UserView` from the user's online state
-    (docs/architecture.md#user-state): `session["history"]`
+    """Build a `UserView` from the stream's typed state (`nextbest.features.state`,
+    docs/architecture.md#user-state; a plain dict is read as a version-0 row): `history`
     ([item_id, event_type, ts_ms], newest first) becomes {item: sum of event weights};
-    `session["online_model"]` is read as of `as_of_ms` (its feedback decays until then)."""
-    session = session or {}
+    `online_model` is read as of `as_of_ms` (its feedback decays until then)."""
+    state = SessionState.load(session)
+    events = spec.events
     history: dict[str, float] = {}
     recent: dict[str, int] = {}
-    for entry in session.get("history") or []:
-        if not isinstance(entry, list | tuple) or len(entry) < 3:
-            continue
-        item, kind, ts_ms = entry[0], entry[1], entry[2]
-        declared = spec.events.get(str(kind))
-        if not isinstance(item, str) or declared is None or declared.weight <= 0:
+    for item, kind, ts_ms in state.history:
+        declared = events.get(kind)
+        if declared is None or declared.weight <= 0:
             continue
         history[item] = history.get(item, 0.0) + declared.weight
-        if item not in recent and isinstance(ts_ms, int | float):
-            recent[item] = int(ts_ms)
+        if item not in recent:
+            recent[item] = ts_ms
     if not history:  # no session history: the last_n feature still says what they touched
         for item in recent_items:
             if isinstance(item, str):
                 history.setdefault(item, 1.0)
                 recent.setdefault(item, 0)
-    seen = {
-        str(k): [i for i in v if isinstance(i, str)]
-        for k, v in (session.get("seen") or {}).items()
-        if isinstance(v, list)
-    }
+    seen = state.seen
     vector = None if session_vector is None else np.asarray(session_vector, dtype=np.float32)
     return UserView(
         actor=actor,
@@ -106,7 +101,7 @@ def user_view(
         cached_version=cached_version,
         cap_counts=dict(cap_counts or {}),
         values=dict(values) if values is not None else dict(features or {}),
-        online=OnlineView.parse(session.get("online_model"), as_of_ms=as_of_ms),
+        online=OnlineView.parse(state.online_model, as_of_ms=as_of_ms),
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from nextbest.features.windows import NO_GROUP, WindowState, aggregate
+from nextbest.features.windows import NO_GROUP, WindowState, aggregate, event_key
 from nextbest.ingest.events import Event
 from nextbest.spec.models import (
     LastNFeature,
@@ -29,7 +29,7 @@ from nextbest.spec.models import (
     parse_duration,
 )
 
-__all__ = ["NO_GROUP", "WindowState", "aggregate"]
+__all__ = ["NO_GROUP", "WindowState", "aggregate", "event_key"]
 
 
 def field_value(

@@ -6,17 +6,42 @@ equals `aggregate(agg, values)` over its entries bit for bit (math.fsum partials
 """
 
 import bisect
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 NO_GROUP = ""
+_KEY_END = 1 << 64  # above every `event_key`: the bisect bound of "all entries at ts"
 VALUE_BOUND = 1e15
 """Numeric values are clamped to +-VALUE_BOUND before they are aggregated: a window of
 any realistic size then sums far below float's range, so no client value (1.7e308 twice
 overflowed `math.fsum` and crashed the stream on every replay) can overflow a sum or
 a mean. Stream and batch share `bounded`, so they still agree bit for bit."""
+
+
+def event_key(event_id: str) -> int:
+    """What a window keeps of an event's id: a 64-bit digest, never the id itself.
+
+    Item windows outlive an erased user (they belong to the item), and a client-chosen
+    event id may embed the user's id, so a raw id there would survive the erasure (in
+    the recovery snapshots) until the window expired. The digest still dedupes (a
+    collision inside one entity's window is ~n^2/2^65) and orders ties the same way in
+    the stream and the batch backfill, which both key entries here. Not keyed with the
+    pseudonymization key on purpose: stream, batch and old snapshots agree without it,
+    and the id cannot be read back from it.
+    """
+    return int.from_bytes(
+        hashlib.blake2b(event_id.encode(), digest_size=8, person=b"nb-window").digest()
+    )
+
+
+def _keyed(entries: Iterable[Any]) -> list[tuple[int, int, str, Any]]:
+    """Entries of a snapshot from before `event_key` (raw ids) keyed as now, re-sorted."""
+    out = [(e[0], e[1] if isinstance(e[1], int) else event_key(e[1]), e[2], e[3]) for e in entries]
+    out.sort(key=lambda e: e[:2])
+    return out
 
 
 @dataclass(slots=True)
@@ -29,7 +54,7 @@ class _GroupAgg:
     # Made on first use, by the aggregations that need them (most groups need neither).
     partials: list[float] | None = None  # exact running sum, see `_grow`
     distinct: dict[Any, int] | None = None  # non-None value -> entries
-    last: tuple[int, str, float] | None = None  # newest numeric entry (ts_ms, event_id, value)
+    last: tuple[int, int, float] | None = None  # newest numeric entry (ts_ms, key, value)
 
 
 def _grow(partials: list[float], x: float) -> bool:
@@ -56,9 +81,10 @@ def _grow(partials: list[float], x: float) -> bool:
 
 @dataclass
 class WindowState:
-    """Events of one entity inside one feature's window, as (ts_ms, event_id, group, value).
+    """Events of one entity inside one feature's window, as (ts_ms, key, group, value),
+    `key` the event id's `event_key`.
 
-    Kept sorted by (ts_ms, event_id) so ties and out-of-order arrivals give the same
+    Kept sorted by (ts_ms, key) so ties and out-of-order arrivals give the same
     result as a sorted batch. Memory is bounded by the events inside the window.
     Each group's aggregate is maintained incrementally on add and evict (exactly, see
     `_grow`), so `values()` costs O(groups) instead of a rescan of the window; the
@@ -67,8 +93,8 @@ class WindowState:
 
     window_ms: int
     agg: str
-    entries: list[tuple[int, str, str, Any]] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
+    entries: list[tuple[int, int, str, Any]] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
     # None = incremental path disabled (unhashable distinct values, overflow): rescan.
     _groups: dict[str, _GroupAgg] | None = field(
         default=None, init=False, repr=False, compare=False
@@ -77,6 +103,9 @@ class WindowState:
     _changed: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if any(not isinstance(e[1], int) for e in self.entries):
+            self.entries = _keyed(self.entries)
+            self.seen = {e[1] for e in self.entries}
         self._rebuild()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -87,7 +116,7 @@ class WindowState:
         # Also restores snapshots pickled before the aggregates existed (full __dict__).
         self.window_ms = state["window_ms"]
         self.agg = state["agg"]
-        self.entries = list(state["entries"])
+        self.entries = _keyed(state["entries"])
         self.seen = {e[1] for e in self.entries}
         self._changed = set()
         self._rebuild()
@@ -98,7 +127,7 @@ class WindowState:
         state = cls.__new__(cls)
         state.window_ms = window_ms
         state.agg = agg
-        state.entries = entries
+        state.entries = entries if all(isinstance(e[1], int) for e in entries) else _keyed(entries)
         state.seen = {e[1] for e in entries}
         state._changed = set()
         state._rebuild()
@@ -108,12 +137,15 @@ class WindowState:
     def anchor_ms(self) -> int | None:
         return self.entries[-1][0] if self.entries else None
 
-    def add(self, ts_ms: int, event_id: str, group: str, value: Any) -> bool:
-        """Fold one event in; False when it was a duplicate or fell outside the window."""
-        if event_id in self.seen:
+    def add(self, ts_ms: int, event_id: str | int, group: str, value: Any) -> bool:
+        """Fold one event in; False when it was a duplicate or fell outside the window.
+        `event_id` is the id, or its `event_key` when the caller computed it once for
+        several windows."""
+        key = event_id if isinstance(event_id, int) else event_key(event_id)
+        if key in self.seen:
             return False
         entries = self.entries
-        entry = (ts_ms, event_id, group, value)
+        entry = (ts_ms, key, group, value)
         if entries:
             if ts_ms <= entries[-1][0] - self.window_ms:
                 return False
@@ -123,7 +155,7 @@ class WindowState:
                 bisect.insort(entries, entry)
         else:
             entries.append(entry)
-        self.seen.add(event_id)
+        self.seen.add(key)
         self._count(entry, 1)
         # Only a new anchor can push older entries out of the window.
         if entries[-1] is entry and entries[0][0] <= ts_ms - self.window_ms:
@@ -134,7 +166,7 @@ class WindowState:
         anchor = self.anchor_ms
         if anchor is None:
             return
-        cut = bisect.bisect_right(self.entries, (anchor - self.window_ms, "\uffff"))
+        cut = bisect.bisect_right(self.entries, (anchor - self.window_ms, _KEY_END))
         if not cut:
             return
         for entry in self.entries[:cut]:
@@ -155,7 +187,7 @@ class WindowState:
         self._changed = set()
         return changed if self._groups is not None else None
 
-    def _count(self, entry: tuple[int, str, str, Any], sign: int) -> None:
+    def _count(self, entry: tuple[int, int, str, Any], sign: int) -> None:
         """Apply one entry to its group's aggregate (+1 added, -1 evicted).
 
         Evictions remove a prefix of the sorted entries, so an evicted numeric entry
@@ -164,7 +196,7 @@ class WindowState:
         groups = self._groups
         if groups is None:
             return
-        ts_ms, event_id, group, value = entry
+        ts_ms, key_id, group, value = entry
         self._changed.add(group)
         g = groups.get(group)
         if g is None:
@@ -198,10 +230,10 @@ class WindowState:
                     self._groups = None
                     return
         elif agg == "last" and is_number(value):
-            key = (ts_ms, event_id)
+            key = (ts_ms, key_id)
             if sign > 0:
                 if g.last is None or key > g.last[:2]:
-                    g.last = (ts_ms, event_id, bounded(value))
+                    g.last = (ts_ms, key_id, bounded(value))
             elif g.last is not None and g.last[:2] == key:
                 g.last = None
         if g.n <= 0:
@@ -209,8 +241,8 @@ class WindowState:
 
     def merge(self, other: "WindowState") -> None:
         """Identity stitching: fold the anonymous profile's events into this one."""
-        for ts_ms, event_id, group, value in other.entries:
-            self.add(ts_ms, event_id, group, value)
+        for ts_ms, key, group, value in other.entries:
+            self.add(ts_ms, key, group, value)
 
     def values(self) -> dict[str, float]:
         """Aggregate per group key ('' when the feature is not grouped)."""
@@ -243,11 +275,11 @@ class WindowState:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "WindowState":
-        entries = [tuple(e) for e in data["entries"]]
+        entries = _keyed(data["entries"])
         return cls(
             window_ms=int(data["window_ms"]),
             agg=str(data["agg"]),
-            entries=entries,  # type: ignore[arg-type]
+            entries=entries,
             seen={e[1] for e in entries},
         )
 

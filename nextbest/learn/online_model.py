@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import msgspec
+
+from nextbest.features.state import OnlineEvidence, OnlineSnapshot
 from nextbest.spec.models import OnlineModel, Spec
 
 MEMORY = 256
@@ -169,6 +172,28 @@ class OnlineState:
         self.__dict__.update(state)
         self.__dict__.setdefault("forgotten", {})
 
+    def snapshot(self) -> tuple[Any, ...]:
+        """The `OnlineSnapshot` layout (`nextbest.features.state`) as plain builtins."""
+        return (
+            self.anchor_ms,
+            self.sums,
+            self.counts,
+            [(d, t, ts, signal) for (d, t), (ts, signal) in self.exposures.items()],
+            self.floor,
+            list(self.forgotten),
+        )
+
+    @classmethod
+    def restore(cls, snap: OnlineSnapshot) -> "OnlineState":
+        return cls(
+            anchor_ms=snap.anchor_ms,
+            sums=snap.sums,
+            counts=snap.counts,
+            exposures={(d, t): (ts, signal) for d, t, ts, signal in snap.exposures},
+            floor=snap.floor,
+            forgotten=dict.fromkeys(snap.forgotten),
+        )
+
     def ensure(self, half_lives: Iterable[int]) -> None:
         """Keep sums for exactly these half-lives; a new one is rebuilt from memory."""
         wanted = set(half_lives)
@@ -246,16 +271,23 @@ class OnlineState:
         counts = self.counts.setdefault(target, [0, 0, 0])
         counts[slot] += sign
 
-    def to_json(self) -> dict[str, Any]:
-        """The online store's copy (`UserState.session["online_model"]`)."""
-        return {
-            "anchor_ms": self.anchor_ms,
-            "half_lives": {
-                str(h): {t: [round(x, 9) for x in v] for t, v in sorted(targets.items())}
-                for h, targets in sorted(self.sums.items())
+    def evidence(self) -> OnlineEvidence:
+        """The online store's copy (`SessionState.online_model`)."""
+        return OnlineEvidence(
+            anchor_ms=self.anchor_ms,
+            half_lives={
+                h: {
+                    t: (round(v[0], 9), round(v[1], 9), round(v[2], 9))
+                    for t, v in sorted(ts.items())
+                }
+                for h, ts in sorted(self.sums.items())
             },
-            "counts": {t: list(v) for t, v in sorted(self.counts.items())},
-        }
+            counts={t: (v[0], v[1], v[2]) for t, v in sorted(self.counts.items())},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """`evidence()` as JSON builtins (what a version-0 row held)."""
+        return msgspec.to_builtins(self.evidence(), str_keys=True)
 
 
 def _digest(decision_id: str, target: str) -> int:
@@ -289,23 +321,21 @@ class OnlineView:
 
     @classmethod
     def parse(cls, raw: Any, *, as_of_ms: int | None = None) -> "OnlineView | None":
-        """From the stored JSON; None when absent or malformed (never raises: the
-        decision goes on without the online model)."""
-        if not isinstance(raw, Mapping) or not raw.get("half_lives"):
+        """From the stored evidence (typed, or its JSON); None when absent, empty or
+        malformed (never raises: the decision goes on without the online model)."""
+        if isinstance(raw, OnlineEvidence):
+            evidence = raw
+        elif not isinstance(raw, Mapping) or not raw.get("half_lives"):
             return None
-        try:
-            anchor = int(raw.get("anchor_ms") or 0)
-            sums = {
-                int(h): {str(t): (float(v[0]), float(v[1]), float(v[2])) for t, v in ts.items()}
-                for h, ts in raw["half_lives"].items()
-            }
-            counts = {
-                str(t): (int(v[0]), int(v[1]), int(v[2]))
-                for t, v in (raw.get("counts") or {}).items()
-            }
-        except (TypeError, ValueError, IndexError, AttributeError):
+        else:
+            try:
+                evidence = msgspec.convert(raw, OnlineEvidence, str_keys=True, strict=False)
+            except msgspec.ValidationError:
+                return None
+        if not evidence.half_lives:
             return None
-        return cls(anchor, sums, counts, max(anchor, as_of_ms or 0))
+        anchor = evidence.anchor_ms
+        return cls(anchor, evidence.half_lives, evidence.counts, max(anchor, as_of_ms or 0))
 
     def adjust(self, target: str, label: str, settings: OnlineModel) -> Adjustment | None:
         """weight x (posterior mean - prior mean): within +/- weight/2 whatever the

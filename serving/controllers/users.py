@@ -80,10 +80,10 @@ class UsersController(Controller):
         ]
         state_out = None
         if state is not None:
-            session_id = state.session.get("session_id")
+            session_id = state.session.session_id
             state_out = StateOut(
                 recent_items=list(state.recent_items),
-                session_id=session_id if isinstance(session_id, str) else None,
+                session_id=session_id,
                 has_session_vector=state.session_vector is not None,
                 event_ts=datetime.fromtimestamp(state.event_ts_ms / 1000, tz=UTC),
                 updated_at=_dt(state.updated_at_ms),

@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar, cast
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
+from nextbest.features.state import SessionState
+
 ModelStatus = Literal["candidate", "promoted", "retired", "rejected"]
 _R = TypeVar("_R")
 MODEL_STATUSES: tuple[ModelStatus, ...] = ("candidate", "promoted", "retired", "rejected")
@@ -51,7 +53,8 @@ class UserFeatureTable(SQLModel, table=True):
 
 
 class UserStateTable(SQLModel, table=True):
-    """Per-user session state; the session vector is packed float32 (see `pack_vector`)."""
+    """Per-user session state: `session` is a versioned `SessionState` (its JSON), the
+    session vector is packed float32 (see `pack_vector`)."""
 
     __tablename__ = "nb_user_state"  # pyright: ignore[reportAssignmentType]
 
@@ -189,10 +192,12 @@ class FeatureRow:
 
 @dataclass(frozen=True, slots=True)
 class UserState:
+    """One `nb_user_state` row; `session` is the typed state decide reads."""
+
     user_id: str
     event_ts_ms: int
     recent_items: list[Any] = field(default_factory=list)
-    session: dict[str, Any] = field(default_factory=dict)
+    session: SessionState = field(default_factory=SessionState)
     session_vector: list[float] | None = None
     updated_at_ms: int | None = None
 
@@ -288,7 +293,7 @@ def state_params(row: StateInput, now: int) -> dict[str, Any]:
     r = _coerce(UserState, row)
     params = record_params(r)
     params["recent_items"] = list(r.recent_items)
-    params["session"] = dict(r.session)
+    params["session"] = SessionState.load(r.session).to_builtins()
     params["session_vector"] = pack_vector(r.session_vector)
     params["updated_at_ms"] = now
     return params
@@ -310,11 +315,13 @@ def decision_params(row: DecisionInput, now: int) -> dict[str, Any]:
 
 
 def state_record(m: Mapping[Any, Any]) -> UserState:
+    """A row as read; `session` may be JSON text (SQLite) or parsed (PostgreSQL).
+    Raises `StateVersionError` for a session of a layout this code does not read."""
     return UserState(
         user_id=m["user_id"],
         event_ts_ms=m["event_ts_ms"],
         recent_items=list(m["recent_items"] or []),
-        session=dict(m["session"] or {}),
+        session=SessionState.load(m["session"]),
         session_vector=unpack_vector(m["session_vector"]),
         updated_at_ms=m["updated_at_ms"],
     )

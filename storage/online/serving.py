@@ -196,8 +196,7 @@ class ServingStore:
             if row is not None:
                 m = dict(zip(_STATE_COLS, row, strict=True))
                 m["recent_items"] = _loads(m["recent_items"]) or []
-                m["session"] = _loads(m["session"]) or {}
-                state = state_record(m)
+                state = state_record(m)  # the session's JSON text: one typed decode
             features = []
             for row in cur.execute(_SQL_FEATURES, (resolved,)).fetchall():
                 m = dict(zip(_FEATURE_COLS, row, strict=True))

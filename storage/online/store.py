@@ -17,6 +17,7 @@ from typing import Any, Self
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
+from nextbest.features.state import SessionState
 from nextbest.ingest.events import anon_actor
 from nextbest.settings import Settings
 from storage.online.consent import CONSENT
@@ -154,7 +155,7 @@ class OnlineStore:
             r.user_id: (
                 r.user_id,
                 dumps(list(r.recent_items)),
-                dumps(dict(r.session)),
+                SessionState.load(r.session).encode().decode(),  # TEXT / CAST AS JSON
                 pack_vector(r.session_vector),
                 r.event_ts_ms,
                 now,

@@ -11,6 +11,7 @@ from nextbest.features.semantics import (
     WindowState,
     aggregate,
     batch_window_values,
+    event_key,
     identity_links,
     session_vector,
 )
@@ -203,7 +204,9 @@ def test_snapshots_from_before_incremental_aggregates_restore() -> None:
     old = {"window_ms": 1000, "agg": "mean", "entries": [(1, "a", "", 2), (2, "b", "", 4.0)]}
     state.__setstate__({**old, "seen": {"a", "b"}})
     assert state.values() == {"": 3.0}
-    assert state.seen == {"a", "b"}
+    # Their raw event ids are keyed as now (`event_key`), so they still dedupe.
+    assert state.seen == {event_key("a"), event_key("b")}
+    assert not state.add(2, "b", "", 100.0) and state.values() == {"": 3.0}
 
 
 def test_recent_items_equal_the_sorting_definition() -> None:

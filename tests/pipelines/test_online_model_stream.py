@@ -3,6 +3,7 @@ user's state step (anonymous visitors through identity stitching), written with 
 user's state, counted once across client retries, a resume from recovery and a full
 replay of the log."""
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -10,6 +11,7 @@ from bytewax.recovery import RecoveryConfig
 from bytewax.testing import run_main
 
 from nextbest.demo.shop import DemoConfig
+from nextbest.features.state import OnlineEvidence, SessionState
 from nextbest.learn.online_model import MAX_SKEW_MS
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
@@ -30,10 +32,16 @@ def fb(decision: str, user: str | None, outcome: str, minutes: float, **kw: Any)
     return {**body, "user_id": user} if user is not None else body
 
 
+def _json(evidence: OnlineEvidence | None) -> dict[str, Any]:
+    """The online model as the online row's JSON holds it."""
+    assert evidence is not None
+    return json.loads(SessionState(online_model=evidence).encode())["online_model"]
+
+
 def model_of(updates: list[Update], actor: str) -> dict[str, Any]:
     states = [u.state for u in updates if u.state is not None and u.state.user_id == actor]
     assert states, f"no state written for {actor}"
-    return states[-1].session["online_model"]
+    return _json(states[-1].session.online_model)
 
 
 def test_feedback_reaches_the_users_online_model_once(settings: Settings, spec: Spec) -> None:
@@ -102,7 +110,7 @@ def _online_model(settings: Settings, user: str) -> dict[str, Any]:
     finally:
         store.dispose()
     assert state is not None
-    return state.session["online_model"]
+    return _json(state.session.online_model)
 
 
 def test_resume_and_replay_never_count_feedback_twice(settings: Settings, spec: Spec) -> None:

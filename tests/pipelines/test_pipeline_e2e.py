@@ -58,7 +58,7 @@ def test_thousand_events_reach_every_store_once(settings: Settings, spec: Spec) 
     states = online.get_states(sorted(users))
     assert set(states) == users
     some = next(iter(states.values()))
-    assert some.session["history"] and some.event_ts_ms > 0 and some.updated_at_ms
+    assert some.session.history and some.event_ts_ms > 0 and some.updated_at_ms
     features = online.get_features_many(sorted(users))
     assert all(r.event_ts_ms > 0 and r.updated_at_ms for rows in features.values() for r in rows)
     # identify events linked anonymous visitors to their users.

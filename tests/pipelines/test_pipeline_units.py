@@ -139,8 +139,8 @@ def test_identity_stitching_merges_history_in_any_order(settings: Settings, spec
         )
         state = [u.state for u in online if u.state and u.state.user_id == "u9"][-1]
         assert state.recent_items == ["i3", "i1", "i2"]
-        assert [h[0] for h in state.session["history"]] == ["i3", "i3", "i1", "i2", "i1"]
-        assert state.session["seen"]["add_to_cart"] == ["i1"]
+        assert [h[0] for h in state.session.history] == ["i3", "i3", "i1", "i2", "i1"]
+        assert state.session.seen["add_to_cart"] == ["i1"]
         assert vectors and vectors[-1][1]["user_id"] in {"u9", "anon:anon"}
 
 

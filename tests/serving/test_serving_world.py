@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 
 from nextbest.demo.shop import DemoConfig, generate_items, iter_events
+from nextbest.features.state import SessionState
 from nextbest.learn.model import ItemModel, fit, interaction_matrix
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
@@ -108,7 +109,9 @@ def stream_state(
         user_id=user_id,
         event_ts_ms=end,
         recent_items=recent[:20],
-        session={"session_id": "s-test", "last_ts_ms": end, "history": history, "seen": seen},
+        session=SessionState.load(
+            {"session_id": "s-test", "last_ts_ms": end, "history": history, "seen": seen}
+        ),
         session_vector=None,
     )
     store.upsert_states([state])
@@ -164,5 +167,5 @@ def test_stream_state_is_newest_first(world: World) -> None:
     state = world.store.get_state("u-x")
     assert state is not None
     assert state.recent_items == ["i00002", "i00001"]
-    assert state.session["history"][0] == ["i00002", "purchase", 10_000]
-    assert state.session["seen"] == {"purchase": ["i00002"], "view": ["i00001"]}
+    assert state.session.history[0] == ("i00002", "purchase", 10_000)
+    assert state.session.seen == {"purchase": ["i00002"], "view": ["i00001"]}

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 import storage.online.sql
+from nextbest.features.state import OnlineEvidence, SessionState
 from nextbest.ingest.consent import ConsentChange
 from nextbest.ingest.events import anon_actor
 from nextbest.settings import Settings
@@ -25,6 +26,14 @@ from storage.online.models import (
     UserState,
 )
 from storage.online.store import OnlineStore
+
+SESSION = SessionState(
+    session_id="s1",
+    last_ts_ms=5,
+    history=[("i3", "view", 5), ("i2", "purchase", 4)],
+    seen={"purchase": ["i2"], "view": ["i3"]},
+    online_model=OnlineEvidence(anchor_ms=4, half_lives={60_000: {"category=x": (1.0, 0.0, 0.5)}}),
+)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -172,7 +181,7 @@ def test_user_state_round_trip(store: OnlineStore) -> None:
                 "user_id": "u1",
                 "event_ts_ms": 5,
                 "recent_items": ["i3", "i2"],
-                "session": {"id": "s1", "n": 2},
+                "session": SESSION,
                 "session_vector": [0.25, -1.5, 3.0],
             },
             UserState(user_id="u2", event_ts_ms=6),
@@ -180,7 +189,7 @@ def test_user_state_round_trip(store: OnlineStore) -> None:
     )
     s1 = store.get_state("u1")
     assert s1 is not None
-    assert (s1.recent_items, s1.session, s1.event_ts_ms) == (["i3", "i2"], {"id": "s1", "n": 2}, 5)
+    assert (s1.recent_items, s1.session, s1.event_ts_ms) == (["i3", "i2"], SESSION, 5)
     assert s1.session_vector == pytest.approx([0.25, -1.5, 3.0])
     assert s1.updated_at_ms is not None
     s2 = store.get_state("u2")
@@ -478,7 +487,7 @@ def test_write_stream_rows_is_one_bulk_upsert_of_all_three_tables(store: OnlineS
             _feature("u1", "views_1h", 0.0, 120, "old"),  # overwrites an existing row
         ],
         [
-            UserState(user_id="u1", event_ts_ms=7, session={"h": [["i1", "view", 7]]}),
+            UserState(user_id="u1", event_ts_ms=7, session=SESSION),
             UserState(user_id="u1", event_ts_ms=8, recent_items=["i2"], session_vector=[0.5, -2.0]),
         ],
         [Alias("a1", "u1", 3), Alias("a2", "u1")],
@@ -493,7 +502,7 @@ def test_write_stream_rows_is_one_bulk_upsert_of_all_three_tables(store: OnlineS
     assert all(r.updated_at_ms is not None for r in rows.values())
     state = store.get_state("u1")
     assert state is not None
-    assert (state.event_ts_ms, state.recent_items, state.session) == (8, ["i2"], {})
+    assert (state.event_ts_ms, state.recent_items, state.session) == (8, ["i2"], SessionState())
     assert state.session_vector == pytest.approx([0.5, -2.0])
     assert store.resolve("a1") == store.resolve("a2") == "u1"
     assert store.write_stream_rows() == 0
