@@ -170,7 +170,7 @@ def test_item_windows_keep_no_raw_event_id(settings: Settings) -> None:
 
 
 def _profiles() -> tuple[UserProfile, ItemProfile]:
-    from tests.test_stream_fast_paths import ITEMS, _ts
+    from tests.pipelines.test_stream_fast_paths import ITEMS, _ts
 
     spec = load_spec(ROOT / "nextbest.yaml")
     plan = FeaturePlan.from_spec(spec)

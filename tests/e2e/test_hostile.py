@@ -152,13 +152,6 @@ def test_an_erased_subject_is_in_no_file(run: Run) -> None:
     assert s.job.get("status") == "done", json.dumps(s.job, indent=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: the item's window state (step state_item, Bytewax recovery "
-    "part-N.sqlite3) keeps the event ids of the views it counts; ids the client chose as "
-    "'ev-<user>-0' name the erased user there, the recovery check never passes and the "
-    "job stays running (stream_state pending), its erase request left in the event log",
-)
 def test_a_subject_whose_event_ids_name_them_is_in_no_file(run: Run) -> None:
     assert "erasure" not in run.errors, run.errors["erasure"]
     s = run.subjects[1]
