@@ -74,19 +74,24 @@ def test_sigkill_during_replay_loses_and_duplicates_nothing(
     cfg, events = demo_events(4000, seed=23)
     items = write_catalog(settings, spec, cfg, vectors=True)
     log_path = tmp_path / "worker.log"
-    appended, killed = threading.Event(), threading.Event()
+    appended = threading.Event()
+    kills = [threading.Event() for _ in range(3)]
+    quarter = len(events) // 4
+    chunks = [events[i * quarter : (i + 1) * quarter] for i in range(3)] + [events[3 * quarter :]]
 
     def produce() -> None:
-        # A live producer: slow while workers get killed, then the rest at once. It holds
-        # back the last tenth until the kills are done, so however slowly workers start
-        # (CI under load), every kill lands while the log is still incomplete.
+        # A live producer, one quarter of the log per worker incarnation: quarter k is
+        # appended only after kill k-1, so every incarnation has new events to make
+        # progress on however slowly it starts (CI under load), and every kill lands
+        # while the log is still incomplete. The last quarter comes after the kills.
         with EventLog.from_settings(settings, mode="writer") as log:
-            for start in range(0, len(events), 20):
-                if start >= len(events) * 9 // 10:
-                    killed.wait(timeout=300)
-                log.append([encode(e) for e in events[start : start + 20]])
-                if not killed.is_set():
-                    time.sleep(0.05)
+            for k, chunk in enumerate(chunks):
+                if k > 0:
+                    kills[k - 1].wait(timeout=600)
+                for start in range(0, len(chunk), 20):
+                    log.append([encode(e) for e in chunk[start : start + 20]])
+                    if k < 3:
+                        time.sleep(0.05)
         appended.set()
 
     producer = threading.Thread(target=produce, daemon=True)
@@ -94,12 +99,12 @@ def test_sigkill_during_replay_loses_and_duplicates_nothing(
     rng = random.Random(5)
     seen = 0
     live_kills = 0
-    for _ in range(3):
+    for k in range(3):
         proc = _worker(settings, log=log_path)
         # Kill only once this incarnation made progress, at a random moment after it.
         _wait(
             lambda p=proc, n=seen: p.poll() is not None or _bronze_count(settings) > n,
-            60,
+            240,
             "progress",
         )
         assert proc.poll() is None, log_path.read_text(errors="replace")[-4000:]
@@ -108,7 +113,7 @@ def test_sigkill_during_replay_loses_and_duplicates_nothing(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         seen = _bronze_count(settings)
-    killed.set()
+        kills[k].set()
     producer.join(timeout=60)
     assert appended.is_set()
     assert live_kills == 3  # every kill hit a worker before the log was complete
