@@ -9,6 +9,18 @@ import re
 from collections import Counter
 from pathlib import Path
 
+WAITS = (
+    "Condition.wait",
+    "Event.wait",
+    "Queue.get",
+    "select (",
+    "sleep",
+    "Layout.sync",
+    "_worker (thread.py)",
+    "EpollSelector.select",
+    "Runner.run (runners.py)",
+)
+"""Leaf frames that wait rather than compute (py-spy's idle detection misses some)."""
 _LOC = re.compile(r" \((?P<file>[^()]*?):\d+\)$")
 
 
@@ -29,8 +41,12 @@ def load(path: Path) -> list[tuple[list[str], int]]:
     return stacks
 
 
-def summarize(path: Path, *, top: int = 25, match: str | None = None) -> list[str]:
+def summarize(
+    path: Path, *, top: int = 25, match: str | None = None, cpu: bool = False
+) -> list[str]:
     stacks = load(path)
+    if cpu:
+        stacks = [(f, c) for f, c in stacks if not any(w in frame_name(f[-1]) for w in WAITS)]
     total = sum(c for _, c in stacks) or 1
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
@@ -60,10 +76,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--cpu", action="store_true", help="drop stacks that end waiting")
     ap.add_argument("--match", help="only stacks with a frame containing this text")
     args = ap.parse_args()
     for path in args.paths:
-        print("\n".join(summarize(path, top=args.top, match=args.match)))
+        print("\n".join(summarize(path, top=args.top, match=args.match, cpu=args.cpu)))
     return 0
 
 
