@@ -217,7 +217,16 @@ def _json(value: Any) -> str | None:
     pool, ~8x msgspec's; benchmarks/stack.py profile)."""
     if value is None or isinstance(value, str):
         return value
-    return msgspec.json.encode(value, enc_hook=str, order="sorted").decode()
+    return msgspec.json.encode(value, enc_hook=_plain, order="sorted").decode()
+
+
+def _plain(value: Any) -> Any:
+    """What msgspec cannot encode itself: numpy scalars as their Python number (as
+    `json.dumps` wrote a float64), anything else as its str (its `default=str`)."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == ():
+        return item()
+    return str(value)
 
 
 def decisions_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
