@@ -67,9 +67,11 @@ def test_a_read_over_budget_serves_the_cached_decision_and_counts_why(tmp_path: 
         text = httpx.get(f"{live.url}/metrics").text
         fallbacks = "nextbest_decision_fallbacks_total"
         assert _sample(text, fallbacks, reason="budget", served_from="cached") == 1
-        assert _sample(text, fallbacks, reason="budget", served_from="fallback") == 1
-        assert _sample(text, fallbacks, reason="no_state", served_from="fallback") == 1
-        assert _sample(text, "nextbest_decisions_degraded_total", reason="budget") == 2
+        # u-never's read is fast unless the machine is loaded enough to overrun it too.
+        over = _sample(text, fallbacks, reason="budget", served_from="fallback")
+        assert over >= 1
+        assert over + _sample(text, fallbacks, reason="no_state", served_from="fallback") == 2
+        assert _sample(text, "nextbest_decisions_degraded_total", reason="budget") == over + 1
     finally:
         stop_server(live)
         world.store.dispose()
