@@ -48,17 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- data home --------------------------------------------------------------------------
 
 
-def build_home(settings: Settings, spec: Spec, cfg: DemoConfig) -> tuple[list[str], list[str]]:
-    """Catalog, promoted model and online state; returns (user ids, item ids)."""
-    items = generate_items(cfg)
+def promote_model(
+    settings: Settings, spec: Spec, items: list[dict], events: list[dict], actor: list[str]
+) -> None:
+    """Fit the spec's item model on `events` (by `actor`) and promote it as `bench`."""
     ids = [i["item_id"] for i in items]
-    now = datetime.now(UTC)
-    delta = DeltaStore.from_settings(settings)
-    delta.write(
-        "items", pa.Table.from_pylist([{**i, "updated_at": now} for i in items]), mode="overwrite"
-    )
-    events = [e for e in iter_event_dicts(cfg) if e["item_id"] and spec.events[e["type"]].weight]
-    actor = [e["user_id"] or f"anon:{e['anonymous_id']}" for e in events]
     x, _ = interaction_matrix(
         actor,
         [e["item_id"] for e in events],
@@ -70,8 +64,24 @@ def build_home(settings: Settings, spec: Spec, cfg: DemoConfig) -> tuple[list[st
     )
     path = model.save(settings.home_dir / "models" / "bench.npz")
     store = OnlineStore.from_settings(settings)
-    store.register_model(version="bench", artifact_path=str(path))
-    store.promote_model("bench")
+    try:
+        store.register_model(version="bench", artifact_path=str(path))
+        store.promote_model("bench")
+    finally:
+        store.dispose()
+
+
+def build_home(settings: Settings, spec: Spec, cfg: DemoConfig) -> tuple[list[str], list[str]]:
+    """Catalog, promoted model and online state; returns (user ids, item ids)."""
+    items = generate_items(cfg)
+    now = datetime.now(UTC)
+    delta = DeltaStore.from_settings(settings)
+    delta.write(
+        "items", pa.Table.from_pylist([{**i, "updated_at": now} for i in items]), mode="overwrite"
+    )
+    events = [e for e in iter_event_dicts(cfg) if e["item_id"] and spec.events[e["type"]].weight]
+    actor = [e["user_id"] or f"anon:{e['anonymous_id']}" for e in events]
+    promote_model(settings, spec, items, events, actor)
     # The state the stream would hold: each user's last 30 interactions, as of "now".
     per_user: dict[str, list[dict]] = {}
     for a, e in zip(actor, events, strict=True):
@@ -98,10 +108,11 @@ def build_home(settings: Settings, spec: Spec, cfg: DemoConfig) -> tuple[list[st
         }
         states.append(UserState(user, now_ms, recent, SessionState.load(session), None))
         features.extend(FeatureRow(user, name, float(len(last) % 7), now_ms) for name in counted)
+    store = OnlineStore.from_settings(settings)
     store.upsert_states(states)
     store.upsert_features(features)
     store.dispose()
-    return list(per_user), ids
+    return list(per_user), [i["item_id"] for i in items]
 
 
 def create_admin_key(settings: Settings) -> str:

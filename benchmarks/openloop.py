@@ -75,6 +75,10 @@ class Stream:
     errors: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     served: dict[str, int] = field(default_factory=dict)
+    degraded: dict[str, int] = field(default_factory=dict)
+    """First `degraded` note's reason (the text before ':') -> answers carrying one."""
+    fallback: int = 0
+    """Answers served from `fallback` or with a non-empty `degraded` list."""
 
 
 async def open_loop(
@@ -118,10 +122,7 @@ async def open_loop(
         if status >= 500:
             out.errors += 1
         if track_served and status == 200:
-            for served in (b"realtime", b"cached", b"fallback"):
-                if b'"served_from":"' + served in reply:
-                    out.served[served.decode()] = out.served.get(served.decode(), 0) + 1
-                    break
+            count_served(out, reply)
 
     for i in range(n):
         due = start + i / rate
@@ -131,6 +132,26 @@ async def open_loop(
         tasks.append(asyncio.ensure_future(one(due, make_body())))
     await asyncio.gather(*tasks)
     return loop.time() - start
+
+
+def count_served(out: Stream, reply: bytes) -> None:
+    """Tally a /v1/decide answer's origin and its first degraded reason (byte scans:
+    parsing every reply would take CPU from the server under test)."""
+    origin = ""
+    for served in (b"realtime", b"cached", b"fallback"):
+        if b'"served_from":"' + served in reply:
+            origin = served.decode()
+            out.served[origin] = out.served.get(origin, 0) + 1
+            break
+    at = reply.find(b'"degraded":[')
+    note = b""
+    if at >= 0 and reply[at + 12 : at + 13] == b'"':
+        end = reply.find(b'"', at + 13)
+        note = reply[at + 13 : end].split(b":", 1)[0][:40]
+        reason = note.decode(errors="replace")
+        out.degraded[reason] = out.degraded.get(reason, 0) + 1
+    if origin == "fallback" or note:
+        out.fallback += 1
 
 
 def summary(name: str, s: Stream, offered: float, wall: float, count_unit: int = 1) -> dict:
@@ -149,4 +170,6 @@ def summary(name: str, s: Stream, offered: float, wall: float, count_unit: int =
     }
     if s.served:
         row["served_from"] = s.served
+        row["fallback %"] = round(100 * s.fallback / max(1, sum(s.served.values())), 1)
+        row["degraded"] = s.degraded
     return row

@@ -110,6 +110,18 @@ class Settings(BaseSettings):
     stream_heartbeat_s: float = Field(
         default=2.0, gt=0, description="How often the stream writes its status row."
     )
+    stream_threads: int = Field(
+        default=1,
+        ge=1,
+        description="Native threads the stream's Arrow, Delta and LanceDB pools may use"
+        " (their default, one per core, competes with the API on a small machine).",
+    )
+    stream_nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="Scheduling niceness the stream worker adds to itself (0: as started).",
+    )
     stream_stale_s: float = Field(
         default=30.0,
         gt=0,

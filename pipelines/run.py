@@ -39,6 +39,7 @@ from bytewax.run import cli_main
 from nextbest.locks import AlreadyRunning, InstanceLock, stream_role
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
+from pipelines.cpushare import share_cpu
 from pipelines.flow import build_flow
 from pipelines.gctune import tune_for_stream
 
@@ -142,6 +143,7 @@ def run_stream(
         problems = recovery_problems(settings.recovery_dir)
         if problems:
             raise RecoveryBroken(_broken_message(settings, "; ".join(problems)))
+        share_cpu(settings)  # before any store is opened: its thread pools read it
         flow = build_flow(settings, spec, tail=tail)
         recovery = RecoveryConfig(ensure_recovery_dir(settings.recovery_dir))
         tune_for_stream()

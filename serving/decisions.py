@@ -45,6 +45,7 @@ from serving.consent import (
     unlogged_actor,
     unpersonalized_view,
 )
+from serving.metrics import degraded_reason
 from serving.runtime import ServingRuntime
 from serving.schemas import ActionOut, DecideIn, DecideOut
 from storage.online.models import now_ms
@@ -153,6 +154,8 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
     if runtime.consent is not None and not await consented(runtime, actor, budget_s):
         view = unpersonalized_view(runtime, actor, policy)  # nothing of the user is read
         outcome = explained(_decide(runtime, policy, request, view, realtime=False))
+        if outcome.served_from != "realtime":
+            runtime.metrics.fallbacks.labels("no_consent", outcome.served_from).inc()
         return _respond(
             runtime, body, decision_id, request, policy, outcome, None, view, notes, personal=False
         )
@@ -172,16 +175,19 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
             notes.append(f"realtime: over the {policy.latency_budget_ms} ms budget")
     except Exception as exc:
         notes.append(f"realtime: {type(exc).__name__}")
+    if snap is not None:
+        runtime.answers.put(actor, surface, snap.cached)
     view = view_of(runtime, snap) if snap is not None else UserView(actor=actor)
     if snap is not None and outcome is None:
         try:
             outcome = _decide(runtime, policy, request, view, realtime=True)
         except Exception as exc:  # e.g. a model artifact that does not fit the catalog
-            notes.append(f"realtime: {type(exc).__name__}")
+            notes.append(f"realtime: decide {type(exc).__name__}")
     if snap is None and "cached" in policy.fallbacks:
+        # The copy the last read of this user brought (no I/O), else one short read.
         remaining = max(budget_s - (time.perf_counter() - started), FALLBACK_READ_S)
         try:
-            cached = await _bounded(
+            cached = runtime.answers.get(actor, surface) or await _bounded(
                 lambda: runtime.online.get_cached_decision(actor, surface), remaining
             )
             if cached is not None:
@@ -191,9 +197,25 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
     if outcome is None:
         outcome = _decide(runtime, policy, request, view, realtime=False)
     notes.extend(outcome.degraded)
-    for note in notes:
-        runtime.metrics.degraded.labels(note.split(":", 1)[0]).inc()
+    reasons = [degraded_reason(note) for note in notes]
+    for reason in reasons:
+        runtime.metrics.degraded.labels(reason).inc()
+    if outcome.served_from != "realtime":
+        why = _fallback_reason(runtime, snap, reasons)
+        runtime.metrics.fallbacks.labels(why, outcome.served_from).inc()
     return _respond(runtime, body, decision_id, request, policy, outcome, snap, view, notes)
+
+
+def _fallback_reason(runtime: ServingRuntime, snap: Snapshot | None, reasons: list[str]) -> str:
+    """Why a decision was not served in real time, as a bounded metric label."""
+    for reason in reasons:
+        if reason in ("budget", "store_error", "decide_error"):
+            return reason
+    if runtime.assets.model is None:
+        return "no_model"
+    if snap is not None and snap.state is None and not snap.features:
+        return "no_state"
+    return "stale_state" if snap is not None else "other"
 
 
 def _context_surface(context: dict[str, Any]) -> str | None:

@@ -126,6 +126,7 @@ def start_erasure(
     for actor in actors:
         runtime.decision_log.forget(actor)
         runtime.metrics.forget(actor)
+        runtime.answers.forget(actor)
     cached = counts.pop("nb_cached_decisions", 0)
     log_owned = isinstance(runtime.sink, EventLogSink)
     stores = {

@@ -56,6 +56,43 @@ class Bounded(Generic[M]):
         return value
 
 
+DEGRADED_REASONS = (
+    "budget",  # the user's snapshot read overran the policy's latency budget
+    "store_error",  # the snapshot read failed (online store down, locked, ...)
+    "decide_error",  # deciding on the snapshot failed
+    "cached",  # the fallback read of the user's cached decision failed
+    "stream",  # the stream is down: features may be stale
+    "surface",  # an unknown surface was asked for; the default one served
+    "item_model",
+    "vector",
+    "catalog",
+)
+"""Label values of `nextbest_decisions_degraded_total` (anything else: `other`)."""
+FALLBACK_REASONS = (
+    "budget",
+    "store_error",
+    "decide_error",
+    "no_state",  # the online store holds nothing of the user (new or unknown user)
+    "stale_state",  # state exists but is too old to count as real time
+    "no_consent",  # served without personal data (spec privacy.consent)
+    "no_model",
+)
+"""Label values of `nextbest_decision_fallbacks_total` (anything else: `other`)."""
+
+
+def degraded_reason(note: str) -> str:
+    """The bounded label of a `degraded` note (the notes themselves carry user input,
+    e.g. an unknown surface's name, and exception names)."""
+    head, _, rest = note.partition(":")
+    if head == "realtime":
+        if "budget" in rest:
+            return "budget"
+        return "decide_error" if rest.startswith(" decide ") else "store_error"
+    if head.startswith("surface "):
+        return "surface"
+    return head if head in DEGRADED_REASONS else OTHER
+
+
 MAX_LAG_S = 3600.0
 """Lags above this are back-dated events, not the stream falling behind."""
 
@@ -93,6 +130,18 @@ class Metrics:
                 registry=r,
             )
         )
+        self.degraded.allow(0, DEGRADED_REASONS)
+        self.fallbacks = Bounded(
+            Counter(
+                "nextbest_decision_fallbacks",
+                "Decisions not served in real time (served_from cached or fallback), by why;"
+                " divide by nextbest_decisions_total for the fallback share.",
+                ["reason", "served_from"],
+                registry=r,
+            )
+        )
+        self.fallbacks.allow(0, FALLBACK_REASONS)
+        self.fallbacks.allow(1, ("cached", "fallback"))
         self.decision_log_dropped = Counter(
             "nextbest_decision_log_dropped", "Decision records not logged.", registry=r
         )

@@ -14,9 +14,12 @@ import asyncio
 import logging
 import queue
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from storage.online.models import CachedDecision
 from storage.online.serving import ServingStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -108,3 +111,44 @@ def _resolve(results: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
             future.set_result(result)
         else:
             future.set_exception(result)
+
+
+class AnswerCache:
+    """The users' cached decisions (the batch side's answers) as the last successful
+    snapshot read returned them, keyed by (user, surface), in memory.
+
+    Why: a decision whose snapshot read overran the budget falls back to the user's
+    cached decision, and reading it then meant a second store read in the few
+    milliseconds left, which under the very load that made the first read overrun
+    almost never fit (benchmarks/stack.py: every fallback was `popular`). From memory
+    it costs a dict lookup. Entries expire after `ttl_s` (batch answers change a few
+    times a day) and are dropped on erasure (`forget`).
+    """
+
+    def __init__(self, *, max_users: int = 100_000, ttl_s: float = 900.0) -> None:
+        self.max_users = max_users
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[str, dict[str, tuple[float, CachedDecision]]] = OrderedDict()
+
+    def put(self, actor: str, surface: str, cached: CachedDecision | None) -> None:
+        entry = self._entries.get(actor)
+        if cached is None:
+            if entry is not None:
+                entry.pop(surface, None)
+            return
+        if entry is None:
+            entry = self._entries[actor] = {}
+            if len(self._entries) > self.max_users:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(actor)
+        entry[surface] = (time.monotonic(), cached)
+
+    def get(self, actor: str, surface: str) -> CachedDecision | None:
+        found = self._entries.get(actor, {}).get(surface)
+        if found is None or time.monotonic() - found[0] > self.ttl_s:
+            return None
+        return found[1]
+
+    def forget(self, actor: str) -> None:
+        self._entries.pop(actor, None)

@@ -27,7 +27,7 @@ from nextbest.settings import Settings
 from nextbest.spec.models import Spec
 from serving.keys import KeyVerifier
 from serving.metrics import Metrics
-from serving.reader import SnapshotReader
+from serving.reader import AnswerCache, SnapshotReader
 from serving.sinks import DecisionLog, EventSink, open_sink
 from serving.stream_health import StreamHealth, StreamProbe
 from storage.delta.store import DeltaStore
@@ -85,6 +85,7 @@ class ServingRuntime:
         self.online = online
         self.serving = ServingStore(online)
         self.reader = SnapshotReader(self.serving)
+        self.answers = AnswerCache()  # cached decisions for reads that overrun the budget
         self.sink = sink
         self.vectors = vectors
         self.vectors_error = vectors_error
