@@ -14,7 +14,7 @@ from serving.app import create_app
 from serving.keys import create_key
 from serving.metrics import FALLBACK_REASONS, degraded_reason
 from storage.online.models import CachedDecision
-from tests.test_serving_world import build_world, start_server, stop_server, stream_state
+from tests.serving.test_serving_world import build_world, start_server, stop_server, stream_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
