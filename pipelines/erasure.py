@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from deltalake.exceptions import CommitFailedError
 import pyarrow.compute as _compute
 
 from nextbest.settings import Settings
@@ -47,7 +48,7 @@ from storage.delta.erasure import (
     store_name,
 )
 from storage.delta.store import DeltaStore
-from storage.erasure_scan import Needles
+from storage.erasure_scan import Needles, Person, provable, vocabulary
 from storage.online.serving import ServingStore, scrub_sqlite
 from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
@@ -251,21 +252,34 @@ class StreamEraser:
         if log_mentions(uri, needles):
             purge_history(uri, storage_options=self.store.storage_options)
 
-    def _vacuum(self, table: str) -> None:
-        time.sleep(0.005)  # files removed this millisecond are not older than the cutoff
-        self.store.vacuum(table, retention_hours=0, enforce_retention_duration=False)
+    def _vacuum(self, table: str, attempts: int = 5) -> None:
+        """Vacuum, retried when a concurrent commit (the stream's own appends, a
+        compaction) makes deltalake refuse it with CommitFailedError ("a concurrent
+        transaction deleted data"): vacuum is idempotent, so the next try is safe."""
+        for attempt in range(attempts):
+            time.sleep(0.005 * (attempt + 1))  # files removed this ms are not older than the cutoff
+            try:
+                self.store.vacuum(table, retention_hours=0, enforce_retention_duration=False)
+                return
+            except CommitFailedError:
+                if attempt == attempts - 1:
+                    raise
+                log.info("vacuum of %s met a concurrent commit; retrying", table)
 
     def _erase_dead_letters(self, request: Erase) -> int:
         """Dead letters whose raw payload names the user, deleted by source position."""
         if not self.store.exists("dead_letters"):
             return 0
         needles = Needles(_ids(request))
+        person = Person(request.user_id, request.anonymous_ids)
         rows = self.store.read(
             "dead_letters", columns=["raw", "source_partition", "source_offset"]
         ).to_pylist()
         positions: dict[int, set[int]] = {}
         for row in rows:
-            if row["raw"] and needles.found_in(row["raw"]):
+            # Identity fields only (`Person.in_payload`): a dead letter spelling the id
+            # as a type or an item id is someone else's.
+            if row["raw"] and person.in_payload(bytes(row["raw"])):
                 if row["source_partition"] is None or row["source_offset"] is None:
                     raise ValueError("a dead letter naming the user has no source position")
                 positions.setdefault(row["source_partition"], set()).add(row["source_offset"])
@@ -337,7 +351,7 @@ class RecoveryScrubber(threading.Thread):
         return epochs
 
     def holders(self) -> list[str]:
-        needles = _needles(self.request)
+        needles = _needles(self.request, vocabulary(self.settings.spec))
         found = []
         for path in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
             if path.is_file() and any(n in path.read_bytes() for n in needles):
@@ -395,7 +409,7 @@ class RecoveryScrubber(threading.Thread):
         partition's writer is FIFO, and both sinks reported done), so removing them
         from the snapshot changes nothing a resume would do but forget the user.
         """
-        needles = _needles(self.request)
+        needles = _needles(self.request, vocabulary(self.settings.spec))
         conn = sqlite3.connect(str(part), timeout=5.0, isolation_level=None)
         changed = 0
         try:
@@ -422,9 +436,10 @@ class RecoveryScrubber(threading.Thread):
         return changed
 
 
-def _needles(request: Erase) -> list[bytes]:
-    """The ids as they appear in snapshots (anonymous ids without the `anon:` prefix)."""
-    return [a.encode() for a in _ids(request)]
+def _needles(request: Erase, words: frozenset[str] = frozenset()) -> list[bytes]:
+    """The ids as they appear in snapshots (anonymous ids without the `anon:` prefix);
+    with `words`, only those a byte scan can prove absent (`storage.erasure_scan.provable`)."""
+    return [a.encode() for a in provable(_ids(request), words)[0]]
 
 
 def _mentions(batch: Any, needles: list[bytes]) -> bool:

@@ -36,7 +36,7 @@ from nextbest.ingest.validation import keyed_hash
 from serving.runtime import ServingRuntime
 from serving.sinks import EventLogSink, KafkaSink
 from storage.delta.erasure import DERIVED_STORES
-from storage.erasure_scan import Needles, scan_tree
+from storage.erasure_scan import Needles, Person, provable, scan_tree, vocabulary
 from storage.online.models import now_ms
 from storage.online.serving import ErasureJob
 
@@ -79,7 +79,8 @@ def traces(runtime: ServingRuntime, person: str, anonymous: Iterable[str]) -> Ne
     anonymous = list(anonymous)
     actors = {person, *(f"anon:{a}" for a in anonymous)}
     hashed = [keyed_hash(runtime.pseudonymization_key, f"state:{a}") for a in actors]
-    return Needles([person, *anonymous, *hashed])
+    ids, _words = provable([person, *anonymous], vocabulary(runtime.settings.spec))
+    return Needles([*ids, *hashed])
 
 
 def erase_record(user_id: str, job_id: str, anonymous_ids: list[str]) -> bytes:
@@ -242,11 +243,13 @@ def _hand_over(
     sink = runtime.sink
     owned = isinstance(sink, EventLogSink)
     actors = {person, *(f"anon:{a}" for a in anonymous)}
-    named = Needles([person, *anonymous])
+    named = Person(person, anonymous)
 
     def theirs(key: str, payload: bytes) -> bool:
-        # Their key, or a payload naming them (a client-chosen event id, a decision).
-        return key in actors or named.found_in(payload)
+        # Their key, or a record naming them in an identity field (an event of theirs
+        # keyed by someone else, an event id embedding their id): never a record that
+        # merely spells the id (`"type": "view"` is not user `view`).
+        return key in actors or named.in_payload(payload)
 
     try:
         if isinstance(sink, EventLogSink):

@@ -174,13 +174,6 @@ def test_a_subject_whose_event_ids_name_them_is_in_no_file(run: Run) -> None:
     assert s.job.get("status") == "done", json.dumps(s.job, indent=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: DELETE /v1/users/item:<id> (also ~nc:x, anon:item:x, a NUL) is a 202 "
-    "and erases the online rows keyed item:<id>, i.e. the item's own features: the path "
-    "id of serving/controllers/users.py is only length-checked, not by "
-    "Limits.check_actor_ref as decide and feedback are",
-)
 def test_erasing_a_system_key_is_refused(run: Run) -> None:
     assert "erasure" not in run.errors, run.errors["erasure"]
     assert run.erase_wrong_status == []
@@ -189,11 +182,11 @@ def test_erasing_a_system_key_is_refused(run: Run) -> None:
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: erasing user 'view' (who sent nothing) removes every log record "
-    "whose payload has the token view (9 acknowledged events of others) and others' "
-    "dead letters: serving/erasure.py and pipelines/erasure.py match any payload naming "
-    "the id (storage/erasure_scan.py Needles), not the person's records",
+    strict=False,
+    reason="issue 12: nothing of others is lost any more (records are matched by their "
+    "identity fields, tests/test_erasure_matching.py), but the 'view' job may still be "
+    "running when this run stops waiting (stream_state pending: the recovery scrub waits "
+    "for 3 epoch commits while another job's scrub runs)",
 )
 def test_erasing_an_id_every_record_spells_takes_nothing_of_others(run: Run) -> None:
     assert "erasure" not in run.errors, run.errors["erasure"]
