@@ -11,6 +11,8 @@ and what is checked agree.
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -75,6 +77,26 @@ def scan_tree(root: Path, needles: Needles, *, skip: Iterable[Path] = ()) -> lis
             except (FileNotFoundError, IsADirectoryError, PermissionError):
                 continue
     return sorted(found)
+
+
+def scan_tree_apart(root: Path, needles: Needles, *, timeout_s: float = 120.0) -> list[str]:
+    """`scan_tree` in a child process. A process that has SQLite files of the tree open
+    (the API's or the stream's online store, Bytewax's recovery) must not read them
+    itself: closing any descriptor of a file drops every POSIX lock the process holds on
+    it, its SQLite connections' included, and another process may then checkpoint or
+    truncate the WAL/-shm under them (sqlite.org/howtocorrupt.html 2.2.1)."""
+    if not needles:
+        return []
+    out = subprocess.run(
+        [sys.executable, "-m", "storage.erasure_scan"],
+        input=json.dumps({"root": str(root), "ids": needles.ids}).encode(),
+        capture_output=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"erasure scan: {out.stderr.decode(errors='replace')[-400:]}")
+    return list(json.loads(out.stdout))
 
 
 IDENTITY_FIELDS = ("user_id", "anonymous_id")
@@ -178,3 +200,8 @@ def provable(ids: Iterable[str], words: frozenset[str]) -> tuple[list[str], list
     """(ids a byte scan can prove absent, ids it cannot: words of `vocabulary`)."""
     ids = sorted({i for i in ids if i})
     return [i for i in ids if i not in words], [i for i in ids if i in words]
+
+
+if __name__ == "__main__":
+    _req = json.load(sys.stdin)
+    json.dump(scan_tree(Path(_req["root"]), Needles(_req["ids"])), sys.stdout)

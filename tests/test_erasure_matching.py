@@ -38,8 +38,12 @@ def test_a_record_names_a_person_only_through_its_identity_fields() -> None:
         _j(type="identify", user_id="u9", anonymous_id="a1"),
         _j(type="click", user_id="u2", event_id="web-view-3"),  # a client id embedding it
         _j(record="decision", decision_id="d1", user_id="anon:a1"),
-        _j(record="decision", decision_id="d2", user_id="~nc:d2", features={
-            "requested_user_id": "view"}),
+        _j(
+            record="decision",
+            decision_id="d2",
+            user_id="~nc:d2",
+            features={"requested_user_id": "view"},
+        ),
         b'{"type": "click", "user_id": "view", "item_id": "i1"',  # truncated
         b'\xff{"type":"click","anonymous_id":"a1"}',
     ]
@@ -61,9 +65,7 @@ def client(settings: Settings) -> Iterator[TestClient[Any]]:
 
 
 @pytest.mark.parametrize("bad", ["item:i00001", "~nc:x", "anon:item:x", "anon:~nc:x", "u%00x"])
-def test_a_system_key_as_path_id_is_a_422_naming_user_id(
-    client: TestClient[Any], bad: str
-) -> None:
+def test_a_system_key_as_path_id_is_a_422_naming_user_id(client: TestClient[Any], bad: str) -> None:
     for method, path in (
         ("DELETE", f"/v1/users/{bad}"),
         ("GET", f"/v1/users/{bad}/erasure"),

@@ -8,8 +8,8 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
-from serving import examples
 from nextbest.ingest.limits import LimitExceeded, Limits
+from serving import examples
 from serving.controllers.common import AUTH_ERRORS, SECURITY
 from serving.door import unprocessable
 from serving.erasure import start_erasure, subject_of
@@ -72,9 +72,7 @@ class UsersController(Controller):
             )
         },
     )
-    def features(
-        self, user_id: UserId, runtime: ServingRuntime, limits: Limits
-    ) -> UserFeaturesOut:
+    def features(self, user_id: UserId, runtime: ServingRuntime, limits: Limits) -> UserFeaturesOut:
         _checked(user_id, limits)
         resolved = runtime.serving.resolve(user_id)
         rows = runtime.online.get_features(resolved)
