@@ -10,9 +10,10 @@ separate process the locks are honoured as between any two SQLite clients, and B
 waits out our short write transactions with its busy timeout.
 
 Usage (by `pipelines.erasure_recovery.RecoveryScrubber`): `python -m pipelines.recovery_scrub`
-with a JSON request on stdin: {"op": "epoch"|"holders"|"scrub", "path": ..., "needles": [hex...],
-"sink_steps": [...]}; prints a JSON result. Imports nothing heavy: pickled sink batches
-are unpickled (importing their classes) only when one names an id.
+with a JSON request on stdin ({"op": "epochs"|"holders"|"scrub", "path"/"paths",
+"needles": [hex...], "sink_steps": [...]}); prints a JSON result. Imports nothing
+heavy: pickled sink batches are unpickled (importing their classes) only when one names
+an id.
 """
 
 import json
@@ -91,8 +92,8 @@ def holders(directory: str, needles: list[bytes]) -> list[str]:
 
 def main() -> None:
     req = json.load(sys.stdin)
-    if req["op"] == "epoch":
-        out: Any = commit_epoch(req["path"])
+    if req["op"] == "epochs":
+        out: Any = [commit_epoch(p) for p in req["paths"]]
     elif req["op"] == "holders":
         out = holders(req["path"], [bytes.fromhex(n) for n in req.get("needles", [])])
     else:

@@ -33,17 +33,6 @@ from tests.hostile_run import (
 )
 from tests.hostile_run import fuzz as fuzz_phase
 
-SIGBUS = -7
-CRASH_IN_ERASURE = (
-    "issue 12: the stream process often dies while it erases, of SIGBUS (exit -7) or "
-    "with Bytewax's 'SqliteFailure DatabaseCorrupt: database disk image is malformed' "
-    "(src/run.rs): pipelines/erasure.py RecoveryScrubber VACUUMs and checkpoints the "
-    "recovery part-N.sqlite3 (WAL) with Python's sqlite3 while Bytewax's own bundled "
-    "SQLite has them open in the same process; two SQLite copies in one process do not "
-    "see each other's POSIX locks (sqlite.org/howtocorrupt.html 2.2.1). Seen in about 5 "
-    "of 12 runs of this suite here."
-)
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Run]:
@@ -89,15 +78,6 @@ def run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
         yield r
 
 
-def _excuse_erasure_crash(run: Run) -> None:
-    """The known intermittent crash (CRASH_IN_ERASURE) makes an erasure verdict an
-    xfail when, and only when, it happened in this run; any other crash fails."""
-    crash = run.crashes[0] if run.crashes else ""
-    known = run.stack.stream.returncode == SIGBUS or "database disk image is malformed" in crash
-    if crash.startswith(("erasure:", "end:")) and known:
-        pytest.xfail(CRASH_IN_ERASURE)
-
-
 def test_no_input_gets_a_5xx(run: Run) -> None:
     errors = run.stack.api.tally.server_errors
     assert run.stack.api.tally.tried > 400
@@ -128,7 +108,6 @@ def test_the_stream_survives_and_applies_a_canary_within_seconds(run: Run) -> No
 
 
 def test_the_stream_survives_the_erasures(run: Run) -> None:
-    _excuse_erasure_crash(run)
     assert run.crashes == [], run.crashes
 
 
@@ -151,7 +130,6 @@ def test_online_features_equal_a_batch_recomputation(run: Run) -> None:
 
 
 def test_an_erased_subject_is_in_no_file(run: Run) -> None:
-    _excuse_erasure_crash(run)
     assert "erasure" not in run.errors, run.errors["erasure"]
     s = run.subjects[0]
     assert s.before, "the subject's ids should be on disk before the erasure"
@@ -181,13 +159,6 @@ def test_erasing_a_system_key_is_refused(run: Run) -> None:
     assert views[0] is not None and views[1] == views[0], views
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 12: nothing of others is lost any more (records are matched by their "
-    "identity fields, tests/test_erasure_matching.py), but the 'view' job may still be "
-    "running when this run stops waiting (stream_state pending: the recovery scrub waits "
-    "for 3 epoch commits while another job's scrub runs)",
-)
 def test_erasing_an_id_every_record_spells_takes_nothing_of_others(run: Run) -> None:
     assert "erasure" not in run.errors, run.errors["erasure"]
     lost = {k: v for k, v in run.collateral.items() if k != "item views"}
@@ -200,7 +171,6 @@ def test_erasing_an_id_every_record_spells_takes_nothing_of_others(run: Run) -> 
 
 
 def test_summary_counts_are_zero(run: Run) -> None:
-    _excuse_erasure_crash(run)
     t = run.stack.api.tally
     assert (len(t.server_errors), len(run.crashes), len(run.leftovers)) == (0, 0, 0)
     assert t.rejected > 300
