@@ -90,8 +90,8 @@ def holders(directory: str, needles: list[bytes]) -> list[str]:
     return found
 
 
-def main() -> None:
-    req = json.load(sys.stdin)
+def handle(req: dict[str, Any]) -> Any:
+    """One request (see the module docstring); JSON-serializable result."""
     if req["op"] == "epochs":
         out: Any = [commit_epoch(p) for p in req["paths"]]
     elif req["op"] == "holders":
@@ -99,7 +99,11 @@ def main() -> None:
     else:
         needles = [bytes.fromhex(n) for n in req.get("needles", [])]
         out = scrub(req["path"], needles, set(req.get("sink_steps", [])))
-    json.dump(out, sys.stdout)
+    return out
+
+
+def main() -> None:
+    json.dump(handle(json.load(sys.stdin)), sys.stdout)
 
 
 if __name__ == "__main__":
