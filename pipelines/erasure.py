@@ -23,21 +23,19 @@ Delta tables it appends, so it erases them itself and reports each store in the 
 """
 
 import logging
-import pickle
 import re
-import sqlite3
-import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as _compute
+from deltalake.exceptions import CommitFailedError
 
-from nextbest.ingest.events import anon_actor, anonymous_of
+from nextbest.ingest.events import anon_actor
 from nextbest.settings import Settings
+from pipelines.erasure_recovery import RecoveryScrubber, erased_ids, report_progress, subject_ids
 from pipelines.records import Erase
 from storage.delta.erasure import (
     DERIVED_STORES,
@@ -48,8 +46,8 @@ from storage.delta.erasure import (
     store_name,
 )
 from storage.delta.store import DeltaStore
-from storage.erasure_scan import Needles
-from storage.online.serving import ServingStore, scrub_sqlite
+from storage.erasure_scan import Needles, Person
+from storage.online.serving import ServingStore
 from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
@@ -57,7 +55,6 @@ log = logging.getLogger(__name__)
 pc: Any = _compute  # kernels are generated at import time: invisible to pyright
 
 ERASE_MARKER = "__erase__"
-SINK_STEPS = frozenset({"sink_lake", "sink_user_vectors"})  # Spec.step_id("sink", ...)
 # Delta table -> (store name in the job, key column erased by)
 DELTA_TABLES = {
     "events": ("delta_events", "event_id"),
@@ -77,25 +74,8 @@ def erase_marker(request: Erase) -> dict[str, Any]:
     return {ERASE_MARKER: request.user_id, "job_id": request.job_id, "anon": request.anonymous_ids}
 
 
-def subject_ids(request: Erase) -> tuple[list[str], list[str]]:
-    """(actors, anonymous ids) of a request. A `user_id` of `anon:<id>` is a visitor who
-    never identified: `<id>` is one of their anonymous ids (bronze `anonymous_id`)."""
-    anonymous = set(request.anonymous_ids)
-    visitor = anonymous_of(request.user_id)
-    if visitor is not None:
-        anonymous.add(visitor)
-    actors = {request.user_id, *(anon_actor(a) for a in anonymous)}
-    return sorted(actors), sorted(anonymous)
-
-
 def actors_of(request: Erase) -> list[str]:
     return subject_ids(request)[0]
-
-
-def _ids(request: Erase) -> list[str]:
-    """The ids whose bytes must go: the user id and each anonymous id (`anon:<id>`
-    contains `<id>`)."""
-    return [request.user_id, *subject_ids(request)[1]]
 
 
 def _strings(data: pa.Table) -> pa.Table:
@@ -115,16 +95,6 @@ def _regex_mask(column: pa.ChunkedArray, needles: Needles) -> pa.ChunkedArray:
     return pc.match_substring_regex(column, f"(^|[^A-Za-z0-9])({alts})($|[^A-Za-z0-9])")
 
 
-def _report(settings: Settings, job_id: str, updates: dict[str, str]) -> None:
-    store = OnlineStore.from_settings(settings, pool_size=1)
-    try:
-        ServingStore(store).update_erasure_stores(job_id, updates)
-    except Exception:  # the job table belongs to the API: a missing one is not fatal
-        log.exception("could not report erasure progress")
-    finally:
-        store.dispose()
-
-
 def erase_vectors(settings: Settings, store: VectorStore, marker: dict[str, Any]) -> None:
     """Vector sink thread: delete the user's rows, compact, drop every older version."""
     user_id = marker[ERASE_MARKER]
@@ -132,7 +102,7 @@ def erase_vectors(settings: Settings, store: VectorStore, marker: dict[str, Any]
     for anon in marker.get("anon", ()):
         removed += store.delete_user(anon_actor(anon))
     store.optimize("users", cleanup_older_than=timedelta(0))
-    _report(settings, marker["job_id"], {"lance_users": f"done: {removed} rows"})
+    report_progress(settings, marker["job_id"], {"lance_users": f"done: {removed} rows"})
 
 
 class StreamEraser:
@@ -149,11 +119,11 @@ class StreamEraser:
         except Exception as exc:
             log.exception("erasure of the stream's stores failed")
             failed = f"failed: {type(exc).__name__}"
-            _report(self.settings, request.job_id, dict.fromkeys(DELTA_STORES, failed))
+            report_progress(self.settings, request.job_id, dict.fromkeys(DELTA_STORES, failed))
 
     def _erase(self, request: Erase) -> None:
         actors, anonymous = subject_ids(request)
-        needles = Needles(_ids(request))
+        needles = Needles(erased_ids(request))
         updates: dict[str, str] = {}
         events = self._erase_events(actors, anonymous, needles)
         updates["delta_events"] = f"done: {events} rows"
@@ -175,7 +145,7 @@ class StreamEraser:
             _scrub_until(lambda: ServingStore(online).scrub(), timeout_s=30.0)
         finally:
             online.dispose()
-        _report(self.settings, request.job_id, updates)
+        report_progress(self.settings, request.job_id, updates)
         RecoveryScrubber(self.settings, request).start()
 
     def _erase_events(self, actors: list[str], anonymous: list[str], needles: Needles) -> int:
@@ -253,21 +223,34 @@ class StreamEraser:
         if log_mentions(uri, needles):
             purge_history(uri, storage_options=self.store.storage_options)
 
-    def _vacuum(self, table: str) -> None:
-        time.sleep(0.005)  # files removed this millisecond are not older than the cutoff
-        self.store.vacuum(table, retention_hours=0, enforce_retention_duration=False)
+    def _vacuum(self, table: str, attempts: int = 5) -> None:
+        """Vacuum, retried when a concurrent commit (the stream's own appends, a
+        compaction) makes deltalake refuse it with CommitFailedError ("a concurrent
+        transaction deleted data"): vacuum is idempotent, so the next try is safe."""
+        for attempt in range(attempts):
+            time.sleep(0.005 * (attempt + 1))  # files removed this ms are not older than the cutoff
+            try:
+                self.store.vacuum(table, retention_hours=0, enforce_retention_duration=False)
+                return
+            except CommitFailedError:
+                if attempt == attempts - 1:
+                    raise
+                log.info("vacuum of %s met a concurrent commit; retrying", table)
 
     def _erase_dead_letters(self, request: Erase) -> int:
         """Dead letters whose raw payload names the user, deleted by source position."""
         if not self.store.exists("dead_letters"):
             return 0
-        needles = Needles(_ids(request))
+        needles = Needles(erased_ids(request))
+        person = Person(request.user_id, request.anonymous_ids)
         rows = self.store.read(
             "dead_letters", columns=["raw", "source_partition", "source_offset"]
         ).to_pylist()
         positions: dict[int, set[int]] = {}
         for row in rows:
-            if row["raw"] and needles.found_in(row["raw"]):
+            # Identity fields only (`Person.in_payload`): a dead letter spelling the id
+            # as a type or an item id is someone else's.
+            if row["raw"] and person.in_payload(bytes(row["raw"])):
                 if row["source_partition"] is None or row["source_offset"] is None:
                     raise ValueError("a dead letter naming the user has no source position")
                 positions.setdefault(row["source_partition"], set()).add(row["source_offset"])
@@ -310,135 +293,3 @@ def _scrub_until(scrub: Any, *, timeout_s: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
-
-
-class RecoveryScrubber(threading.Thread):
-    """Waits until the discard tombstones are committed and GC ran, then scrubs.
-
-    Reports `stream_state` done only when no file of the recovery dir contains the
-    user id or a linked anonymous id; otherwise, after `timeout_s`, pending.
-    """
-
-    def __init__(
-        self, settings: Settings, request: Erase, *, commits: int = 3, timeout_s: float = 20.0
-    ) -> None:
-        super().__init__(name="erasure-recovery", daemon=True)
-        self.settings = settings
-        self.request = request
-        self.dir = Path(settings.recovery_dir)
-        self.commits = commits
-        self.timeout_s = timeout_s
-
-    def parts(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.sqlite3")) if self.dir.is_dir() else []
-
-    def committed(self) -> list[int]:
-        epochs = []
-        for part in self.parts():
-            epochs.append(_commit_epoch(part))
-        return epochs
-
-    def holders(self) -> list[str]:
-        needles = _needles(self.request)
-        found = []
-        for path in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
-            if path.is_file() and any(n in path.read_bytes() for n in needles):
-                found.append(path.name)
-        return found
-
-    def run(self) -> None:
-        try:
-            status = self._scrub()
-        except Exception as exc:
-            log.exception("recovery scrub failed")
-            status = f"failed: {type(exc).__name__}"
-        _report(self.settings, self.request.job_id, {"stream_state": status})
-
-    def _scrub(self) -> str:
-        parts = self.parts()
-        if not parts:
-            return "done: no recovery snapshots"
-        start = min(self.committed())
-        deadline = time.monotonic() + self.timeout_s
-        while min(self.committed()) < start + self.commits:
-            if time.monotonic() > deadline:
-                return "pending: recovery epochs did not commit"
-            time.sleep(0.05)
-        while not self._vectors_done():
-            if time.monotonic() > deadline:
-                return "pending: LanceDB erasure not done"
-            time.sleep(0.05)
-        while True:
-            for part in parts:
-                self._rewrite_sink_snapshots(part)
-                scrub_sqlite(str(part))
-            left = self.holders()
-            if not left:
-                return f"done: {len(parts)} recovery partitions scrubbed"
-            if time.monotonic() > deadline:
-                return f"pending: recovery files still hold the user: {', '.join(left)}"
-            time.sleep(0.2)
-
-    def _vectors_done(self) -> bool:
-        store = OnlineStore.from_settings(self.settings, pool_size=1)
-        try:
-            job = ServingStore(store).erasure_job(self.request.job_id)
-        finally:
-            store.dispose()
-        return job is None or not job.stores.get("lance_users", "").startswith("pending")
-
-    def _rewrite_sink_snapshots(self, part: Path) -> int:
-        """Drop the subject's batches from the newest snapshot of a sink partition.
-
-        Bytewax snapshots a stateful sink partition only in epochs it received items,
-        so a partition that got nothing since keeps its pending batches of back then
-        (the user's rows, the erase request itself) in its newest snapshot, which GC
-        never removes. Those batches were applied before the erasure finished (each
-        partition's writer is FIFO, and both sinks reported done), so removing them
-        from the snapshot changes nothing a resume would do but forget the user.
-        """
-        needles = _needles(self.request)
-        conn = sqlite3.connect(str(part), timeout=5.0, isolation_level=None)
-        changed = 0
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            rows = conn.execute(
-                "SELECT step_id, state_key, snap_epoch, ser_change FROM snaps"
-                " WHERE ser_change IS NOT NULL"
-            ).fetchall()
-            for step_id, key, epoch, blob in rows:
-                if step_id.rsplit(".", 1)[-1] not in SINK_STEPS:
-                    continue
-                if not any(n in blob for n in needles):
-                    continue
-                kept = [b for b in pickle.loads(blob) if not _mentions(b, needles)]
-                conn.execute(
-                    "UPDATE snaps SET ser_change = ? WHERE step_id = ? AND state_key = ?"
-                    " AND snap_epoch = ?",
-                    (pickle.dumps(kept), step_id, key, epoch),
-                )
-                changed += 1
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        return changed
-
-
-def _needles(request: Erase) -> list[bytes]:
-    """The ids as they appear in snapshots (anonymous ids without the `anon:` prefix)."""
-    return [a.encode() for a in _ids(request)]
-
-
-def _mentions(batch: Any, needles: list[bytes]) -> bool:
-    data = pickle.dumps(batch)
-    return any(n in data for n in needles)
-
-
-def _commit_epoch(part: Path) -> int:
-
-    conn = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=5.0)
-    try:
-        row = conn.execute("SELECT MAX(commit_epoch) FROM commits").fetchone()
-        return int(row[0]) if row and row[0] is not None else -1
-    finally:
-        conn.close()

@@ -37,7 +37,7 @@ from nextbest.ingest.validation import keyed_hash
 from serving.runtime import ServingRuntime
 from serving.sinks import EventLogSink, KafkaSink
 from storage.delta.erasure import DERIVED_STORES
-from storage.erasure_scan import Needles, scan_tree
+from storage.erasure_scan import Needles, Person, provable, scan_tree_apart, vocabulary
 from storage.online.models import now_ms
 from storage.online.serving import ErasureJob
 
@@ -81,7 +81,8 @@ def traces(runtime: ServingRuntime, person: str, anonymous: Iterable[str]) -> Ne
     anonymous = list(anonymous)
     actors = {person, *(anon_actor(a) for a in anonymous)}
     hashed = [keyed_hash(runtime.pseudonymization_key, f"state:{a}") for a in actors]
-    return Needles([person, *anonymous, *hashed])
+    ids, _words = provable([person, *anonymous], vocabulary(runtime.settings.spec))
+    return Needles([*ids, *hashed])
 
 
 def erase_record(user_id: str, job_id: str, anonymous_ids: list[str]) -> bytes:
@@ -245,11 +246,13 @@ def _hand_over(
     sink = runtime.sink
     owned = isinstance(sink, EventLogSink)
     actors = {person, *(anon_actor(a) for a in anonymous)}
-    named = Needles([person, *anonymous])
+    named = Person(person, anonymous)
 
     def theirs(key: str, payload: bytes) -> bool:
-        # Their key, or a payload naming them (a client-chosen event id, a decision).
-        return key in actors or named.found_in(payload)
+        # Their key, or a record naming them in an identity field (an event of theirs
+        # keyed by someone else, an event id embedding their id): never a record that
+        # merely spells the id (`"type": "view"` is not user `view`).
+        return key in actors or named.in_payload(payload)
 
     try:
         if isinstance(sink, EventLogSink):
@@ -299,7 +302,7 @@ def prove(runtime: ServingRuntime, needles: Needles, *, timeout_s: float = 10.0)
     deadline = time.monotonic() + timeout_s
     while True:
         runtime.serving.scrub()
-        found = scan_tree(home, needles)
+        found = scan_tree_apart(home, needles)  # never open our own SQLite files here
         if not found:
             files = sum(len(f) for _, _, f in os.walk(home))
             return f"done: none of {files} files under the data home holds an id"

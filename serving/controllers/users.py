@@ -4,12 +4,14 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from litestar import Controller, delete, get
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
+from nextbest.ingest.limits import LimitExceeded, Limits
 from serving import examples
 from serving.controllers.common import AUTH_ERRORS, SECURITY
+from serving.door import unprocessable
 from serving.erasure import start_erasure, subject_of
 from serving.runtime import ServingRuntime
 from serving.schemas import ErasureOut, FeatureOut, StateOut, UserFeaturesOut
@@ -17,6 +19,17 @@ from storage.online.models import now_ms
 from storage.online.serving import ErasureJob
 
 UserId = Annotated[str, Parameter(min_length=1, max_length=256, description="User id or anon:<id>")]
+
+
+def _checked(user_id: str, limits: Limits) -> str:
+    """The path id held to the door's rules for a user reference (a user id or
+    `anon:<id>`): a system key (`item:<id>`, `~nc:...`, `anon:item:...`) or a control
+    character is a 422 naming `user_id`, so no request reads or erases the system's rows."""
+    try:
+        limits.check_actor_ref("user_id", user_id)
+    except LimitExceeded as exc:
+        raise unprocessable(exc) from None
+    return user_id
 
 
 def _dt(ms: int | None) -> datetime | None:
@@ -52,14 +65,15 @@ class UsersController(Controller):
         ),
         sync_to_thread=True,
         opt={"scope": "decide"},
-        raises=[*AUTH_ERRORS, NotFoundException],
+        raises=[*AUTH_ERRORS, HTTPException, NotFoundException],
         responses={
             200: ResponseSpec(
                 UserFeaturesOut, description="Features", examples=examples.FEATURES_OUT
             )
         },
     )
-    def features(self, user_id: UserId, runtime: ServingRuntime) -> UserFeaturesOut:
+    def features(self, user_id: UserId, runtime: ServingRuntime, limits: Limits) -> UserFeaturesOut:
+        _checked(user_id, limits)
         resolved = runtime.serving.resolve(user_id)
         rows = runtime.online.get_features(resolved)
         state = runtime.online.get_state(resolved)
@@ -108,12 +122,13 @@ class UsersController(Controller):
         status_code=202,
         sync_to_thread=True,
         opt={"scope": "admin"},
-        raises=AUTH_ERRORS,
+        raises=[*AUTH_ERRORS, HTTPException],
         responses={
             202: ResponseSpec(ErasureOut, description="Job started", examples=examples.ERASURE_OUT)
         },
     )
-    def erase(self, user_id: UserId, runtime: ServingRuntime) -> ErasureOut:
+    def erase(self, user_id: UserId, runtime: ServingRuntime, limits: Limits) -> ErasureOut:
+        _checked(user_id, limits)
         return _erasure_out(start_erasure(runtime, user_id), user_id)
 
     @get(
@@ -122,10 +137,13 @@ class UsersController(Controller):
         summary="Status of the latest erasure job for a user, per store",
         sync_to_thread=True,
         opt={"scope": "admin"},
-        raises=[*AUTH_ERRORS, NotFoundException],
+        raises=[*AUTH_ERRORS, HTTPException, NotFoundException],
         responses={200: ResponseSpec(ErasureOut, description="Job", examples=examples.ERASURE_OUT)},
     )
-    def erasure_status(self, user_id: UserId, runtime: ServingRuntime) -> ErasureOut:
+    def erasure_status(
+        self, user_id: UserId, runtime: ServingRuntime, limits: Limits
+    ) -> ErasureOut:
+        _checked(user_id, limits)
         job = runtime.serving.latest_erasure_job(subject_of(runtime, user_id))
         if job is None:
             raise NotFoundException(f"no erasure job for user {user_id!r}")

@@ -16,7 +16,7 @@ from serving.metrics import FALLBACK_REASONS, degraded_reason
 from storage.online.models import CachedDecision
 from tests.serving.test_serving_world import build_world, start_server, stop_server, stream_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sample(metrics: str, name: str, **labels: str) -> float:
