@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import uvloop
-from tests.stream_helpers import append_log, write_catalog
 
 from benchmarks.decide import promote_model
 from benchmarks.openloop import Conn, Pool, Stream, head, open_loop, summary
@@ -50,6 +49,7 @@ from nextbest.demo.shop import DemoConfig, generate_items, iter_event_dicts
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 from nextbest.spec.models import Spec
+from tests.support.stream_helpers import append_log, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 CANARIES = 8
