@@ -161,7 +161,7 @@ def test_stack_serves_fresh_decisions(stack: Stack) -> None:
         after = wait_for(changed, timeout=30, what="decisions to follow the new views")
         assert in_category(after) > in_category(before)
         features = http.get(f"/v1/users/{user}/features").json()
-        assert features, "the stream wrote online features for the new user"
+        assert features["features"], "the stream wrote online features for the new user"
 
 
 def readme_try_it() -> list[str]:
@@ -244,7 +244,7 @@ def test_readme_try_it_works_as_written(stack: Stack, tmp_path: Path) -> None:
         )
     assert second["served_from"] == "realtime" and kitchen(second) >= 2, second
     assert all(a["reasons"] for a in second["actions"]), "every action says why"
-    assert json.loads(output_of("/features")), "the features the stream wrote for the visitor"
+    assert json.loads(output_of("/features"))["features"], "what the stream wrote for the visitor"
     status = output_of("nextbest status")
     assert "events" in status and "lag" in status, status
     materialized = output_of("nextbest materialize")
@@ -310,6 +310,39 @@ def test_browser_renders_dagster_ui_and_api_docs(stack: Stack) -> None:
     for operation in ("decide", "ingestEvents", "recordFeedback", "getUserFeatures", "eraseUser"):
         assert f"<code>{operation}</code>" in docs, operation
     assert "/v1/users/{user_id}/features" in docs
+
+
+def test_a_second_up_on_the_home_is_refused_and_the_first_keeps_going(stack: Stack) -> None:
+    """A second `nextbest up` on a running home exits at once, non-zero, saying who runs
+    it; the first keeps serving, and its stream keeps applying events."""
+    env = {
+        **os.environ,
+        "NEXTBEST_HOME": str(stack.home),
+        "NEXTBEST_SPEC": str(ROOT / "nextbest.yaml"),
+    }
+    started = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "launcher", "up"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    said = second.stdout + second.stderr
+    assert second.returncode != 0 and "already running" in said and "(pid " in said, said
+    assert took < 30, f"the second up took {took:.1f} s to refuse"
+    assert stack.proc.poll() is None, "the first stack must keep running"
+    with stack.client() as http:
+        assert http.get("/ready").status_code == 200
+        user = "after-second-up"
+        event = {"type": "view", "user_id": user, "item_id": "i00073", "ts": time.time()}
+        assert http.post("/v1/events", json={"events": [event]}).status_code == 202
+        wait_for(
+            lambda: (
+                (r := http.get(f"/v1/users/{user}/features")).status_code == 200
+                and r.json()["features"]
+            ),
+            timeout=30,
+            what="the first stack's stream to apply an event after the second up",
+        )
 
 
 def test_sigterm_stops_every_process(stack: Stack) -> None:
