@@ -13,7 +13,7 @@ from litestar.params import Body
 
 from nextbest.ingest.limits import Limits
 from serving import examples
-from serving.controllers.common import AUTH_ERRORS, SECURITY
+from serving.controllers.common import AUTH_ERRORS, BODY_REFUSED, SECURITY
 from serving.decisions import decide_request
 from serving.door import check_decide
 from serving.runtime import ServingRuntime
@@ -46,15 +46,7 @@ class DecideController(Controller):
         raises=AUTH_ERRORS,
         responses={
             200: ResponseSpec(DecideOut, description="Decision", examples=examples.DECIDE_OUT),
-            400: ResponseSpec(
-                ErrorOut,
-                description="Malformed body",
-                examples=examples.BODY_REFUSED,
-                generate_examples=False,
-            ),
-            413: ResponseSpec(
-                ErrorOut, description="Request body too large", generate_examples=False
-            ),
+            **BODY_REFUSED,
             422: ResponseSpec(
                 ErrorOut,
                 description="Unknown surface, or a value outside the bounds",

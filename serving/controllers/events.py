@@ -29,9 +29,9 @@ from nextbest.ingest.events import ACTOR_PREFIXES, Event
 from nextbest.ingest.limits import Limits
 from nextbest.ingest.validation import validate_batch
 from serving import examples
-from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
+from serving.controllers.common import AUTH_AND_UNAVAILABLE, BODY_REFUSED, SECURITY
 from serving.runtime import ServingRuntime
-from serving.schemas import DroppedEvent, ErrorOut, EventsIn, EventsOut, RejectedEvent
+from serving.schemas import DroppedEvent, EventsIn, EventsOut, RejectedEvent
 
 _PREFIXES = ", ".join(f"`{p}`" for p in ACTOR_PREFIXES)
 _CONSENT_LOCK = threading.Lock()
@@ -69,15 +69,7 @@ class EventsController(Controller):
         raises=AUTH_AND_UNAVAILABLE,
         responses={
             202: ResponseSpec(EventsOut, description="Accepted", examples=examples.EVENTS_OUT),
-            400: ResponseSpec(
-                ErrorOut,
-                description="Malformed body",
-                examples=examples.BODY_REFUSED,
-                generate_examples=False,
-            ),
-            413: ResponseSpec(
-                ErrorOut, description="Request body too large", generate_examples=False
-            ),
+            **BODY_REFUSED,
             422: ResponseSpec(
                 EventsOut, description="No event was valid", examples=examples.EVENTS_NONE
             ),

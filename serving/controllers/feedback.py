@@ -17,7 +17,7 @@ from litestar.params import Body
 from nextbest.ingest.consent import allowed
 from nextbest.ingest.limits import Limits
 from serving import examples
-from serving.controllers.common import AUTH_AND_UNAVAILABLE, SECURITY
+from serving.controllers.common import AUTH_AND_UNAVAILABLE, BODY_REFUSED, SECURITY
 from serving.door import check_feedback
 from serving.runtime import ServingRuntime
 from serving.schemas import ErrorOut, FeedbackIn, FeedbackOut
@@ -44,15 +44,7 @@ class FeedbackController(Controller):
         raises=AUTH_AND_UNAVAILABLE,
         responses={
             202: ResponseSpec(FeedbackOut, description="Recorded", examples=examples.FEEDBACK_OUT),
-            400: ResponseSpec(
-                ErrorOut,
-                description="Malformed body",
-                examples=examples.BODY_REFUSED,
-                generate_examples=False,
-            ),
-            413: ResponseSpec(
-                ErrorOut, description="Request body too large", generate_examples=False
-            ),
+            **BODY_REFUSED,
             422: ResponseSpec(
                 ErrorOut,
                 description="A value outside the bounds",

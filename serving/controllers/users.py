@@ -10,7 +10,7 @@ from litestar.params import Parameter
 
 from nextbest.ingest.limits import LimitExceeded, Limits
 from serving import examples
-from serving.controllers.common import AUTH_ERRORS, SECURITY
+from serving.controllers.common import AUTH_ERRORS, BAD_USER_ID, SECURITY
 from serving.door import unprocessable
 from serving.erasure import start_erasure, subject_of
 from serving.runtime import ServingRuntime
@@ -69,7 +69,8 @@ class UsersController(Controller):
         responses={
             200: ResponseSpec(
                 UserFeaturesOut, description="Features", examples=examples.FEATURES_OUT
-            )
+            ),
+            **BAD_USER_ID,
         },
     )
     def features(self, user_id: UserId, runtime: ServingRuntime, limits: Limits) -> UserFeaturesOut:
@@ -124,7 +125,8 @@ class UsersController(Controller):
         opt={"scope": "admin"},
         raises=[*AUTH_ERRORS, HTTPException],
         responses={
-            202: ResponseSpec(ErasureOut, description="Job started", examples=examples.ERASURE_OUT)
+            202: ResponseSpec(ErasureOut, description="Job started", examples=examples.ERASURE_OUT),
+            **BAD_USER_ID,
         },
     )
     def erase(self, user_id: UserId, runtime: ServingRuntime, limits: Limits) -> ErasureOut:
@@ -138,7 +140,10 @@ class UsersController(Controller):
         sync_to_thread=True,
         opt={"scope": "admin"},
         raises=[*AUTH_ERRORS, HTTPException, NotFoundException],
-        responses={200: ResponseSpec(ErasureOut, description="Job", examples=examples.ERASURE_OUT)},
+        responses={
+            200: ResponseSpec(ErasureOut, description="Job", examples=examples.ERASURE_OUT),
+            **BAD_USER_ID,
+        },
     )
     def erasure_status(
         self, user_id: UserId, runtime: ServingRuntime, limits: Limits
