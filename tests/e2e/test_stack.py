@@ -244,7 +244,17 @@ def test_readme_try_it_works_as_written(stack: Stack, tmp_path: Path) -> None:
         )
     assert second["served_from"] == "realtime" and kitchen(second) >= 2, second
     assert all(a["reasons"] for a in second["actions"]), "every action says why"
-    assert json.loads(output_of("/features"))["features"], "what the stream wrote for the visitor"
+    # Like the decision: the literal run may have read the features before the stream
+    # applied the views; the same commands again must show them shortly.
+    at = next(i for i, c in enumerate(commands) if "/features" in c)
+    features = json.loads(outputs[at])
+    if "features" not in features:
+        features = wait_for(
+            lambda: "features" in (f := json.loads(run(at)[-1])) and f,
+            timeout=30,
+            what="the README's features command to show what the stream wrote",
+        )
+    assert features["features"], "what the stream wrote for the visitor"
     status = output_of("nextbest status")
     assert "events" in status and "lag" in status, status
     materialized = output_of("nextbest materialize")
