@@ -229,10 +229,21 @@ def _keys_usage(parser: argparse.ArgumentParser) -> Handler:
     return handler
 
 
+class _Version(argparse.Action):
+    """`--version`: the installed package's version, looked up only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from importlib.metadata import version
+
+        print(f"nextbest {version('nextbest')}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nextbest", description="Real-time personalization: declare once, serve fresh."
     )
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     parser.add_argument("--spec", help="spec file (default: NEXTBEST_SPEC or ./nextbest.yaml)")
     parser.add_argument("--home", help="data home (default: NEXTBEST_HOME or ./.nextbest)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = add("simulate", cmd_simulate, "send live demo events to the API at a rate")
     sim.add_argument("--rate", type=float, default=20.0, help="events/s (default 20)")
     sim.add_argument("--seed", type=int, default=11, help="random seed of the simulated shop")
+    schema = add("schema", _lazy("cmd_schema"), "print the spec's JSON Schema (for editors)")
+    schema.add_argument("--output", "-o", help="write it to this file instead")
     demo = add("demo", cmd_demo, "write the deterministic demo shop as JSONL files")
     demo.add_argument("--out", default="demo-data", help="output directory (default ./demo-data)")
     demo.add_argument(

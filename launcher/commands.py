@@ -1,4 +1,4 @@
-"""The command functions behind `nextbest eval`, `replay`, `keys` and `status`/`doctor`
+"""The command functions behind `nextbest eval`, `replay`, `schema`, `keys` and `status`/`doctor`
 (the parser in `launcher.cli` imports them on use, so `nextbest validate` stays fast)."""
 
 import argparse
@@ -52,6 +52,25 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         print(line)
     print(report.line())
     return EXIT_OK if report.failed_batches == 0 and report.rejected == 0 else EXIT_FAILURE
+
+
+def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    """The spec's JSON Schema from the pydantic models; needs no spec file."""
+    from pathlib import Path
+
+    from nextbest.spec.schema import spec_json_schema_text
+
+    text = spec_json_schema_text()
+    if not args.output:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"{args.output}: cannot write ({exc.strerror})", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote the spec's JSON Schema to {args.output}")
+    return EXIT_OK
 
 
 def _scopes(text: str) -> list[str] | None:
