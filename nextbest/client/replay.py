@@ -1,4 +1,4 @@
-"""Client side of the API: `nextbest replay` and the `--simulate` event generator.
+"""`nextbest replay` and the `--simulate` event generator, on `Client`.
 
 Both send events at a fixed rate in small batches, paced against a schedule (not
 "as fast as the server answers"), so a slow server shows up as lag, not as a lower
@@ -13,8 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from nextbest.client.protocol import batches
+from nextbest.client.results import Rejection, SendResult
+from nextbest.client.retry import RetryPolicy
+from nextbest.client.sync import Client
 from nextbest.settings import Settings
 
 MAX_DETAILS = 20
@@ -27,6 +29,7 @@ class SendReport:
     accepted: int = 0
     rejected: int = 0
     failed_batches: int = 0
+    retries: int = 0
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     more_problems: int = 0
@@ -46,7 +49,7 @@ class SendReport:
         rate = self.sent / self.seconds if self.seconds else 0.0
         return (
             f"sent {self.sent}, accepted {self.accepted}, rejected {self.rejected}, "
-            f"failed batches {self.failed_batches}, {rate:.0f} events/s"
+            f"failed batches {self.failed_batches}, retries {self.retries}, {rate:.0f} events/s"
         )
 
 
@@ -93,22 +96,6 @@ def read_jsonl(path: str | Path) -> Iterator[Any]:
             yield event
 
 
-def _batches(events: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for event in events:
-        batch.append(event)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def headers(settings: Settings) -> dict[str, str]:
-    key = settings.api_key.get_secret_value() if settings.api_key else None
-    return {"X-API-Key": key} if key else {}
-
-
 def send_events(
     settings: Settings,
     events: Iterable[Any],
@@ -117,13 +104,17 @@ def send_events(
     batch_size: int = 50,
     limit: int | None = None,
     stop: Any = None,
+    retry: RetryPolicy | None = None,
 ) -> SendReport:
-    """POST events to /v1/events at `rate` events/s; `stop` is an optional Event-like
-    object whose `is_set()` ends the run early."""
+    """POST events to /v1/events at `rate` events/s through `Client` (so each event has
+    its id before the first attempt and a batch is retried on 429/503/lost
+    connections, never stored twice); `stop` is an optional Event-like object whose
+    `is_set()` ends the run early. A batch still failing after its retries is counted
+    and named, and the run goes on."""
     report = SendReport()
     start = time.perf_counter()
-    with httpx.Client(base_url=settings.api_url, headers=headers(settings), timeout=30) as http:
-        for batch in _batches(events, batch_size):
+    with Client.from_settings(settings, timeout=30, retry=retry) as client:
+        for batch in batches(events, batch_size):
             if limit is not None and report.sent >= limit:
                 break
             if stop is not None and stop.is_set():
@@ -133,42 +124,28 @@ def send_events(
             if delay > 0:
                 time.sleep(delay)
             first = report.sent
-            try:
-                response = http.post("/v1/events", json={"events": batch})
-                body = response.json() if response.content else {}
-            except httpx.HTTPError as exc:
-                report.failed_batches += 1
-                report.sent += len(batch)
-                report.note(f"batch of events {first + 1}-{report.sent} failed: {exc!r}")
-                continue
-            except ValueError:
-                body = {}
+            result = SendResult()
+            client.send_batch(batch, result)
             report.sent += len(batch)
-            if response.status_code in (202, 422) and isinstance(body, dict):
-                report.accepted += int(body.get("accepted", 0))
-                rejected = body.get("rejected", []) or []
-                report.rejected += len(rejected)
-                for item in rejected:
-                    report.note(_rejection(batch, first, item))
-            else:
+            report.accepted += result.accepted
+            report.rejected += len(result.rejected)
+            report.retries += result.retries
+            for rejection in result.rejected:
+                report.note(_rejection(batch, first, rejection))
+            for failed in result.failed:
                 report.failed_batches += 1
-                text = response.text.strip().replace("\n", " ")[:300]
-                report.note(
-                    f"batch of events {first + 1}-{report.sent} failed: "
-                    f"HTTP {response.status_code} {text}"
-                )
+                report.note(f"batch of events {first + 1}-{report.sent} failed: {failed.reason}")
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _rejection(batch: list[Any], first: int, item: Any) -> str:
+def _rejection(batch: list[Any], first: int, rejection: Rejection) -> str:
     """`line 7: 'view' events need item_id` (event number when not read from a file)."""
-    index = item.get("index") if isinstance(item, dict) else None
-    reason = item.get("reason", item) if isinstance(item, dict) else item
-    event = batch[index] if isinstance(index, int) and 0 <= index < len(batch) else None
+    index = rejection.index
+    event = batch[index] if 0 <= index < len(batch) else None
     lineno = getattr(event, "lineno", 0)
-    where = f"line {lineno}" if lineno else f"event {first + (index or 0) + 1}"
-    return f"rejected {where}: {reason}"
+    where = f"line {lineno}" if lineno else f"event {first + index + 1}"
+    return f"rejected {where}: {rejection.reason}"
 
 
 def live_demo_events(*, seed: int) -> Iterator[dict[str, Any]]:
