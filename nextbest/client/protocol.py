@@ -72,6 +72,8 @@ def batches(events: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """The events in lists of `size`, as given (`send_batch` adds the ids)."""
     if size < 1:
         raise ValueError("batch_size must be at least 1")
+    if isinstance(events, Mapping | str | bytes):
+        raise TypeError("send_events takes a list (or any iterable) of events, not one event")
     batch: list[Any] = []
     for event in events:
         batch.append(event)

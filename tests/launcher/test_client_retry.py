@@ -81,6 +81,8 @@ def test_batches_and_indices_of_rejections() -> None:
     assert [len(b) for b in batches(range(7), 3)] == [3, 3, 1]
     with pytest.raises(ValueError):
         list(batches([1], 0))
+    with pytest.raises(TypeError, match="not one event"):
+        list(batches({"type": "view"}, 10))
     result = SendResult(sent=5)
     result.add_body({"accepted": 1, "rejected": [{"index": 1, "reason": "ts"}]}, start=3)
     assert result.accepted == 1 and result.rejected[0].index == 4 and not result.ok
