@@ -9,13 +9,13 @@ from definitions.assets.bronze import bronze_events
 from definitions.batch.history import (
     EVENT_COLUMNS,
     FEATURES_TABLE,
+    event_columns,
     item_catalog,
     read_events,
-    rows_to_events,
 )
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
-from nextbest.features.semantics import batch_window_values, identity_links
+from nextbest.features.columnar import window_values
 from nextbest.ingest.events import item_actor
 
 ALL_COLUMNS = [*EVENT_COLUMNS, "context", "properties"]
@@ -24,21 +24,21 @@ ALL_COLUMNS = [*EVENT_COLUMNS, "context", "properties"]
 @dg.asset(deps=[bronze_events], group_name="gold", kinds={"deltalake"}, retry_policy=IO_RETRY)
 def user_features(nextbest: NextbestResource) -> dg.MaterializeResult:
     """Every window feature of the spec backfilled from Delta (`gold/user_features`) with
-    `nextbest.features.semantics.batch_window_values`, the code the stream folds events with, so
-    a batch value equals the online value at the same offset. Item-entity features are
-    keyed `item:<item_id>` as online. The online store is not touched: the stream owns it."""
+    `nextbest.features.columnar.window_values`, which selects each window with numpy and
+    aggregates it with the stream's own aggregation, so a batch value equals the online
+    value at the same offset. Item-entity features are keyed `item:<item_id>` as online.
+    The online store is not touched: the stream owns it."""
     spec, store = nextbest.load_spec(), nextbest.delta()
     store.ensure_tables()
     base = store.pin(FEATURES_TABLE)  # before bronze: an erasure in between fences
     version = store.version("events")
-    events = rows_to_events(read_events(store, columns=ALL_COLUMNS, version=version))
-    aliases = identity_links(spec, events)
+    events = event_columns(spec, read_events(store, columns=ALL_COLUMNS, version=version))
     catalog = item_catalog(store, spec)
     computed_at = int(time.time() * 1000)
     rows: dict[str, list] = {k: [] for k in ("entity_id", "feature", "group_key", "value")}
     per_feature: dict[str, int] = {}
     for name, feature in spec.window_features().items():
-        values = batch_window_values(spec, name, events, catalog, aliases=aliases)
+        values = window_values(spec, name, events, catalog)
         per_feature[name] = len(values)
         for entity, groups in values.items():
             entity_id = item_actor(entity) if feature.entity == "item" else entity

@@ -1,6 +1,6 @@
 """Gold: a point-in-time-correct training set for ranking models."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
@@ -9,76 +9,40 @@ import pyarrow as pa
 
 from definitions.assets.bronze import bronze_events
 from definitions.assets.features import ALL_COLUMNS
-from definitions.batch.history import TRAINING_TABLE, item_catalog, read_events, rows_to_events
+from definitions.batch.history import TRAINING_TABLE, event_columns, item_catalog, read_events
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
-from nextbest.features.semantics import (
-    WindowState,
-    actor_of,
-    aggregate,
-    applies,
-    field_value,
-    group_key,
-    identity_links,
-    new_window_state,
-)
-from nextbest.ingest.events import Event
-from nextbest.spec.models import Spec, WindowFeature
+from nextbest.features.columnar import EventColumns, values_before
+from nextbest.spec.models import Spec
 
 LABEL_DAYS = 7
 """Label events are the item events of the last week of history."""
 
 
-def value_at(state: WindowState | None, feature: WindowFeature, ts_ms: int, group: str) -> float:
-    """A window feature as it was just before an event at `ts_ms`: only events already
-    folded (strictly earlier in event order) and inside (ts_ms - window, ts_ms]."""
-    if state is None:
-        return 0.0
-    since = ts_ms - state.window_ms
-    values = [v for t, _, g, v in state.entries if t > since and g == group]
-    return aggregate(feature.agg, values) if values else 0.0
-
-
 def point_in_time_rows(
     spec: Spec,
-    events: Sequence[Event],
+    events: EventColumns,
     items: Mapping[str, Mapping[str, Any]],
     *,
     label_from_ms: int,
 ) -> dict[str, list]:
     """One row per labelled item event at or after `label_from_ms`, with the user's
     features computed from strictly earlier events only (no leakage from the label or
-    the future). `events` must be sorted by (ts, event_id)."""
-    features = {n: f for n, f in spec.window_features().items() if f.entity == "user"}
-    aliases = identity_links(spec, events)
+    the future): `nextbest.features.columnar.values_before`."""
     weights = {n: e.weight for n, e in spec.events.items() if e.entity == "item"}
-    states: dict[tuple[str, str], WindowState] = {}
-    out: dict[str, list] = {c: [] for c in ("user_id", "item_id", "event_type", "ts_ms", "label")}
-    out.update({n: [] for n in features})
-    for event in events:
-        user = actor_of(event, aliases)
-        item = items.get(event.item_id) if event.item_id else None
-        ts = event.ts_ms
-        if event.item_id and weights.get(event.type, 0.0) > 0 and ts >= label_from_ms:
-            out["user_id"].append(user)
-            out["item_id"].append(event.item_id)
-            out["event_type"].append(event.type)
-            out["ts_ms"].append(ts)
-            out["label"].append(weights[event.type])
-            for name, feature in features.items():
-                group = group_key(feature, item)
-                state = states.get((user, name))
-                out[name].append(None if group is None else value_at(state, feature, ts, group))
-        for name, feature in features.items():
-            if not applies(feature, event):
-                continue
-            group = group_key(feature, item)
-            if group is None:
-                continue
-            state = states.get((user, name))
-            if state is None:
-                state = states[(user, name)] = new_window_state(feature)
-            state.add(ts, event.event_id, group, field_value(spec, feature, event, item))
+    weight = np.array([weights.get(t, 0.0) for t in events.type.tolist()], float)
+    has_item = events.item_id != None  # noqa: E711 (elementwise on an object array)
+    at = np.flatnonzero(has_item & (weight > 0) & (events.ts_ms >= label_from_ms))
+    out: dict[str, list] = {
+        "user_id": events.actor[at].tolist(),
+        "item_id": events.item_id[at].tolist(),
+        "event_type": events.type[at].tolist(),
+        "ts_ms": events.ts_ms[at].tolist(),
+        "label": weight[at].tolist(),
+    }
+    for name, feature in spec.window_features().items():
+        if feature.entity == "user":
+            out[name] = values_before(spec, name, events, items, at)
     return out
 
 
@@ -93,8 +57,8 @@ def training_set(nextbest: NextbestResource) -> dg.MaterializeResult:
     store.ensure_tables()
     base = store.pin(TRAINING_TABLE)  # before bronze: an erasure in between fences
     version = store.version("events")
-    events = rows_to_events(read_events(store, columns=ALL_COLUMNS, version=version))
-    newest = max((e.ts_ms for e in events), default=0)
+    events = event_columns(spec, read_events(store, columns=ALL_COLUMNS, version=version))
+    newest = int(events.ts_ms.max()) if len(events) else 0
     rows = point_in_time_rows(
         spec, events, item_catalog(store, spec), label_from_ms=newest - LABEL_DAYS * 86_400_000
     )

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from definitions.batch.arrow import pc
+from nextbest.features.columnar import EventColumns, ts_ms_of_us
 from nextbest.features.semantics import identity_links
 from nextbest.ingest.events import Event, EventContext, anon_actor
 from nextbest.spec.models import Spec
@@ -69,6 +70,32 @@ def stitched_actors(spec: Spec, table: pa.Table) -> np.ndarray:
         anon = anons[i]
         users[i] = links.get(anon) or anon_actor(anon)
     return users
+
+
+def event_columns(spec: Spec, table: pa.Table) -> EventColumns:
+    """Bronze rows (sorted as `read_events` sorts them) as the columns the window
+    backfill reads, actors stitched; `properties` kept raw when read."""
+    n = table.num_rows
+    us = (
+        table.column("ts").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
+        if n
+        else np.zeros(0, np.int64)
+    )
+
+    def objects(name: str) -> np.ndarray:
+        return np.asarray(table.column(name).to_pylist(), dtype=object)
+
+    return EventColumns(
+        event_id=objects("event_id"),
+        type=objects("type"),
+        actor=stitched_actors(spec, table),
+        item_id=objects("item_id"),
+        ts_ms=ts_ms_of_us(us),
+        value=objects("value"),
+        properties=(
+            table.column("properties").to_pylist() if "properties" in table.column_names else None
+        ),
+    )
 
 
 def rows_to_events(table: pa.Table) -> list[Event]:
