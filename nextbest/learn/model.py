@@ -234,9 +234,11 @@ def fit(
     groups: Sequence[str | None],
     params: ModelParams,
     version: str,
+    vectors: bool = True,
 ) -> ItemModel:
     """Train on a (user x item) matrix; EASE while the catalog fits `max_dense_items`,
-    sparse item-kNN beyond so memory stays bounded."""
+    sparse item-kNN beyond so memory stays bounded. `vectors=False` skips the item
+    vectors (a truncated SVD) for models that only score, such as the evaluation's."""
     n_items = len(item_ids)
     if params.kind == "ease" and n_items <= params.max_dense_items:
         weights: np.ndarray | sp.csr_matrix = train_ease(x, l2=params.l2)
@@ -245,12 +247,15 @@ def fit(
         weights = train_item_knn(x, neighbours=params.neighbours)
         kind = "item_knn"
     popularity = np.diff(sp.csc_matrix(x).indptr).astype(np.float32)  # users per item
-    vectors = cold_start_vectors(item_factors(x, dim=params.dim), popularity > 0, groups)
+    if vectors:
+        item_vectors = cold_start_vectors(item_factors(x, dim=params.dim), popularity > 0, groups)
+    else:
+        item_vectors = np.zeros((n_items, params.dim), np.float32)
     return ItemModel(
         version=version,
         item_ids=list(item_ids),
         weights=weights,
-        vectors=vectors,
+        vectors=item_vectors,
         popularity=popularity,
         params={**params.model_dump(mode="json"), "trained_kind": kind},
     )

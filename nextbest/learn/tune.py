@@ -274,7 +274,9 @@ def holdout_ndcg(
         return 0.0, 0
     x = matrix(s.train, half_life_ms=params.half_life_ms, now_ms=s.now_ms)
     ids = [str(j) for j in range(ev.n_items)]
-    model = fit(x, item_ids=ids, groups=[None] * ev.n_items, params=params, version="holdout")
+    model = fit(
+        x, item_ids=ids, groups=[None] * ev.n_items, params=params, version="holdout", vectors=False
+    )
     product = x[s.users] @ model.weights
     scores = product.toarray() if sp.issparse(product) else np.asarray(product)  # type: ignore[union-attr]
     return ndcg_of_scores(scores, s.seen, s.targets), len(s.users)
