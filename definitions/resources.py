@@ -17,6 +17,7 @@ from pydantic import Field
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 from nextbest.spec.models import Spec
+from storage.artifacts import ArtifactStore
 from storage.delta.store import DeltaStore
 from storage.online.store import OnlineStore
 from storage.vectors import AttrType, VectorStore
@@ -108,8 +109,9 @@ class NextbestResource(dg.ConfigurableResource):
         store.ensure_tables()
         return store
 
-    def models_dir(self) -> Path:
-        return self.settings().home_dir / "models"
+    def models_dir(self) -> ArtifactStore:
+        """The models root: `<home>/models`, or beside an object-store Delta root."""
+        return ArtifactStore.from_settings(self.settings())
 
 
 def resource_for(settings: Settings | None, **options: object) -> NextbestResource:
