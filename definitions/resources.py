@@ -45,6 +45,9 @@ class NextbestResource(dg.ConfigurableResource):
     online_url: str | None = Field(default=None, description="Online store URL override.")
     delta_uri: str | None = Field(default=None, description="Delta root override.")
     lance_uri: str | None = Field(default=None, description="LanceDB URI override.")
+    # Object-store credentials (NEXTBEST_STORAGE_OPTIONS) come from the environment only,
+    # never resource config, which the Dagster UI displays.
+    models_uri: str | None = Field(default=None, description="Model artifacts root override.")
     retention_hours: int = Field(
         default=168, description="Delta vacuum / LanceDB cleanup retention (hours)."
     )
@@ -84,6 +87,7 @@ class NextbestResource(dg.ConfigurableResource):
             "online_url": self.online_url,
             "delta_uri": self.delta_uri,
             "lance_uri": self.lance_uri,
+            "models_uri": self.models_uri,
         }
         return Settings(**{k: v for k, v in overrides.items() if v})  # type: ignore[arg-type]
 
@@ -124,5 +128,6 @@ def resource_for(settings: Settings | None, **options: object) -> NextbestResour
         online_url=settings.online_url,
         delta_uri=settings.delta_uri,
         lance_uri=settings.lance_uri,
+        models_uri=settings.models_uri,
         **options,  # type: ignore[arg-type]
     )
