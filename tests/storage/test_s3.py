@@ -6,6 +6,9 @@ live in the bucket and nothing of them under the local data home. The premise of
 concurrent commits, an atomic put-if-absent, is checked on the server itself.
 """
 
+import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -36,6 +39,7 @@ from storage.delta.store import (
 )
 from storage.objectstore import delta_options, lance_options, open_store
 from storage.vectors import VectorStore
+from tests.support.common import ROOT
 from tests.support.s3 import S3Server
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -252,3 +256,29 @@ def test_compaction_lease_excludes_and_survives_a_dead_holder(s3_server: S3Serve
         rival.acquire(timeout=1.5)
     assert not alive.lost
     alive.release()
+
+
+def test_cli_init_reads_the_storage_settings_from_the_environment(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """`nextbest init` as a user runs it: NEXTBEST_STORAGE_OPTIONS is one JSON object
+    (a JSON `true` included); the stores appear in the bucket, not in the home."""
+    root = s3_server.uri()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "NEXTBEST_DELTA_URI": f"{root}/delta",
+        "NEXTBEST_LANCE_URI": f"{root}/lance",
+        "NEXTBEST_STORAGE_OPTIONS": json.dumps({**s3_server.options, "allow_http": True}),
+    }
+    home = tmp_path / "home"
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "--home", str(home), "init"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"models       {root}/models" in out.stdout
+    keys = s3_server.keys(root)
+    assert "delta/events/_delta_log/00000000000000000000.json" in keys
+    assert any(k.startswith("lance/items.lance/") for k in keys)
+    assert not any((home / name).exists() for name in ("delta", "lance", "models"))
+    assert s3_server.options["secret_access_key"] not in out.stdout + out.stderr  # never printed
