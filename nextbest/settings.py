@@ -21,7 +21,8 @@ class Settings(BaseSettings):
 
     Defaults give the embedded single-machine layout of docs/architecture.md#data-home under `home`;
     scale-out swaps in PostgreSQL (`online_url`), Kafka (`kafka_bootstrap`) and
-    object storage (`delta_uri`, `lance_uri` with `storage_options`).
+    object storage (`delta_uri`, `lance_uri`, `models_uri` with `storage_options`;
+    docs/scale-out.md).
     """
 
     model_config = SettingsConfigDict(
