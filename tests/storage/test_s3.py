@@ -282,3 +282,65 @@ def test_cli_init_reads_the_storage_settings_from_the_environment(
     assert any(k.startswith("lance/items.lance/") for k in keys)
     assert not any((home / name).exists() for name in ("delta", "lance", "models"))
     assert s3_server.options["secret_access_key"] not in out.stdout + out.stderr  # never printed
+
+
+_CHILD = """
+import json, sys
+from storage.delta.store import DeltaStore, events_to_table
+from tests.storage.test_storage_delta import make_events
+root, options, w = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+store = DeltaStore(root, storage_options=options)
+for b in range(4):
+    ev = make_events(5, start=(w * 4 + b) * 5, user=f"p{w}")
+    t = events_to_table(ev, partition=w, offsets=list(range(b * 5, b * 5 + 5)))
+    assert store.append("events", t, app_id=f"proc{w}", batch_version=b)
+    assert not store.append("events", t, app_id=f"proc{w}", batch_version=b)  # a retry
+"""
+
+
+def test_delta_commits_from_racing_processes_lose_and_duplicate_nothing(
+    s3_server: S3Server,
+) -> None:
+    """Put-if-absent commits on S3: two processes append to one table at once (each
+    commit races the others for the next log entry), and four writers retrying one
+    batch under one app id commit it once."""
+    root = f"{s3_server.uri()}/delta"
+    store = DeltaStore(root, storage_options=s3_server.options)
+    store.ensure_tables()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, root, json.dumps(s3_server.options), str(w)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    ids = store.read("events", columns=["event_id"]).column("event_id").to_pylist()
+    assert len(ids) == 2 * 4 * 5 == len(set(ids))
+    assert {store.transaction_version("events", f"proc{w}") for w in range(2)} == {3}
+    assert store.version("events") == 8  # one log entry per batch, none overwritten
+
+    results: list[bool] = []
+    start = threading.Barrier(4)
+
+    def retry() -> None:
+        writer = DeltaStore(root, storage_options=s3_server.options)
+        batch = events_to_table(
+            [Event(event_id=f"z{i}", type="view", user_id="z", item_id="i", ts=T0)
+             for i in range(4)],
+            partition=9, offsets=[0, 1, 2, 3],
+        )  # fmt: skip
+        start.wait()
+        results.append(writer.append("events", batch, app_id="zombie", batch_version=3))
+
+    threads = [threading.Thread(target=retry) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True]
+    assert store.count("events") == 44
