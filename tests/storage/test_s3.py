@@ -97,10 +97,12 @@ def _race(store: ObjectStore, key: str, *, writers: int) -> tuple[int, int]:
 
 def test_seaweedfs_put_if_absent_admits_exactly_one_writer(s3_server: S3Server) -> None:
     """delta-rs commits version N by creating `_delta_log/N.json` with If-None-Match; the
-    Lance and the compaction lease rely on the same. Eight racing creators: one wins."""
+    Lance and the compaction lease rely on the same. Six racing creators: one wins."""
     store = open_store(s3_server.uri(), s3_server.options)
-    for trial in range(3):
-        assert _race(store, f"race-{trial}", writers=8) == (1, 7)
+    # SeaweedFS serializes racing conditional puts on one key: a loser may wait a second
+    # or more for its 412 (a commit's latency under contention, never a wrong answer).
+    for trial in range(2):
+        assert _race(store, f"race-{trial}", writers=6) == (1, 5)
     first = obstore.put(store, "cas", b"a")
     obstore.put(store, "cas", b"b", mode={"e_tag": first["e_tag"]})
     with pytest.raises(PreconditionError):  # a stale ETag is refused
