@@ -140,6 +140,7 @@ def test_stream_appends_survive_concurrent_dagster_maintenance(
     lake_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = lake_settings
+    n_runs = MAINTENANCE_RUNS if "://" not in settings.delta_root else 2  # S3: slower runs
     store = DeltaStore.from_settings(settings)
     store.ensure_tables()
     _allow_zero_retention(store)
@@ -166,7 +167,7 @@ def test_stream_appends_survive_concurrent_dagster_maintenance(
     step_retries = 0
     try:
         with dg.instance_for_test() as instance:
-            for _ in range(MAINTENANCE_RUNS):
+            for _ in range(n_runs):
                 floor = store.file_count("events") + NEW_FILES_PER_RUN
                 wait_until(
                     lambda floor=floor: store.file_count("events") >= floor or stop.is_set(),
@@ -205,7 +206,7 @@ def test_stream_appends_survive_concurrent_dagster_maintenance(
     history = store.history("events")  # newest first
     optimizes = [h for h in history if h["operation"] == "OPTIMIZE"]
     appends = [h for h in history if h["operation"] == "WRITE"]
-    assert len(optimizes) == MAINTENANCE_RUNS  # every run found small files and compacted
+    assert len(optimizes) == n_runs  # every run found small files and compacted
     removed = sum(h["operationMetrics"]["numFilesRemoved"] for h in optimizes)
     added = sum(h["operationMetrics"]["numFilesAdded"] for h in optimizes)
     assert removed > added

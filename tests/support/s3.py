@@ -115,7 +115,8 @@ class S3Server:
         return {
             "NEXTBEST_DELTA_URI": settings.delta_root,
             "NEXTBEST_LANCE_URI": settings.lance_root,
-            "NEXTBEST_STORAGE_OPTIONS": json.dumps(self.options),
+            # As a user writes it: JSON, `allow_http` a JSON boolean.
+            "NEXTBEST_STORAGE_OPTIONS": json.dumps({**self.options, "allow_http": True}),
         }
 
     def keys(self, uri: str) -> list[str]:
