@@ -17,6 +17,7 @@ from pydantic import Field
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 from nextbest.spec.models import Spec
+from storage.artifacts import ArtifactStore
 from storage.delta.store import DeltaStore
 from storage.online.store import OnlineStore
 from storage.vectors import AttrType, VectorStore
@@ -44,6 +45,9 @@ class NextbestResource(dg.ConfigurableResource):
     online_url: str | None = Field(default=None, description="Online store URL override.")
     delta_uri: str | None = Field(default=None, description="Delta root override.")
     lance_uri: str | None = Field(default=None, description="LanceDB URI override.")
+    # Object-store credentials (NEXTBEST_STORAGE_OPTIONS) come from the environment only,
+    # never resource config, which the Dagster UI displays.
+    models_uri: str | None = Field(default=None, description="Model artifacts root override.")
     retention_hours: int = Field(
         default=168, description="Delta vacuum / LanceDB cleanup retention (hours)."
     )
@@ -83,6 +87,7 @@ class NextbestResource(dg.ConfigurableResource):
             "online_url": self.online_url,
             "delta_uri": self.delta_uri,
             "lance_uri": self.lance_uri,
+            "models_uri": self.models_uri,
         }
         return Settings(**{k: v for k, v in overrides.items() if v})  # type: ignore[arg-type]
 
@@ -108,8 +113,9 @@ class NextbestResource(dg.ConfigurableResource):
         store.ensure_tables()
         return store
 
-    def models_dir(self) -> Path:
-        return self.settings().home_dir / "models"
+    def models_dir(self) -> ArtifactStore:
+        """The models root: `<home>/models`, or beside an object-store Delta root."""
+        return ArtifactStore.from_settings(self.settings())
 
 
 def resource_for(settings: Settings | None, **options: object) -> NextbestResource:
@@ -122,5 +128,6 @@ def resource_for(settings: Settings | None, **options: object) -> NextbestResour
         online_url=settings.online_url,
         delta_uri=settings.delta_uri,
         lance_uri=settings.lance_uri,
+        models_uri=settings.models_uri,
         **options,  # type: ignore[arg-type]
     )

@@ -29,6 +29,7 @@ from definitions.resources import cached_spec
 from nextbest.learn.model import ItemModel
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
+from storage.artifacts import ArtifactStore
 from storage.delta.store import DeltaStore
 from storage.online.store import OnlineStore
 
@@ -147,7 +148,7 @@ def recommend(
         online.dispose()
     if promoted is None or not promoted.artifact_path:
         raise LookupError("no promoted model; run `nextbest materialize` first")
-    model = ItemModel.load(promoted.artifact_path)
+    model = ArtifactStore.from_settings(settings).load(promoted.artifact_path, ItemModel.load)
     store = DeltaStore.from_settings(settings)
     surfaces = item_surfaces(spec)
     if not surfaces:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEVELOPMENT_PSEUDONYMIZATION_KEY = "nextbest-local-development-key"
@@ -21,7 +21,8 @@ class Settings(BaseSettings):
 
     Defaults give the embedded single-machine layout of docs/architecture.md#data-home under `home`;
     scale-out swaps in PostgreSQL (`online_url`), Kafka (`kafka_bootstrap`) and
-    object storage (`delta_uri`, `lance_uri` with `storage_options`).
+    object storage (`delta_uri`, `lance_uri`, `models_uri` with `storage_options`;
+    docs/scale-out.md).
     """
 
     model_config = SettingsConfigDict(
@@ -34,11 +35,26 @@ class Settings(BaseSettings):
     online_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the online store; SQLite under home if unset."
     )
+    # Object storage (docs/scale-out.md): Delta, LanceDB and model artifacts may live in a
+    # bucket; storage.objectstore spells `storage_options` for each library.
     delta_uri: str | None = Field(default=None, description="Delta root; home/delta if unset.")
     lance_uri: str | None = Field(default=None, description="LanceDB URI; home/lance if unset.")
-    storage_options: dict[str, str] = Field(
-        default_factory=dict, description="Object-store options passed to deltalake and LanceDB."
+    models_uri: str | None = Field(
+        default=None, description="Model artifacts root; `models` beside the Delta root if unset."
     )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="One JSON object of object_store options (endpoint, access_key_id,"
+        " secret_access_key, region, allow_http, ...) for Delta, LanceDB and model artifacts.",
+    )
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _option_strings(cls, value: Any) -> Any:
+        """JSON `true`/numbers as the strings every object-store client takes."""
+        if not isinstance(value, dict):
+            return value
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
 
     kafka_bootstrap: str | None = Field(
         default=None, description="Kafka brokers; the embedded event log is used if unset."
@@ -164,6 +180,15 @@ class Settings(BaseSettings):
     @property
     def lance_root(self) -> str:
         return self.lance_uri or str(self.home_dir / "lance")
+
+    @property
+    def models_root(self) -> str:
+        """`models_uri`, else `models` beside the Delta root (`<home>/models` by default)."""
+        if self.models_uri:
+            return self.models_uri.rstrip("/")
+        root = self.delta_root.rstrip("/")
+        parent, _, _ = root.rpartition("/")
+        return f"{root}/models" if not parent or parent.endswith(":/") else f"{parent}/models"
 
     @property
     def online_database_url(self) -> str:

@@ -13,7 +13,6 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from serving.metrics import Metrics
 from serving.reader import AnswerCache, SnapshotReader
 from serving.sinks import DecisionLog, EventSink, open_sink
 from serving.stream_health import StreamHealth, StreamProbe
+from storage.artifacts import ArtifactStore
 from storage.delta.store import DeltaStore
 from storage.online.consent import ConsentCache, ConsentStore
 from storage.online.models import now_ms
@@ -104,6 +104,7 @@ class ServingRuntime:
         self.uplift_error: str | None = None
         self.trending: list[tuple[str, float]] = []
         self._reload_lock = threading.Lock()
+        self.models = ArtifactStore.from_settings(settings)  # <home>/models or a bucket
         self.decision_log = DecisionLog(
             sink,
             count_caps=self.serving.increment_caps,
@@ -190,7 +191,7 @@ class ServingRuntime:
             try:
                 if not record.artifact_path:
                     raise FileNotFoundError("the promoted model has no artifact_path")
-                model = ItemModel.load(record.artifact_path)
+                model = self.models.load(record.artifact_path, ItemModel.load)
             except Exception as exc:
                 self.model_error = f"model {record.version}: {type(exc).__name__}: {exc}"[:300]
                 log.warning("cannot load promoted model: %s", self.model_error)
@@ -208,7 +209,7 @@ class ServingRuntime:
         """Load the offer uplift models when `models/uplift.json` names a new version.
         Offers are ranked by priority while there is none; a pointer that disappears
         drops the model, an unreadable artifact keeps the previous one."""
-        pointer = self.settings.home_dir / "models" / UPLIFT_POINTER
+        pointer = self.models / UPLIFT_POINTER
         with self._reload_lock:
             try:
                 info = json.loads(pointer.read_text())
@@ -224,7 +225,7 @@ class ServingRuntime:
             if not version or version == current:
                 return False
             try:
-                uplift = OfferUplift.load(Path(str(info["artifact_path"])))
+                uplift = self.models.load(str(info["artifact_path"]), OfferUplift.load)
             except Exception as exc:
                 self.uplift_error = f"uplift {version}: {type(exc).__name__}: {exc}"[:300]
                 log.warning("cannot load uplift model: %s", self.uplift_error)

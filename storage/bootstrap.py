@@ -6,6 +6,7 @@ store saying where it lives.
 """
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
@@ -40,6 +41,11 @@ def init_stores(settings: Settings, spec: Spec) -> Iterator[str]:
     )
     vectors.ensure_tables()
     yield f"vectors      {settings.lance_root}"
+
+    models = settings.models_root
+    if "://" not in models:  # an object-store prefix needs no folder
+        Path(models).mkdir(parents=True, exist_ok=True)
+    yield f"models       {models}"
 
     if settings.kafka_bootstrap:
         yield f"event log    kafka {settings.kafka_bootstrap} topic {settings.kafka_topic}"

@@ -28,6 +28,7 @@ from lancedb.query import LanceVectorQueryBuilder
 from lancedb.table import Table
 
 from nextbest.settings import Settings
+from storage.objectstore import lance_options
 
 AttrType = Literal["string", "int", "float", "bool"]
 TableName = Literal["items", "users"]
@@ -109,7 +110,8 @@ class VectorStore:
         self.uri = uri
         self.dim = dim
         self.item_attributes: dict[str, AttrType] = dict(item_attributes)
-        self._storage_options = dict(storage_options) if storage_options else None
+        # One set of options for every store, spelled for Lance (storage.objectstore).
+        self._storage_options = lance_options(uri, storage_options or {})
         self._db = lancedb.connect(
             uri,
             storage_options=self._storage_options,

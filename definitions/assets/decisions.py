@@ -131,7 +131,7 @@ def cached_decisions(nextbest: NextbestResource) -> dg.MaterializeResult:
         promoted = online.promoted_model()
         if promoted is None or not promoted.artifact_path:
             raise RuntimeError("no promoted model; materialize model_registry first")
-        model = ItemModel.load(promoted.artifact_path)
+        model = nextbest.models_dir().load(promoted.artifact_path, ItemModel.load)
         base = store.pin(INTERACTIONS_TABLE)  # before reading gold: see forget_erased
         histories = active_histories(store, active_days=nextbest.active_days)
         written = 0

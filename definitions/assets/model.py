@@ -99,7 +99,7 @@ def item_model(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     seconds = time.perf_counter() - started
     if result is not None:
         model.params["tuning"] = result.summary()
-    path = model.save(nextbest.models_dir() / f"{version}.npz")
+    path = nextbest.models_dir().save(f"{version}.npz", model.save)
     events_rows = store.count("events", version=events_version) if pairs.num_rows else 0
     info = {
         "version": version,

@@ -17,6 +17,7 @@ from definitions.assets.offer_uplift import UPLIFT_CANDIDATE, UPLIFT_POINTER
 from definitions.assets.policy_evaluation import NOT_ESTIMATED, OPE_REPORT, policy_evaluation
 from definitions.batch.artifacts import read_json_file, write_json_file
 from definitions.resources import NextbestResource, OpeGate
+from storage.artifacts import ArtifactStore
 
 REGISTRY = "uplift_registry.json"
 HISTORY = 50
@@ -42,12 +43,14 @@ def gate_decision(gate: OpeGate, verdict: str) -> tuple[bool, str]:
     return False, f"{why}; gate {gate} keeps the served policy"
 
 
-def read_registry(models_dir: Path) -> dict[str, Any]:
+def read_registry(models_dir: ArtifactStore | Path) -> dict[str, Any]:
     """`{"served": entry | None, "history": [entry, ...]}`, oldest decision first."""
     return read_json_file(models_dir / REGISTRY) or {"served": None, "history": []}
 
 
-def _evaluation(models_dir: Path, version: str, served: str | None) -> dict[str, Any] | None:
+def _evaluation(
+    models_dir: ArtifactStore | Path, version: str, served: str | None
+) -> dict[str, Any] | None:
     """The gate section of `ope.json` if it evaluated this candidate against the policy
     served now (a stale report, e.g. before a newer promotion, does not count)."""
     report = read_json_file(models_dir / OPE_REPORT) or {}

@@ -25,6 +25,7 @@ from nextbest.learn.uplift import (
     qini_coefficient,
 )
 from nextbest.spec.models import Spec
+from storage.artifacts import ArtifactStore, as_artifacts
 
 UPLIFT_POINTER = "uplift.json"
 """The served offer policy (read by the API); written by `offer_policy` only."""
@@ -39,19 +40,23 @@ def offer_names(spec: Spec) -> list[str]:
     return [name for name, a in spec.actions.items() if a.kind != "item"]
 
 
-def read_uplift(models_dir: Path, pointer: str = UPLIFT_POINTER) -> OfferUplift | None:
+def read_uplift(
+    models_dir: ArtifactStore | Path, pointer: str = UPLIFT_POINTER
+) -> OfferUplift | None:
     """The uplift models a pointer names (the served ones by default), or None when
     there is no pointer or its artifact is gone. The version is the pointer's."""
+    models_dir = as_artifacts(models_dir)
     info = read_json_file(models_dir / pointer)
-    if info is None or not Path(info["artifact_path"]).is_file():
+    if info is None or not models_dir.available(str(info["artifact_path"])):
         return None
-    loaded = OfferUplift.load(Path(info["artifact_path"]))
+    loaded = models_dir.load(str(info["artifact_path"]), OfferUplift.load)
     return OfferUplift(loaded.feature_names, loaded.models, str(info["version"]))
 
 
-def save_candidate(models_dir: Path, bundle: OfferUplift, **info: Any) -> Path:
+def save_candidate(models_dir: ArtifactStore | Path, bundle: OfferUplift, **info: Any) -> str:
     """Save `bundle` under `uplift/<version>.npz` and point `uplift_candidate.json` at it."""
-    path = bundle.save(models_dir / "uplift" / f"{bundle.version}.npz")
+    models_dir = as_artifacts(models_dir)
+    path = models_dir.save(f"uplift/{bundle.version}.npz", bundle.save)
     write_json_file(
         models_dir / UPLIFT_CANDIDATE,
         {

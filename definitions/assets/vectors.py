@@ -24,7 +24,7 @@ def item_vectors(nextbest: NextbestResource) -> dg.MaterializeResult:
         promoted = online.promoted_model()
     if promoted is None or not promoted.artifact_path:
         raise RuntimeError("no promoted model; materialize model_registry first")
-    model = ItemModel.load(promoted.artifact_path)
+    model = nextbest.models_dir().load(promoted.artifact_path, ItemModel.load)
     catalog = item_catalog(store, spec)
     dim = spec.model.dim
     vectors = np.ascontiguousarray(model.vectors[:, :dim], dtype=np.float32)

@@ -1,4 +1,5 @@
-"""Model artifacts under `<home>/models/`: the `.npz`, its metrics, and the candidate pointer.
+"""Model artifacts under the models root (`storage.artifacts.ArtifactStore`: `<home>/models/`
+or an object-store prefix): the `.npz`, its metrics, and the candidate pointer.
 
 The candidate pointer (`candidate.json`) is how `item_model` hands the version it just
 trained to `model_evaluation` and `model_registry`, also when those run in a later
@@ -6,11 +7,12 @@ run (`--select model_registry`); the registry, not this file, says what is serve
 """
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
+
+from storage.artifacts import Artifact, ArtifactStore
 
 CANDIDATE = "candidate.json"
 
@@ -21,41 +23,39 @@ def new_version(events_version: int) -> str:
     return f"m{stamp}-e{events_version}-{uuid4().hex[:6]}"
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+def write_candidate(models_dir: ArtifactStore, info: dict[str, Any]) -> None:
+    models_dir.write_json(CANDIDATE, info)
 
 
-def write_candidate(models_dir: Path, info: dict[str, Any]) -> None:
-    _write_json(models_dir / CANDIDATE, info)
+def read_candidate(models_dir: ArtifactStore) -> dict[str, Any]:
+    info = models_dir.read_json(CANDIDATE)
+    if info is None:
+        raise FileNotFoundError(
+            f"no trained model at {models_dir / CANDIDATE}; materialize item_model first"
+        )
+    return info
 
 
-def read_candidate(models_dir: Path) -> dict[str, Any]:
-    path = models_dir / CANDIDATE
-    if not path.exists():
-        raise FileNotFoundError(f"no trained model at {path}; materialize item_model first")
-    return json.loads(path.read_text())
+def write_metrics(models_dir: ArtifactStore, version: str, metrics: dict[str, Any]) -> str:
+    name = f"{version}.metrics.json"
+    models_dir.write_json(name, metrics)
+    return models_dir.uri(name)
 
 
-def write_metrics(models_dir: Path, version: str, metrics: dict[str, Any]) -> Path:
-    path = models_dir / f"{version}.metrics.json"
-    _write_json(path, metrics)
-    return path
-
-
-def read_metrics(models_dir: Path, version: str) -> dict[str, Any]:
-    path = models_dir / f"{version}.metrics.json"
-    if not path.exists():
+def read_metrics(models_dir: ArtifactStore, version: str) -> dict[str, Any]:
+    metrics = models_dir.read_json(f"{version}.metrics.json")
+    if metrics is None:
         raise FileNotFoundError(f"model {version} has no metrics; materialize model_evaluation")
-    return json.loads(path.read_text())
+    return metrics
 
 
-def write_json_file(path: Path, data: dict[str, Any]) -> None:
+def write_json_file(path: Artifact | Path, data: dict[str, Any]) -> None:
     """Atomically replace a JSON side file (uplift pointer, OPE report)."""
-    _write_json(path, data)
+    if isinstance(path, Artifact):
+        path.store.write_json(path.name, data)
+        return
+    ArtifactStore(str(path.parent)).write_json(path.name, data)
 
 
-def read_json_file(path: Path) -> dict[str, Any] | None:
+def read_json_file(path: Artifact | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None

@@ -16,6 +16,7 @@ class DeltaMaintenance:
     """Maintenance operations; `DeltaStore` provides the table access they use."""
 
     max_attempts: int
+    storage_options: dict[str, str]
 
     def uri(self, table: str) -> str:
         raise NotImplementedError
@@ -35,7 +36,7 @@ class DeltaMaintenance:
         One at a time per table: delta-rs commits overlapping compactions both and
         duplicates every compacted row (delta-io/delta-rs#3982, `storage.delta.locks`).
         """
-        with compaction_lock(self.uri(table)):
+        with compaction_lock(self.uri(table), self.storage_options):
             for attempt in range(self.max_attempts):
                 try:
                     return dict(self._open(table).optimize.compact(target_size=target_size))

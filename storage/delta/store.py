@@ -6,8 +6,8 @@ snapshot (cheap with checkpoints), so one `DeltaStore` is safe to share across
 threads and any number of processes may write the same table: commits are atomic
 (put-if-absent of the next log entry) and conflicts are retried here.
 
-Object stores: pass `storage_options` (e.g. S3 credentials plus
-`aws_conditional_put=etag` or a locking provider) through `Settings.storage_options`.
+Object stores: `Settings.storage_options` (S3 endpoint and credentials), translated by
+`storage.objectstore.delta_options`, which also asks for put-if-absent commits on S3.
 """
 
 import random
@@ -39,6 +39,7 @@ from storage.delta.schemas import (
     events_to_table,
     feedback_to_table,
 )
+from storage.objectstore import delta_options
 
 __all__ = [
     "TABLES",
@@ -71,7 +72,8 @@ class DeltaStore(DeltaMaintenance):
         backoff_s: float = 0.02,
     ) -> None:
         self.root = root.rstrip("/") or root
-        self.storage_options: dict[str, str] = dict(storage_options or {})
+        # Spelled for deltalake, with put-if-absent commits on S3 (storage.objectstore).
+        self.storage_options: dict[str, str] = delta_options(self.root, storage_options or {})
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self._ensured: set[str] = set()

@@ -4,8 +4,11 @@ The stream's lake sink appends small batches to bronze from two partitions while
 Dagster `maintenance` job (executed by Dagster) compacts, vacuums and checkpoints the same
 table several times: every row lands exactly once and every run succeeds. Overlapping
 maintenances never duplicate rows, and the Dagster queue keeps writer runs apart.
+Both run on a local folder and on S3 (SeaweedFS): put-if-absent commits and the
+compaction lease (`storage.delta.locks`) instead of rename and flock.
 """
 
+import json
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import obstore
 import pytest
 import yaml
 from deltalake import DeltaTable
@@ -26,6 +30,8 @@ from nextbest.spec.loader import load_spec
 from pipelines.records import Record
 from pipelines.sinks import LakeSink
 from storage.delta.store import DeltaStore, events_to_table
+from storage.objectstore import open_store
+from tests.support.s3 import S3Server
 from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,14 +98,49 @@ def _allow_zero_retention(store: DeltaStore) -> None:
     """Let `retention_hours=0` vacuum pass delta-rs's retention check (default 7 days),
     so the files each compaction removed are deleted by the same maintenance run."""
     for name in ("events", "dead_letters", "decisions", "feedback"):
-        DeltaTable(store.uri(name)).alter.set_table_properties(
-            {"delta.deletedFileRetentionDuration": "interval 0 seconds"}
-        )
+        DeltaTable(
+            store.uri(name), storage_options=store.storage_options
+        ).alter.set_table_properties({"delta.deletedFileRetentionDuration": "interval 0 seconds"})
+
+
+@pytest.fixture(params=["local", "s3"])
+def lake_settings(
+    request: pytest.FixtureRequest, settings: Settings, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:  # fmt: skip
+    """The data home's Delta folder, or a fresh prefix of the SeaweedFS bucket."""
+    if request.param == "local":
+        return settings
+    server: S3Server = request.getfixturevalue("s3_server")
+    # Dagster's resource reads credentials from the environment, never its own config.
+    monkeypatch.setenv("NEXTBEST_STORAGE_OPTIONS", json.dumps(server.options))
+    return server.settings(tmp_path / "home")
+
+
+def _table(store: DeltaStore, name: str) -> DeltaTable:
+    return DeltaTable(store.uri(name), storage_options=store.storage_options)
+
+
+def _parquet_files(store: DeltaStore, name: str) -> set[str]:
+    """Data files under the table's folder or prefix (not `_delta_log`), referenced or not."""
+    uri = store.uri(name)
+    if "://" not in uri:
+        paths = [str(p.relative_to(uri)) for p in Path(uri).rglob("*.parquet")]
+    else:
+        listed = obstore.list(open_store(uri, store.storage_options))
+        paths = [m["path"] for batch in listed for m in batch]
+    return {
+        p.rsplit("/", 1)[-1]
+        for p in paths
+        if p.endswith(".parquet") and not p.startswith("_delta_log/")
+    }
 
 
 def test_stream_appends_survive_concurrent_dagster_maintenance(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    lake_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    settings = lake_settings
+    n_runs = MAINTENANCE_RUNS if "://" not in settings.delta_root else 2  # S3: slower runs
     store = DeltaStore.from_settings(settings)
     store.ensure_tables()
     _allow_zero_retention(store)
@@ -126,7 +167,7 @@ def test_stream_appends_survive_concurrent_dagster_maintenance(
     step_retries = 0
     try:
         with dg.instance_for_test() as instance:
-            for _ in range(MAINTENANCE_RUNS):
+            for _ in range(n_runs):
                 floor = store.file_count("events") + NEW_FILES_PER_RUN
                 wait_until(
                     lambda floor=floor: store.file_count("events") >= floor or stop.is_set(),
@@ -155,7 +196,7 @@ def test_stream_appends_survive_concurrent_dagster_maintenance(
 
     fed = [event_id for f in feeders for event_id in f.fed]
     # What any reader sees: a fresh snapshot of the table, not the writer's view.
-    table = DeltaTable(store.uri("events")).to_pyarrow_table(columns=["event_id"])
+    table = _table(store, "events").to_pyarrow_table(columns=["event_id"])
     ids = table.column("event_id").to_pylist()
     assert len(ids) == len(fed) == len(set(ids))
     assert set(ids) == set(fed)
@@ -165,7 +206,7 @@ def test_stream_appends_survive_concurrent_dagster_maintenance(
     history = store.history("events")  # newest first
     optimizes = [h for h in history if h["operation"] == "OPTIMIZE"]
     appends = [h for h in history if h["operation"] == "WRITE"]
-    assert len(optimizes) == MAINTENANCE_RUNS  # every run found small files and compacted
+    assert len(optimizes) == n_runs  # every run found small files and compacted
     removed = sum(h["operationMetrics"]["numFilesRemoved"] for h in optimizes)
     added = sum(h["operationMetrics"]["numFilesAdded"] for h in optimizes)
     assert removed > added
@@ -177,9 +218,8 @@ def test_stream_appends_survive_concurrent_dagster_maintenance(
     during = sum(1 for h in appends for r in runs if r["before"] < h["version"] < r["after"])
     assert during > 0
     # Files on disk: the live ones, plus only what a failed (retried) append left behind.
-    live = {Path(u).name for u in DeltaTable(store.uri("events")).file_uris()}
-    on_disk = {p.name for p in Path(store.uri("events")).rglob("*.parquet")}
-    on_disk -= {p.name for p in (Path(store.uri("events")) / "_delta_log").glob("*")}
+    live = {u.rsplit("/", 1)[-1] for u in _table(store, "events").file_uris()}
+    on_disk = _parquet_files(store, "events")
     assert live <= on_disk
     assert len(on_disk - live) <= sum(retries.values())
 
@@ -202,11 +242,11 @@ def test_stream_appends_survive_concurrent_dagster_maintenance(
     )
 
 
-def test_overlapping_compactions_never_duplicate_rows(tmp_path: Path) -> None:
+def test_overlapping_compactions_never_duplicate_rows(lake_settings: Settings) -> None:
     """Three maintenances at once (a scheduled run overlapping a manual one, say) while
     the stream appends: delta-rs alone commits every compaction of the same small files
     and each compacted row ends up in two or three files (`storage.delta.locks`)."""
-    store = DeltaStore(str(tmp_path / "delta"))
+    store = DeltaStore.from_settings(lake_settings)
     store.ensure_tables()
     _allow_zero_retention(store)
 
@@ -237,7 +277,7 @@ def test_overlapping_compactions_never_duplicate_rows(tmp_path: Path) -> None:
     for t in threads:
         t.join(timeout=120)
     assert errors == []
-    ids = DeltaTable(store.uri("events")).to_pyarrow_table(columns=["event_id"]).column(0)
+    ids = _table(store, "events").to_pyarrow_table(columns=["event_id"]).column(0)
     assert len(ids) == len(set(ids.to_pylist())) == 40 * BATCH_ROWS
     assert sum(r["compact"]["numFilesRemoved"] for r in results) >= 20
     assert sum(r["vacuumed_files"] for r in results) > 0
