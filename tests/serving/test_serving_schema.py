@@ -85,7 +85,7 @@ def test_docs_page_lists_every_operation_without_a_key(tmp_path) -> None:
         ops = [
             op.operation_id
             for item in client.app.openapi_schema.paths.values()  # type: ignore[union-attr]
-            for op in (item.get, item.post, item.delete)
+            for op in (item.get, item.post, item.put, item.delete)
             if op is not None
         ]
         assert len(ops) >= 9
