@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[World, httpx.Client]]:
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         home=tmp_path_factory.mktemp("features") / "home",
         spec=ROOT / "nextbest.yaml",
-        _env_file=None,
+        _env_file=None,  # type: ignore[call-arg]
     )
     world = build_world(settings)
     live = start_server(create_app(settings, rate_limit_per_s=None))

@@ -85,13 +85,13 @@ def _lance_items(settings: Settings, world: World) -> None:
 
 def _sharing(first: Settings, home: Path) -> Settings:
     """Another API process's settings: its own home and event log, the same stores."""
-    return Settings(  # type: ignore[call-arg]
+    return Settings(
         home=home,
         spec=ROOT / "nextbest.yaml",
         online_url=first.online_database_url,
         delta_uri=first.delta_root,
         lance_uri=first.lance_root,
-        _env_file=None,
+        _env_file=None,  # type: ignore[call-arg]
     )
 
 
