@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 from litestar import Controller, Response, get, put
 from litestar.exceptions import (
-    HTTPException,
     NotFoundException,
     ServiceUnavailableException,
 )
@@ -141,7 +140,7 @@ class ItemsController(Controller):
         ),
         sync_to_thread=True,
         opt={"scope": "decide"},
-        raises=[*AUTH_AND_UNAVAILABLE, HTTPException],
+        raises=AUTH_AND_UNAVAILABLE,
         responses={
             200: ResponseSpec(SimilarOut, description="Neighbours", examples=examples.SIMILAR_OUT),
             404: ResponseSpec(
