@@ -23,6 +23,7 @@ from storage.online.sql import id_chunks, upsert
 from storage.online.store import OnlineStore
 
 _WRITE_LOCK_KEY = 0x6E62_6974  # PostgreSQL advisory lock: one item writer at a time
+_DDL_LOCK_KEY = 0x6E62_6F6E  # storage.online.store's: API processes starting together
 
 
 class ItemAttributeTable(SQLModel, table=True):
@@ -56,6 +57,8 @@ class ItemAttributeStore:
 
     def ensure_tables(self) -> None:
         with self._writer.begin() as conn:
+            if not is_sqlite(self.engine):
+                conn.execute(sa.text("select pg_advisory_xact_lock(:k)"), {"k": _DDL_LOCK_KEY})
             SQLModel.metadata.create_all(conn, tables=[ITEM_ATTRIBUTES])
 
     def upsert(self, updates: Mapping[str, Mapping[str, Any]], *, update_id: str) -> int:
