@@ -22,6 +22,7 @@ from serving.keys import create_key
 from serving.runtime import ServingRuntime
 from storage.delta.item_updates import read_item_updates
 from storage.delta.store import DeltaStore
+from storage.eventlog.log import EventLog
 from storage.vectors import VectorStore
 from tests.serving.test_serving_world import (
     LiveServer,
@@ -112,6 +113,16 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Two]:
     for s in servers:
         stop_server(s)
     world.store.dispose()
+
+
+def _decision(settings: Settings, decision_id: str) -> dict[str, Any] | None:
+    with EventLog.open(settings.eventlog_dir, partitions=settings.partitions, mode="reader") as log:
+        for p in range(settings.partitions):
+            for _, _, payload in log.read(p, 0, max_records=100_000):
+                record = json.loads(payload)
+                if record.get("decision_id") == decision_id:
+                    return record
+    return None
 
 
 def _hiker(two: Two, user: str) -> list[str]:
@@ -256,6 +267,11 @@ def test_candidates_are_reranked_by_the_policy(two: Two) -> None:
     both = [a for a in out["actions"] if a["item_id"] in full]
     assert both and all(a["score"] == pytest.approx(full[a["item_id"]]) for a in both)
     assert out["actions"][0]["source"] != "popular"  # a source proposed the first one
+    # The decision record names the candidate set its propensities are relative to.
+    logged = wait_until(
+        lambda: _decision(two.world.settings, out["decision_id"]), what="the decision record"
+    )
+    assert logged["features"]["candidates"] == sorted(set(given) - {"nope-1"})
     scores = [a["score"] for a in out["actions"]]
     assert scores == sorted(scores, reverse=True) and min(scores) > 0
     assert all(a["reasons"] for a in out["actions"])
