@@ -121,7 +121,10 @@ class Assets:
         model = self.model
         if model is None or spec is None:
             return replace(self, attributes=attrs)
-        if not self.masks:  # built without a catalogue: build the masks from scratch
+        if not self.masks and any(  # built without a catalogue: the masks afresh
+            a.kind == "item" and rules.item_rules(a.eligibility.where)
+            for a in spec.actions.values()
+        ):
             return Assets.build(model, attrs, spec=spec)
         masks: dict[str, np.ndarray] = {}
         for name, mask in self.masks.items():
