@@ -27,6 +27,7 @@ DELTA_TABLES = (
     "dead_letters",
     "decisions",
     "feedback",
+    "item_updates",  # PUT /v1/items history: one small file per request (serving.catalog)
     ITEMS_TABLE,
     SESSIONS_TABLE,
     INTERACTIONS_TABLE,

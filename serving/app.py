@@ -43,7 +43,9 @@ from serving.controllers.common import provide_runtime
 from serving.controllers.decide import DecideController
 from serving.controllers.docs import docs_page
 from serving.controllers.events import EventsController
+from serving.controllers.features import FeaturesController
 from serving.controllers.feedback import FeedbackController
+from serving.controllers.items import ItemsController
 from serving.controllers.ops import OpsController
 from serving.controllers.users import UsersController
 from serving.door import known_surfaces
@@ -78,6 +80,7 @@ def _openapi() -> OpenAPIConfig:
             Tag(name="events", description="Ingestion"),
             Tag(name="decisions", description="Decide and feedback"),
             Tag(name="users", description="Features and erasure"),
+            Tag(name="items", description="Catalogue updates and similar items"),
             Tag(name="ops", description="Health, readiness, metrics"),
         ],
     )
@@ -88,6 +91,7 @@ async def _refresh_loop(runtime: ServingRuntime, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             await anyio.to_thread.run_sync(runtime.reload)
+            await anyio.to_thread.run_sync(runtime.refresh_items)  # PUT /v1/items elsewhere
             await anyio.to_thread.run_sync(runtime.reload_uplift)
             await anyio.to_thread.run_sync(runtime.refresh_trending)
         except Exception:  # a failed refresh keeps the previous model; retry next tick
@@ -179,6 +183,8 @@ def create_app(
             DecideController,
             FeedbackController,
             UsersController,
+            FeaturesController,
+            ItemsController,
             OpsController,
             docs_page,
         ],

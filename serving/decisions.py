@@ -132,7 +132,9 @@ def _inline(runtime: ServingRuntime) -> bool:
     return model is not None and model.n_items <= INLINE_MAX_ITEMS
 
 
-async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
+async def decide_request(
+    runtime: ServingRuntime, body: DecideIn, candidates: frozenset[str] | None = None
+) -> DecideOut:
     started = time.perf_counter()
     requested = body.surface or _context_surface(body.context)
     surface, _, policy, known = policy_for_surface(runtime.spec, requested)
@@ -143,6 +145,7 @@ async def decide_request(runtime: ServingRuntime, body: DecideIn) -> DecideOut:
         context=body.context,
         exclude=frozenset(body.exclude),
         seed=int(decision_id[:8], 16),
+        candidates=candidates,  # only these may be returned (nextbest.decide.rerank)
     )
     notes: list[str] = [] if known else [f"surface {requested!r} unknown; served {surface!r}"]
     if runtime.stream_note is not None:  # features may be stale: the stream is down
@@ -268,6 +271,8 @@ def _respond(
             "seed": request.seed,
         },
     }
+    if request.candidates is not None:  # propensities are within the given items
+        features["candidates"] = sorted(request.candidates)
     if not outcome.actions and outcome.propensity_none is not None:
         features["propensity"] = outcome.propensity_none
     if not personal:

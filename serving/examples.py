@@ -50,6 +50,10 @@ DECIDE_IN = [
         summary="Checkout offers",
         value={"user_id": "u42", "k": 2, "surface": "checkout", "context": {"device": "desktop"}},
     ),
+    Example(
+        summary="Re-rank the caller's candidates (Metarank /rank)",
+        value={"user_id": "u42", "k": 3, "candidates": ["i18", "i3", "i27", "i40"]},
+    ),
 ]
 DECIDE_OUT = [
     Example(
@@ -218,5 +222,138 @@ BODY_REFUSED = [
     Example(
         summary="Nested too deep (checked before decoding)",
         value={"status_code": 400, "detail": "request body: nested deeper than 32 levels"},
+    )
+]
+
+FEATURES_MANY_IN = [
+    Example(
+        summary="Two users, two features (Feast entity columns)",
+        value={
+            "entities": {"user_id": ["u42", "u7"]},
+            "features": ["views_1h", "category_affinity_1h"],
+        },
+    ),
+    Example(
+        summary="Entity rows, every feature of the item entity",
+        value={"entities": [{"item_id": "i17"}, {"item_id": "i18"}]},
+    ),
+]
+FEATURES_MANY_OUT = [
+    Example(
+        summary="One known user, one unknown",
+        value={
+            "entity": "user_id",
+            "features": ["views_1h", "category_affinity_1h"],
+            "results": [
+                {
+                    "id": "u42",
+                    "resolved_id": "u42",
+                    "found": True,
+                    "values": {"views_1h": 3.0, "category_affinity_1h": {"kitchen": 2.0}},
+                    "event_ts": {
+                        "views_1h": "2025-01-06T12:00:00Z",
+                        "category_affinity_1h": "2025-01-06T12:00:00Z",
+                    },
+                },
+                {
+                    "id": "u7",
+                    "resolved_id": "u7",
+                    "found": False,
+                    "values": {"views_1h": None, "category_affinity_1h": None},
+                    "event_ts": {"views_1h": None, "category_affinity_1h": None},
+                },
+            ],
+        },
+    )
+]
+UNKNOWN_FEATURES = [
+    Example(
+        summary="A feature the spec does not declare",
+        value={
+            "status_code": 422,
+            "detail": "features: unknown 'views_1d'; known for users: views_1h, cart_adds_1h",
+            "extra": {
+                "field": "features",
+                "unknown": ["views_1d"],
+                "known": ["views_1h", "cart_adds_1h"],
+            },
+        },
+    )
+]
+
+ITEMS_IN = [
+    Example(
+        summary="Out of stock, a new price, one invalid",
+        value={
+            "items": [
+                {"item_id": "i17", "attributes": {"in_stock": False}},
+                {"item_id": "i18", "attributes": {"price": 39.9}},
+                {"item_id": "i19", "attributes": {"colour": "red"}},
+            ]
+        },
+    )
+]
+ITEMS_OUT = [
+    Example(
+        summary="Two applied, one rejected",
+        value={
+            "accepted": 2,
+            "rejected": [
+                {
+                    "index": 2,
+                    "reason": "attributes.colour: not an item attribute of the spec "
+                    "(declared: category, in_stock, price, title)",
+                    "item_id": "i19",
+                }
+            ],
+            "update_id": "5d0c3b1a9e8f4d2c8b7a6f5e4d3c2b1a",
+            "version": 12,
+        },
+    )
+]
+ITEMS_NONE = [
+    Example(
+        summary="Nothing valid",
+        value={
+            "accepted": 0,
+            "rejected": [
+                {
+                    "index": 0,
+                    "reason": "attributes.price: must be a number (float)",
+                    "item_id": "i17",
+                }
+            ],
+            "update_id": None,
+            "version": None,
+        },
+    )
+]
+SIMILAR_OUT = [
+    Example(
+        summary="Neighbours from the promoted model",
+        value={
+            "item_id": "i17",
+            "source": "model",
+            "model_version": "m-20250106",
+            "items": [
+                {
+                    "item_id": "i18",
+                    "score": 0.91,
+                    "title": "Blender 600 W",
+                    "attributes": {
+                        "category": "kitchen",
+                        "price": 49.9,
+                        "in_stock": True,
+                        "title": "Blender 600 W",
+                    },
+                }
+            ],
+        },
+    )
+]
+UNKNOWN_ITEM = [
+    Example(
+        summary="An item without a vector",
+        value={"status_code": 404, "detail": "unknown item 'i999': no vector for it"},
     )
 ]

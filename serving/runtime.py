@@ -24,6 +24,7 @@ from nextbest.learn.model import ItemModel
 from nextbest.learn.uplift import OfferUplift
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
+from serving.catalog import ItemOverlay
 from serving.keys import KeyVerifier
 from serving.metrics import Metrics
 from serving.reader import AnswerCache, SnapshotReader
@@ -32,6 +33,7 @@ from serving.stream_health import StreamHealth, StreamProbe
 from storage.artifacts import ArtifactStore
 from storage.delta.store import DeltaStore
 from storage.online.consent import ConsentCache, ConsentStore
+from storage.online.items import ItemAttributeStore
 from storage.online.models import now_ms
 from storage.online.serving import ServingStore
 from storage.online.store import OnlineStore
@@ -99,6 +101,7 @@ class ServingRuntime:
             else None
         )
         self.assets = Assets()
+        self.items = ItemOverlay(ItemAttributeStore(online), spec)  # PUT /v1/items
         self.model_error: str | None = None
         self.uplift: OfferUplift | None = None
         self.uplift_error: str | None = None
@@ -137,6 +140,7 @@ class ServingRuntime:
         /ready and leaves decisions on their in-memory paths."""
         online = OnlineStore.from_settings(settings)
         ServingStore(online).ensure_tables()
+        ItemAttributeStore(online).ensure_tables()
         vectors: VectorStore | None = None
         vectors_error: str | None = None
         try:
@@ -235,7 +239,19 @@ class ServingRuntime:
             log.info("loaded uplift model %s (offers: %s)", version, ", ".join(uplift.models))
             return True
 
+    def refresh_items(self) -> bool:
+        """Apply item attribute updates other processes stored (`serving.catalog`)."""
+        with self._reload_lock:
+            updated = self.items.apply_new(self.assets, self.spec)
+            if updated is not None:
+                self.assets = updated
+            return updated is not None
+
     def load_attributes(self) -> dict[str, dict[str, Any]]:
+        """The catalog with the updates made over HTTP laid over it (`serving.catalog`)."""
+        return self.items.laid_over(self._catalog_attributes())
+
+    def _catalog_attributes(self) -> dict[str, dict[str, Any]]:
         """Item attributes: the Delta catalog when present, else the LanceDB items table."""
         names = list(self.spec.entities.item.attributes)
         try:

@@ -19,6 +19,9 @@ ServedFrom = Literal["realtime", "cached", "fallback"]
 Outcome = Literal["impression", "click", "conversion", "dismiss"]
 Scope = Literal["ingest", "decide", "admin"]
 MAX_EVENTS_PER_BATCH = 10_000
+MAX_ITEMS_PER_BATCH = 10_000
+MAX_CANDIDATES = 1000
+MAX_FEATURE_ENTITIES = 1000
 
 
 class EventsIn(Struct, forbid_unknown_fields=True):
@@ -56,6 +59,17 @@ class DecideIn(Struct, forbid_unknown_fields=True):
     surface: SurfaceName | None = None
     context: dict[Annotated[str, Meta(max_length=64)], Scalar] = {}
     exclude: Annotated[list[Id], Meta(max_length=1000)] = []
+    candidates: (
+        Annotated[
+            list[Id],
+            Meta(
+                max_length=MAX_CANDIDATES,
+                description="Re-rank only these items (Metarank `/rank`); unknown ids are "
+                "ignored and listed in `unknown_candidates`.",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class ActionOut(Struct):
@@ -85,6 +99,10 @@ class DecideOut(Struct):
     model_version: str | None
     feature_age_ms: int | None
     degraded: list[str] = []
+    unknown_candidates: Annotated[
+        list[str],
+        Meta(description="Given candidates neither the model nor the catalogue knows."),
+    ] = []
 
 
 class FeedbackIn(Struct, forbid_unknown_fields=True):
@@ -153,3 +171,71 @@ class ErrorOut(Struct):
     status_code: int
     detail: str
     extra: dict[str, Any] | list[Any] | None = None
+
+
+class ItemsIn(Struct, forbid_unknown_fields=True):
+    """Each item is validated on its own, like events (`nextbest.decide.catalog`)."""
+
+    items: Annotated[list[Any], Meta(min_length=1, max_length=MAX_ITEMS_PER_BATCH)]
+
+
+class RejectedItemOut(Struct):
+    index: int
+    reason: str
+    item_id: str | None = None
+
+
+class ItemsOut(Struct):
+    accepted: int
+    rejected: list[RejectedItemOut]
+    update_id: Annotated[
+        str | None, Meta(description="Groups this request's rows in Delta `item_updates`.")
+    ] = None
+    version: Annotated[
+        int | None, Meta(description="Catalogue change number given to this update.")
+    ] = None
+
+
+class SimilarItemOut(Struct):
+    item_id: str
+    score: Annotated[float, Meta(description="Cosine similarity to the item.")]
+    title: str | None = None
+    attributes: dict[str, Scalar] = {}
+
+
+class SimilarOut(Struct):
+    item_id: str
+    source: Literal["model", "vectors"]
+    model_version: str | None
+    items: list[SimilarItemOut]
+
+
+EntityKey = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class FeaturesIn(Struct, forbid_unknown_fields=True):
+    """`entities`: `{"user_id": [...]}` (Feast's `entity_rows` as columns) or
+    `[{"user_id": "u1"}, ...]`; one entity key, the spec's user or item key."""
+
+    entities: dict[EntityKey, list[Id]] | list[dict[EntityKey, Id]]
+    features: (
+        Annotated[
+            list[Annotated[str, Meta(min_length=1, max_length=128)]],
+            Meta(max_length=256, description="Feature names; all of the entity's when absent."),
+        ]
+        | None
+    ) = None
+
+
+class EntityFeaturesOut(Struct):
+    id: str
+    resolved_id: str
+    found: bool
+    values: dict[str, Any]
+    event_ts: dict[str, datetime | None]
+
+
+class FeaturesOut(Struct):
+    entity: str
+    features: list[str]
+    results: list[EntityFeaturesOut]

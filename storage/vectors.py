@@ -339,6 +339,16 @@ class VectorStore:
         """Vectors of the given items that exist (missing ids are absent)."""
         return _get_vectors(self._table("items"), "item_id", item_ids)
 
+    def similar_items(
+        self, item_id: str, *, k: int, where: str | None = None
+    ) -> list[dict[str, Any]] | None:
+        """The k nearest items to a stored item (itself excluded), as `search_items`
+        returns them; None when the table has no vector for `item_id`."""
+        vector = self.get_item_vectors([item_id]).get(item_id)
+        if vector is None:
+            return None
+        return self.search_items(vector, k=k, where=where, exclude=[item_id])
+
     def all_item_vectors(self) -> tuple[list[str], np.ndarray]:
         """Every item id and its vector as an (n, dim) float32 matrix, for in-memory scoring."""
         data = self._table("items").search().select(["item_id", "vector"]).limit(None).to_arrow()

@@ -26,7 +26,7 @@ precomputed decision carried it, and `fallback` for popular-in-context answers
 """
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ from nextbest.decide.candidates import (
 )
 from nextbest.decide.offers import Action, choose_offers, decide_offers, policy_for_surface
 from nextbest.decide.pool import Pool
+from nextbest.decide.rerank import Floor, candidate_mask, fill
 from nextbest.decide.slate import diverse, explore_slate, item_reasons, online_boosts
 from nextbest.learn.model import ItemModel
 from nextbest.learn.uplift import OfferUplift
@@ -108,6 +109,34 @@ class Assets:
         half_life = half_life_ms(spec) if spec is not None else DEFAULT_HALF_LIFE_MS
         return cls(model, attrs, popular, masks, half_life)
 
+    def with_attributes(
+        self, changes: Mapping[str, Mapping[str, Any]], *, spec: Spec | None = None
+    ) -> "Assets":
+        """A copy with `changes` merged into the items' attributes (PUT /v1/items) and
+        only the changed items' eligibility recomputed: O(changes) plus one shallow
+        copy, cheap enough to run every few seconds in every API process."""
+        attrs = dict(self.attributes)
+        for item, new in changes.items():
+            attrs[item] = {**attrs.get(item, {}), **new}
+        model = self.model
+        if model is None or spec is None:
+            return replace(self, attributes=attrs)
+        if not self.masks and any(  # built without a catalogue: the masks afresh
+            a.kind == "item" and rules.item_rules(a.eligibility.where)
+            for a in spec.actions.values()
+        ):
+            return Assets.build(model, attrs, spec=spec)
+        masks: dict[str, np.ndarray] = {}
+        for name, mask in self.masks.items():
+            where = rules.item_rules(spec.actions[name].eligibility.where)
+            updated = mask.copy()
+            for item in changes:
+                j = model.index.get(item)
+                if j is not None:
+                    updated[j] = _item_ok(attrs.get(item), where)
+            masks[name] = updated
+        return replace(self, attributes=attrs, masks=masks)
+
 
 def _item_ok(attrs: Mapping[str, Any] | None, where: list[Any]) -> bool:
     return attrs is not None and all(
@@ -122,6 +151,8 @@ class DecisionRequest:
     context: Mapping[str, Any] = field(default_factory=dict)
     exclude: frozenset[str] = frozenset()
     seed: int = 0
+    candidates: frozenset[str] | None = None
+    """Only these items may be returned (`nextbest.decide.rerank`); None: any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,9 +326,14 @@ def _rank_items(
     mask = assets.masks.get(action_name) if item_where else None
     banned = _exclusions(spec, action_name, request, user)
     index = assets.model.index if assets.model is not None else {}
+    allowed = request.candidates
+    pool_mask = mask
+    if allowed is not None:
+        given = candidate_mask(assets.model, allowed)
+        pool_mask = given if mask is None or given is None else mask & given
 
     def eligible(item: str, j: int | None) -> bool:
-        if item in banned:
+        if item in banned or (allowed is not None and item not in allowed):
             return False
         if mask is not None and j is not None:
             return bool(mask[j])
@@ -322,13 +358,16 @@ def _rank_items(
             yield item, j, value
 
     pooled, low = pool.ordered(
-        mask=mask, banned=banned, keep_extra=lambda item: eligible(item, None)
+        mask=pool_mask, banned=banned, keep_extra=lambda item: eligible(item, None)
     )
     with_popular: Iterator[tuple[str, int | None, float]] = (
         chain(pooled, popular_fill(1.0 if low is None else low))
         if "popular" in policy.fallbacks
         else pooled
     )
+    if allowed is not None:  # every given item may rank, after the scored ones
+        floor = Floor(low)
+        with_popular = chain(floor.watch(with_popular), fill(allowed, pool, floor, eligible))
     boosts = online_boosts(policy, user, assets.attributes)  # the online model's groups
     stream = boosts.rerank(with_popular) if boosts is not None else with_popular
     slate = diverse(policy, assets.attributes, stream, request.k)

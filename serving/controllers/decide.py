@@ -3,6 +3,8 @@
 Before deciding, the body is held to the door's bounds (`nextbest.ingest.limits`): the user
 id and excluded ids, context values, and the surface, which must be one the spec
 declares (a typo used to be served silently as `default`, and minted a metric label).
+An optional `candidates` list re-ranks the caller's items (`nextbest.decide.rerank`);
+without it the hot path is untouched.
 """
 
 from typing import Annotated
@@ -11,11 +13,12 @@ from litestar import Controller, post
 from litestar.openapi import ResponseSpec
 from litestar.params import Body
 
-from nextbest.ingest.limits import Limits
+from nextbest.decide.rerank import known_items
+from nextbest.ingest.limits import LimitExceeded, Limits
 from serving import examples
 from serving.controllers.common import AUTH_ERRORS, BODY_REFUSED, SECURITY
 from serving.decisions import decide_request
-from serving.door import check_decide
+from serving.door import check_decide, unprocessable
 from serving.runtime import ServingRuntime
 from serving.schemas import DecideIn, DecideOut, ErrorOut
 
@@ -34,6 +37,11 @@ class DecideController(Controller):
             "similarity to the current session, trending items and the precomputed "
             "(cached) decision; applies the spec's eligibility rules, caps and diversity; "
             "returns the top k with provenance. `user_id` may be `anon:<anonymous_id>`. "
+            "With `candidates` (Metarank `/rank`), only those items are scored and "
+            "returned, by the same policy (rules, caps, diversity and exploration still "
+            "apply; given items no source proposed rank last, by popularity); ids neither "
+            "the model nor the catalogue knows are ignored and listed in "
+            "`unknown_candidates`. "
             "The surface (field `surface` or `context.surface`) selects the policy and "
             "must be one the spec declares (422 lists them); "
             "offers are decided on surfaces whose policy lists them. Within the policy's "
@@ -62,4 +70,23 @@ class DecideController(Controller):
         limits: Limits,
     ) -> DecideOut:
         check_decide(data, runtime.spec, limits)
-        return await decide_request(runtime, data)
+        if data.candidates is None:
+            return await decide_request(runtime, data)
+        known, unknown = _candidates(runtime, data.candidates, limits)
+        out = await decide_request(runtime, data, frozenset(known))
+        out.unknown_candidates = unknown
+        return out
+
+
+def _candidates(
+    runtime: ServingRuntime, ids: list[str], limits: Limits
+) -> tuple[list[str], list[str]]:
+    """(the given ids the model or the catalogue knows, the others): the others are
+    ignored, not a 422, so a caller's list with a new or retired item still ranks."""
+    try:
+        for i, item in enumerate(ids):
+            limits.check_id(f"candidates[{i}]", item)
+    except LimitExceeded as exc:
+        raise unprocessable(exc) from None
+    assets = runtime.assets
+    return known_items(ids, assets.model, assets.attributes)

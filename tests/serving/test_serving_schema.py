@@ -85,7 +85,7 @@ def test_docs_page_lists_every_operation_without_a_key(tmp_path) -> None:
         ops = [
             op.operation_id
             for item in client.app.openapi_schema.paths.values()  # type: ignore[union-attr]
-            for op in (item.get, item.post, item.delete)
+            for op in (item.get, item.post, item.put, item.delete)
             if op is not None
         ]
         assert len(ops) >= 9
@@ -139,6 +139,6 @@ def test_docs_page_shows_every_body_schema_and_example(tmp_path) -> None:
                     assert html.escape(text) in section, op["operationId"]
     assert bodies >= 10
     decide = page[page.index("id='decide'") :]
-    assert "Request body (required)" in decide and "Example: 1 of 2" in decide
+    assert "Request body (required)" in decide and "Example: 1 of 3" in decide
     assert html.escape('"title": "Blender 600 W"') in decide  # the answer shows titles
     assert "id='schema-ActionOut'" in page and "The item&#x27;s catalogue attributes" in page
