@@ -100,7 +100,11 @@ def summarize(instance: dg.DagsterInstance, since: float) -> tuple[list[str], li
 
 
 def materialize_with_summary(settings: Settings, spec: Spec, *, select: str | None) -> int:
-    prepare_dagster_home(settings)
+    try:
+        prepare_dagster_home(settings)
+    except RuntimeError as exc:  # no dagster.yaml: no writer limit against a running daemon
+        print(f"nextbest materialize: {exc}", file=sys.stderr)
+        return 1
     os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
     log = settings.home_dir / "logs" / "materialize.log"
     since = time.time()
