@@ -92,7 +92,8 @@ def _observe_external_tables(
             events.append(observation(key, version, metadata))
             seen[table] = version
     if not events:
-        return dg.SkipReason(f"no change since Delta versions {seen}")
+        said = f"no change since Delta versions {seen}" if seen else "no external table yet"
+        return dg.SkipReason(said)
     return dg.SensorResult(asset_events=events, cursor=json.dumps(seen, sort_keys=True))
 
 

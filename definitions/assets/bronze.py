@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
 
 from definitions.batch.arrow import pc
 from definitions.metadata import (
@@ -56,7 +57,8 @@ def observation(key: dg.AssetKey, version: int, metadata: dict[str, Any]) -> dg.
     )
 
 
-def _stats(files: Any) -> dict[str, Any]:
+def _stats(files: pa.Table) -> dict[str, Any]:
+    """Event-time range and day count of the snapshot's files (null stats are skipped)."""
     out: dict[str, Any] = {}
     names = set(files.column_names)
     for label, column, agg in (
@@ -66,9 +68,8 @@ def _stats(files: Any) -> dict[str, Any]:
     ):
         if column in names and (value := agg(files.column(column)).as_py()) is not None:
             out[label] = str(value)
-    for column in ("partition.event_date", "partition_values.event_date"):
-        if column in names:
-            out["days"] = len(pc.unique(files.column(column)))
+    if "partition.event_date" in names:
+        out["days"] = len(pc.unique(files.column("partition.event_date")))
     return out
 
 

@@ -102,7 +102,8 @@ def test_retrain_launched_through_graphql_succeeds(
         except httpx.HTTPError:
             return False
 
-    _until(up, timeout=90, what="the webserver", proc=proc)
+    # ~100 s on a loaded 2-core machine (load 13) before the webserver answers.
+    _until(up, timeout=240, what="the webserver", proc=proc)
     run_id, status = launch_and_wait(port, "retrain", timeout=240, proc=proc)
     assert status == DagsterRunStatus.SUCCESS, (
         Path(settings.home_dir).parent / "dagster.log"
