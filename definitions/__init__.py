@@ -1,4 +1,5 @@
-"""The nextbest Dagster code location (`dagster dev -m definitions`).
+"""The nextbest Dagster code location: `dagster dev` in the project finds it through
+pyproject's `[tool.dagster]` (location `nextbest`); elsewhere `dagster dev -m definitions`.
 
 `defs` is lazy: nothing is read until Dagster loads the location; `build_definitions`
 is the factory tests and the CLI call with explicit settings.

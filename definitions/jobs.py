@@ -41,7 +41,8 @@ RUN_RETRIES = {"dagster/max_retries": "2", "dagster/retry_strategy": "FROM_FAILU
 retrain_job = dg.define_asset_job(
     "retrain",
     selection=dg.AssetSelection.assets(*RETRAIN_ASSETS),
-    description="Full retrain: gold tables, model, evaluation, registry, vectors, cache.",
+    description="Full retrain: observe bronze, then gold tables, model, evaluation, registry, "
+    "vectors, cache.",
     run_tags={**RUN_RETRIES, "nextbest/writer": "retrain"},
     executor_def=dg.in_process_executor,
 )

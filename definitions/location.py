@@ -21,7 +21,7 @@ def build_definitions(
     Without `settings` the resource resolves the data home from `NEXTBEST_*` when a run
     starts; the spec is read here because schedules take their cron from it, and the
     bronze Delta log because the day partitions start at the data's first day.
-    Schedules and the sensor start RUNNING unless `settings.automation` is off.
+    Schedules and the sensors start RUNNING unless `settings.automation` is off.
     `options` set `NextbestResource` fields (e.g. `promotion_tolerance`).
     """
     env = settings or Settings()
@@ -37,7 +37,7 @@ def build_definitions(
         asset_checks=ALL_CHECKS,
         jobs=[retrain_job, sessions_job, maintenance],
         schedules=build_schedules(spec, sessions_job, running=env.automation),
-        sensors=build_sensors(running=sensor_on),
+        sensors=build_sensors(running=sensor_on, observing=env.automation),
         resources={"nextbest": resource_for(settings, **options)},
         executor=dg.in_process_executor,
     )

@@ -1,7 +1,7 @@
 """The one Dagster resource: where the data home is and how retraining behaves.
 
 Fields left unset fall back to `Settings()` (the `NEXTBEST_*` environment, read when a
-run starts, never at import), so `dagster dev -m definitions` with `NEXTBEST_HOME` set
+run starts, never at import), so `dagster dev` with `NEXTBEST_HOME` set
 needs no configuration, while tests and the CLI pass explicit values.
 """
 

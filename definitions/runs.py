@@ -67,7 +67,8 @@ def materialize(
     instance: dg.DagsterInstance | None = None,
     **options: Any,
 ) -> bool:
-    """Materialize the selected assets (all when `select` is None) with their checks.
+    """Materialize the selected assets (all when `select` is None) with their checks;
+    `bronze_events`, written by the stream, is observed (its Delta version recorded).
 
     `select` is a Dagster asset selection string (`"item_model+"`, `"key:cached_decisions"`,
     `"group:gold"`). Day-partitioned assets run once over every day present in bronze
@@ -77,8 +78,10 @@ def materialize(
     """
     spec = spec or cached_spec(settings.spec)
     defs = build_definitions(settings, spec, **options)
-    selection = dg.AssetSelection.all() if select is None else dg.AssetSelection.from_string(select)
-    keys = selection.resolve(ALL_ASSETS)
+    if select is None:  # every asset; `AssetSelection.all()` would leave out observed bronze
+        keys = {a.key for a in ALL_ASSETS}
+    else:
+        keys = dg.AssetSelection.from_string(select).resolve(ALL_ASSETS)
     partitioned_keys = {a.key for a in PARTITIONED_ASSETS}
     plain = sorted(keys - partitioned_keys, key=lambda k: k.to_user_string())
     parted = sorted(keys & partitioned_keys, key=lambda k: k.to_user_string())

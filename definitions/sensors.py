@@ -1,9 +1,21 @@
-"""Retrain when enough new events arrived since the newest model was trained."""
+"""Sensors: retrain when enough new events arrived since the newest model was trained,
+and observe the Delta tables other processes write."""
+
+import json
 
 import dagster as dg
 
+from definitions.assets.bronze import BRONZE_SPEC, observation, observe_delta
+from definitions.assets.logs import decision_log, feedback_log
 from definitions.jobs import retrain_job
 from definitions.resources import NextbestResource
+
+EXTERNAL_TABLES = {
+    "events": BRONZE_SPEC.key,
+    "decisions": decision_log.key,
+    "feedback": feedback_log.key,
+}
+"""Delta table -> the asset that stands for it (written by the stream and the API)."""
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -62,18 +74,52 @@ def _retrain_after_events(
     )
 
 
-def build_sensors(*, running: bool) -> list[dg.SensorDefinition]:
-    """The sensor, RUNNING from the first start when automation is on (`running`); a
-    toggle in the UI still overrides it (Dagster keeps that state in its instance)."""
-    status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
-    sensor = dg.sensor(
+def _observe_external_tables(
+    context: dg.SensorEvaluationContext, nextbest: NextbestResource
+) -> dg.SensorResult | dg.SkipReason:
+    """Reports an observation of each Delta table written outside Dagster (bronze by the
+    stream, the decision and feedback logs by the API) whose version moved since the
+    last report: the Delta version as data version, row count, schema, URI. No run is
+    launched; the cursor holds the versions last reported."""
+    seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
+    store = nextbest.delta()
+    events: list[dg.AssetObservation] = []
+    for table, key in EXTERNAL_TABLES.items():
+        if not store.exists(table):
+            continue
+        version, metadata = observe_delta(store, table)
+        if seen.get(table) != version:
+            events.append(observation(key, version, metadata))
+            seen[table] = version
+    if not events:
+        said = f"no change since Delta versions {seen}" if seen else "no external table yet"
+        return dg.SkipReason(said)
+    return dg.SensorResult(asset_events=events, cursor=json.dumps(seen, sort_keys=True))
+
+
+def build_sensors(*, running: bool, observing: bool = True) -> list[dg.SensorDefinition]:
+    """The retrain sensor, RUNNING from the first start when `running`, and the observer
+    of the external tables, RUNNING when `observing` (automation on); a toggle in the UI
+    still overrides either (Dagster keeps that state in its instance)."""
+
+    def status(on: bool) -> dg.DefaultSensorStatus:
+        return dg.DefaultSensorStatus.RUNNING if on else dg.DefaultSensorStatus.STOPPED
+
+    retrain = dg.sensor(
         job=retrain_job,
         minimum_interval_seconds=60,
         name="retrain_after_events",
-        default_status=status,
+        default_status=status(running),
     )(_retrain_after_events)
-    return [sensor]
+    observe = dg.sensor(
+        name="observe_external_tables",
+        minimum_interval_seconds=60,
+        default_status=status(observing),
+        description="Observes bronze_events, decision_log and feedback_log (Delta tables "
+        "the stream and the API write) when their Delta version changes.",
+    )(_observe_external_tables)
+    return [retrain, observe]
 
 
-retrain_after_events = build_sensors(running=False)[0]
-"""The sensor as a value (tests evaluate it directly)."""
+retrain_after_events, observe_external_tables = build_sensors(running=False, observing=False)
+"""The sensors as values (tests evaluate them directly)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from definitions.metadata import DATA_VERSION_TAG
 from definitions.runs import instance_for, materialize
 from launcher.supervisor import prepare_dagster_home
 from nextbest.settings import Settings
@@ -44,8 +45,9 @@ def output_to(path: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
-def summarize(instance: dg.DagsterInstance, since: float) -> tuple[list[str], list[str]]:
-    """(materialized asset keys, failure lines) of the CLI's runs since `since`."""
+def summarize(instance: dg.DagsterInstance, since: float) -> tuple[list[str], list[str], list[str]]:
+    """(materialized asset keys, observed assets with their data version, failure lines)
+    of the CLI's runs since `since`."""
     runs = instance.get_runs(
         filters=dg.RunsFilter(
             tags={"nextbest/trigger": "cli"},
@@ -53,9 +55,11 @@ def summarize(instance: dg.DagsterInstance, since: float) -> tuple[list[str], li
         )
     )
     done: list[str] = []
+    observed: list[str] = []
     failures: list[str] = []
     wanted = {
         dg.DagsterEventType.ASSET_MATERIALIZATION,
+        dg.DagsterEventType.ASSET_OBSERVATION,
         dg.DagsterEventType.STEP_FAILURE,
         dg.DagsterEventType.ASSET_CHECK_EVALUATION,
         dg.DagsterEventType.RUN_FAILURE,
@@ -69,6 +73,12 @@ def summarize(instance: dg.DagsterInstance, since: float) -> tuple[list[str], li
                 key = event.asset_key
                 if key is not None:
                     done.append(key.to_user_string())
+            elif event.event_type == dg.DagsterEventType.ASSET_OBSERVATION:
+                data = event.asset_observation_data.asset_observation
+                version = (data.tags or {}).get(DATA_VERSION_TAG)
+                observed.append(
+                    data.asset_key.to_user_string() + (f" v{version}" if version else "")
+                )
             elif event.event_type == dg.DagsterEventType.STEP_FAILURE:
                 error = event.step_failure_data.error
                 message = error.message.strip() if error else "no error recorded"
@@ -86,11 +96,15 @@ def summarize(instance: dg.DagsterInstance, since: float) -> tuple[list[str], li
                         f"check {asset}:{name} failed ({severity})"
                         + (f": {facts}" if facts else "")
                     )
-    return sorted(set(done)), failures
+    return sorted(set(done)), sorted(set(observed)), failures
 
 
 def materialize_with_summary(settings: Settings, spec: Spec, *, select: str | None) -> int:
-    prepare_dagster_home(settings)
+    try:
+        prepare_dagster_home(settings)
+    except RuntimeError as exc:  # no dagster.yaml: no writer limit against a running daemon
+        print(f"nextbest materialize: {exc}", file=sys.stderr)
+        return 1
     os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
     log = settings.home_dir / "logs" / "materialize.log"
     since = time.time()
@@ -98,11 +112,14 @@ def materialize_with_summary(settings: Settings, spec: Spec, *, select: str | No
     try:
         with output_to(log):
             ok = materialize(settings, select=select, spec=spec, instance=instance)
-        assets, failures = summarize(instance, since)
+        assets, observed, failures = summarize(instance, since)
     finally:
         instance.dispose()
     seconds = time.time() - since
-    print(f"materialized {len(assets)} assets in {seconds:.1f} s" + ("" if ok else " (FAILED)"))
+    seen = f", observed {', '.join(observed)}" if observed else ""
+    print(
+        f"materialized {len(assets)} assets in {seconds:.1f} s{seen}" + ("" if ok else " (FAILED)")
+    )
     for failure in failures:
         print(f"  {failure}")
     print(f"Dagster's log: {log}")

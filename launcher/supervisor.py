@@ -11,6 +11,7 @@ reverse).
 
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import shutil
@@ -81,12 +82,29 @@ def dagster_commands(settings: Settings) -> list[Component]:
     return [Component("dagster-webserver", web, ready_url=url), Component("dagster-daemon", daemon)]
 
 
-def prepare_dagster_home(settings: Settings) -> None:
-    """DAGSTER_HOME is the data home's dagster/ folder, with the project's dagster.yaml."""
-    settings.dagster_home.mkdir(parents=True, exist_ok=True)
-    source = ROOT / "dagster.yaml"
-    if source.exists():
-        shutil.copyfile(source, settings.dagster_home / "dagster.yaml")
+def prepare_dagster_home(settings: Settings) -> Path:
+    """DAGSTER_HOME is the data home's dagster/ folder, with the dagster.yaml shipped in
+    the `definitions` package (package data, so a wheel install has it). Without it
+    Dagster would run on its defaults: no run queue, so no `nextbest/writer` limit of
+    one writer run at a time. So a missing or uncopyable file raises, never skips.
+    Located with `find_spec`, which does not import the package (nor Dagster)."""
+    spec = importlib.util.find_spec("definitions")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    sources = [Path(folder) / "dagster.yaml" for folder in folders]
+    source = next((s for s in sources if s.is_file()), None)
+    target = settings.dagster_home / "dagster.yaml"
+    if source is None:
+        raise RuntimeError(
+            f"dagster.yaml is missing from the nextbest installation (looked in "
+            f"{', '.join(map(str, sources)) or 'no definitions package'}); reinstall "
+            "nextbest: without it Dagster would drop the one-writer-run limit"
+        )
+    try:
+        settings.dagster_home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    except OSError as exc:
+        raise RuntimeError(f"cannot install {source} as {target}: {exc}") from exc
+    return target
 
 
 class Supervisor:

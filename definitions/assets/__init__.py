@@ -1,4 +1,5 @@
-"""The asset graph, one small module per asset:
+"""The asset graph, one small module per asset (bronze_events is observed, not
+materialized: the stream writes it):
 
 bronze_events -> silver_sessions (daily partitions)
 bronze_events -> gold_interactions -> item_model -> model_evaluation -> model_registry
@@ -44,7 +45,8 @@ PARTITIONED_ASSETS = [silver_sessions]
 """Day-partitioned history: backfilled by ranges of days."""
 
 ALL_ASSETS = [*RETRAIN_ASSETS, *PARTITIONED_ASSETS]
-"""Every asset Dagster materializes (`LOG_ASSETS` are external: lineage only)."""
+"""Every asset a run executes: bronze is observed, the rest materialized (`LOG_ASSETS`
+are external: lineage, and observations reported by a sensor)."""
 
 __all__ = [
     "ALL_ASSETS",

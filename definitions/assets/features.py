@@ -13,6 +13,7 @@ from definitions.batch.history import (
     item_catalog,
     read_events,
 )
+from definitions.metadata import delta_definition, delta_metadata
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
 from nextbest.features.columnar import window_values
@@ -21,7 +22,13 @@ from nextbest.ingest.events import item_actor
 ALL_COLUMNS = [*EVENT_COLUMNS, "context", "properties"]
 
 
-@dg.asset(deps=[bronze_events], group_name="gold", kinds={"deltalake"}, retry_policy=IO_RETRY)
+@dg.asset(
+    deps=[bronze_events],
+    group_name="gold",
+    kinds={"deltalake"},
+    metadata=delta_definition(FEATURES_TABLE),
+    retry_policy=IO_RETRY,
+)
 def user_features(nextbest: NextbestResource) -> dg.MaterializeResult:
     """Every window feature of the spec backfilled from Delta (`gold/user_features`) with
     `nextbest.features.columnar.window_values`, which selects each window with numpy and
@@ -58,7 +65,13 @@ def user_features(nextbest: NextbestResource) -> dg.MaterializeResult:
             "computed_at_ms": pa.array([computed_at] * n, pa.int64()),
         }
     )
-    store.write(FEATURES_TABLE, table, mode="overwrite", schema_mode="overwrite", based_on=base)
+    written = store.write(
+        FEATURES_TABLE, table, mode="overwrite", schema_mode="overwrite", based_on=base
+    )
     return dg.MaterializeResult(
-        metadata={"rows": n, "events_version": version, "entities_per_feature": per_feature}
+        metadata={
+            **delta_metadata(store, FEATURES_TABLE, version=written),
+            "events_version": version,
+            "entities_per_feature": per_feature,
+        }
     )

@@ -14,11 +14,18 @@ from definitions.batch.history import (
     interactions_of,
     read_events,
 )
+from definitions.metadata import delta_definition, delta_metadata
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
 
 
-@dg.asset(deps=[bronze_events], group_name="gold", kinds={"deltalake"}, retry_policy=IO_RETRY)
+@dg.asset(
+    deps=[bronze_events],
+    group_name="gold",
+    kinds={"deltalake"},
+    metadata=delta_definition(INTERACTIONS_TABLE),
+    retry_policy=IO_RETRY,
+)
 def gold_interactions(nextbest: NextbestResource) -> dg.MaterializeResult:
     """User x item interaction strength (Delta `gold/interactions`): each event weighted
     by its type's `weight` in the spec, anonymous events attributed to the user they
@@ -36,12 +43,14 @@ def gold_interactions(nextbest: NextbestResource) -> dg.MaterializeResult:
     n = pairs.num_rows
     pairs = pairs.append_column("events_version", pa.array(np.full(n, version), pa.int64()))
     pairs = pairs.append_column("reference_ts_ms", pa.array(np.full(n, reference), pa.int64()))
-    store.write(INTERACTIONS_TABLE, pairs, mode="overwrite", schema_mode="overwrite", based_on=base)
+    written = store.write(
+        INTERACTIONS_TABLE, pairs, mode="overwrite", schema_mode="overwrite", based_on=base
+    )
     users = len(pairs.column("user_id").unique()) if n else 0
     items = len(pairs.column("item_id").unique()) if n else 0
     return dg.MaterializeResult(
         metadata={
-            "pairs": n,
+            **delta_metadata(store, INTERACTIONS_TABLE, version=written),
             "events": len(inter),
             "users": users,
             "items": items,

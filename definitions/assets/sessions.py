@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from definitions.assets.bronze import bronze_events
 from definitions.batch.history import SESSIONS_TABLE, read_events, stitched_actors, ts_ms
+from definitions.metadata import delta_definition, delta_metadata
 from definitions.partitions import DAILY, IO_RETRY
 from definitions.resources import NextbestResource
 
@@ -38,7 +39,8 @@ def sessionize(actors: np.ndarray, session_ids: list[str | None], ts: np.ndarray
 def _silver_sessions(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     """Sessions of each day (Delta `silver/sessions`, partitioned by session_date): who,
     when, how many events and distinct items, and the count per event type. Identities
-    are stitched; a session crossing midnight is split at the day boundary."""
+    are stitched; a session crossing midnight is split at the day boundary. The row
+    count is the whole table's; `sessions` counts the days of this run."""
     spec, store = nextbest.load_spec(), nextbest.delta()
     first, last = context.partition_key_range.start, context.partition_key_range.end
     columns = ["event_id", "type", "user_id", "anonymous_id", "item_id", "ts", "session_id"]
@@ -48,9 +50,11 @@ def _silver_sessions(context: dg.AssetExecutionContext, nextbest: NextbestResour
     )
     predicate = f"session_date >= '{first}' AND session_date <= '{last}'"
     if events.num_rows == 0:
+        table_meta: dict = {}
         if store.exists(SESSIONS_TABLE):
             store.delete(SESSIONS_TABLE, predicate)
-        return dg.MaterializeResult(metadata={"sessions": 0, "events": 0})
+            table_meta = delta_metadata(store, SESSIONS_TABLE)
+        return dg.MaterializeResult(metadata={**table_meta, "sessions": 0, "events": 0})
     actors = stitched_actors(spec, events)
     ts = ts_ms(events)
     keys = sessionize(actors, events.column("session_id").to_pylist(), ts)
@@ -82,13 +86,20 @@ def _silver_sessions(context: dg.AssetExecutionContext, nextbest: NextbestResour
     dates = pa.compute.strftime(table.column("start_ts"), format="%Y-%m-%d")  # type: ignore[attr-defined]
     table = table.append_column("session_date", dates)
     if store.exists(SESSIONS_TABLE):
-        store.write(SESSIONS_TABLE, table, mode="overwrite", predicate=predicate, based_on=base)
+        written = store.write(
+            SESSIONS_TABLE, table, mode="overwrite", predicate=predicate, based_on=base
+        )
     else:
-        store.write(
+        written = store.write(
             SESSIONS_TABLE, table, mode="overwrite", partition_by=["session_date"], based_on=base
         )
     return dg.MaterializeResult(
-        metadata={"sessions": table.num_rows, "events": events.num_rows, "days": f"{first}..{last}"}
+        metadata={
+            **delta_metadata(store, SESSIONS_TABLE, version=written),
+            "sessions": table.num_rows,
+            "events": events.num_rows,
+            "days": f"{first}..{last}",
+        }
     )
 
 
@@ -102,5 +113,6 @@ with warnings.catch_warnings():
         backfill_policy=dg.BackfillPolicy.single_run(),
         group_name="silver",
         kinds={"deltalake"},
+        metadata=delta_definition(SESSIONS_TABLE),
         retry_policy=IO_RETRY,
     )(_silver_sessions)

@@ -10,6 +10,7 @@ import pyarrow as pa
 from definitions.assets.bronze import bronze_events
 from definitions.assets.features import ALL_COLUMNS
 from definitions.batch.history import TRAINING_TABLE, event_columns, item_catalog, read_events
+from definitions.metadata import delta_definition, delta_metadata
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
 from nextbest.features.columnar import EventColumns, values_before
@@ -46,7 +47,13 @@ def point_in_time_rows(
     return out
 
 
-@dg.asset(deps=[bronze_events], group_name="gold", kinds={"deltalake"}, retry_policy=IO_RETRY)
+@dg.asset(
+    deps=[bronze_events],
+    group_name="gold",
+    kinds={"deltalake"},
+    metadata=delta_definition(TRAINING_TABLE),
+    retry_policy=IO_RETRY,
+)
 def training_set(nextbest: NextbestResource) -> dg.MaterializeResult:
     """Labelled examples for ranking models (Delta `gold/training_set`): every item event
     of the last week is a row (label = its type's weight) with the user's window
@@ -73,10 +80,12 @@ def training_set(nextbest: NextbestResource) -> dg.MaterializeResult:
     columns.update({name: pa.array(values, pa.float64()) for name, values in rows.items()})
     columns["events_version"] = pa.array(np.full(n, version), pa.int64())
     table = pa.table(columns)
-    store.write(TRAINING_TABLE, table, mode="overwrite", schema_mode="overwrite", based_on=base)
+    written = store.write(
+        TRAINING_TABLE, table, mode="overwrite", schema_mode="overwrite", based_on=base
+    )
     return dg.MaterializeResult(
         metadata={
-            "rows": n,
+            **delta_metadata(store, TRAINING_TABLE, version=written),
             "features": list(rows),
             "label_days": LABEL_DAYS,
             "events_version": version,

@@ -6,6 +6,7 @@ import pyarrow as pa
 
 from definitions.assets.registry import model_registry
 from definitions.batch.history import item_catalog
+from definitions.metadata import TABLE_NAME, lance_metadata, table_name
 from definitions.partitions import IO_RETRY
 from definitions.resources import NextbestResource
 from nextbest.learn.model import ItemModel
@@ -13,7 +14,13 @@ from nextbest.learn.model import ItemModel
 _ARROW = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 
 
-@dg.asset(deps=[model_registry], group_name="serving", kinds={"lancedb"}, retry_policy=IO_RETRY)
+@dg.asset(
+    deps=[model_registry],
+    group_name="serving",
+    kinds={"lancedb"},
+    metadata={TABLE_NAME: table_name("lancedb", "items")},
+    retry_policy=IO_RETRY,
+)
 def item_vectors(nextbest: NextbestResource) -> dg.MaterializeResult:
     """The promoted model's item vectors with the catalog attributes, upserted into the
     LanceDB `items` table (Dagster is its only writer: concurrent LanceDB merges
@@ -40,7 +47,8 @@ def item_vectors(nextbest: NextbestResource) -> dg.MaterializeResult:
     indexed = lance.index_items()
     return dg.MaterializeResult(
         metadata={
-            "items": written,
+            **lance_metadata(lance.uri, "items", lance.schemas["items"], lance.count("items")),
+            "upserted": written,
             "model_version": promoted.version,
             "dim": dim,
             "indexed": ", ".join(indexed),

@@ -63,6 +63,11 @@ def test_definitions_load_with_everything() -> None:
     assert graph.get(dg.AssetKey("gold_interactions")).partitions_def is None
     description = graph.get(dg.AssetKey("item_model")).description or ""
     assert "EASE" in description  # the docstring is the UI description
+    undescribed = [k for k in graph.get_all_asset_keys() if not graph.get(k).description]
+    assert undescribed == []
+    bronze = graph.get(dg.AssetKey("bronze_events"))  # the stream writes it: observed only
+    assert bronze.is_observable and not bronze.is_materializable
+    assert bronze.metadata["dagster/column_schema"].columns[0].name == "event_id"
 
 
 def _load(settings: Settings, cfg: DemoConfig, folder: Path) -> None:
@@ -111,6 +116,7 @@ def test_automation_runs_by_default_and_switches_off(monkeypatch: pytest.MonkeyP
     spec = load_spec(ROOT / "nextbest.yaml")
     on = _statuses(build_definitions(Settings(_env_file=None), spec))  # type: ignore[call-arg]
     names = {"retrain_schedule", "maintenance_schedule", "sessions_daily", "retrain_after_events"}
+    names.add("observe_external_tables")
     assert on == dict.fromkeys(names, "RUNNING")
     monkeypatch.setenv("NEXTBEST_AUTOMATION", "off")
     off = _statuses(build_definitions(Settings(_env_file=None), spec))  # type: ignore[call-arg]
@@ -122,6 +128,7 @@ def test_automation_runs_by_default_and_switches_off(monkeypatch: pytest.MonkeyP
     )
     sensor = _statuses(build_definitions(Settings(_env_file=None), quiet))  # type: ignore[call-arg]
     assert sensor["retrain_after_events"] == "STOPPED"
+    assert sensor["observe_external_tables"] == "RUNNING"  # bronze is still observed
 
 
 def test_day_partitions_start_at_the_first_day_of_the_data(home: Settings, tmp_path: Path) -> None:
@@ -158,8 +165,11 @@ def _check_results(settings: Settings) -> dict[str, bool]:
 
 def test_every_asset_materialized_and_every_check_passed(home: Settings) -> None:
     with instance_for(home) as instance:
-        for name in ASSETS:
+        for name in ASSETS - {"bronze_events"}:
             assert instance.get_latest_materialization_event(dg.AssetKey(name)), name
+        # Bronze is observed, never materialized: the stream is its writer.
+        assert instance.get_latest_materialization_event(dg.AssetKey("bronze_events")) is None
+        assert instance.fetch_observations(dg.AssetKey("bronze_events"), limit=1).records
     assert _check_results(home) == dict.fromkeys(CHECKS, True)
     store = DeltaStore.from_settings(home)
     for table in (
@@ -271,7 +281,9 @@ def test_blocking_check_stops_retraining_on_an_empty_history(tmp_path: Path) -> 
     settings = Settings(home=tmp_path / "home", spec=ROOT / "nextbest.yaml", _env_file=None)  # type: ignore[call-arg]
     assert materialize(settings, select="bronze_events*") is False
     with instance_for(settings) as instance:
-        assert instance.get_latest_materialization_event(dg.AssetKey("bronze_events"))
+        observed = instance.fetch_observations(dg.AssetKey("bronze_events"), limit=1).records
+        assert observed and observed[0].asset_observation is not None
+        assert observed[0].asset_observation.metadata["dagster/row_count"].value == 0
         assert instance.get_latest_materialization_event(dg.AssetKey("item_model")) is None
     online = OnlineStore.from_settings(settings)
     assert online.list_models() == []

@@ -1,5 +1,6 @@
-"""The repository's dagster.yaml: the embedded SQLite instance, and the documented
-PostgreSQL block, uncommented verbatim and run against the PostgreSQL server."""
+"""The shipped dagster.yaml (`definitions/dagster.yaml`): the embedded SQLite instance,
+and the documented PostgreSQL block, uncommented verbatim and run against the
+PostgreSQL server."""
 
 import re
 import shutil
@@ -14,7 +15,7 @@ from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "dagster.yaml"
+CONFIG = ROOT / "definitions" / "dagster.yaml"
 
 
 def _events(path: Path) -> Path:
@@ -41,7 +42,7 @@ def test_embedded_config_is_sqlite_under_dagster_home(
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
         assert instance.run_retries_enabled
-        assert instance.get_latest_materialization_event(dg.AssetKey("bronze_events"))
+        assert instance.fetch_observations(dg.AssetKey("bronze_events"), limit=1).records
     assert (home / "history" / "runs.db").exists() or (home / "history").is_dir()
 
 
@@ -73,5 +74,5 @@ def test_documented_postgres_storage_runs_a_materialization(
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert materialize(settings, select="bronze_events", instance=instance)
-        assert instance.get_latest_materialization_event(dg.AssetKey("bronze_events"))
+        assert instance.fetch_observations(dg.AssetKey("bronze_events"), limit=1).records
         assert not list(home.glob("history/runs.db"))  # nothing went to SQLite

@@ -287,7 +287,7 @@ def test_maintenance_runs_wait_for_other_writer_runs(settings: Settings) -> None
     """The queue in dagster.yaml starts one `nextbest/writer` run at a time; maintenance
     (Delta compaction, LanceDB `items`) and retraining (Delta gold, LanceDB `items`,
     cached decisions) must both carry the tag, or a schedule and a manual launch overlap."""
-    config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    config = yaml.safe_load((ROOT / "definitions" / "dagster.yaml").read_text())
     limits = config["run_coordinator"]["config"]["tag_concurrency_limits"]
     assert {"key": "nextbest/writer", "limit": 1} in limits
     defs = build_definitions(settings, load_spec(settings.spec))
