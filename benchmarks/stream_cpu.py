@@ -94,14 +94,12 @@ def decision_record(rng: random.Random, user: str, items: list[str]) -> dict[str
 def with_decisions(events: list[dict[str, Any]], n: int, items: list[str]) -> Iterator[Any]:
     """The events with `n` decision records spread evenly among them (keyed by user)."""
     rng = random.Random(3)
-    every = max(1, len(events) // max(n, 1))
-    made = 0
+    total = max(len(events), 1)
     for i, event in enumerate(events):
         yield event
-        if made < n and i % every == 0:
-            user = event["user_id"] or f"anon:{event['anonymous_id']}"
+        user = event["user_id"] or f"anon:{event['anonymous_id']}"
+        for _ in range((i + 1) * n // total - i * n // total):
             yield decision_record(rng, user, items)
-            made += 1
 
 
 def run(
