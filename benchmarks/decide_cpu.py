@@ -15,9 +15,11 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import pstats
 import random
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,23 @@ async def call(app: Any, key: str, body: bytes) -> tuple[int, bytes]:
     return out["status"], out["body"]
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each live thread of this process by name (/proc, Linux): which
+    of the loop, the snapshot readers and the decision log pays for a decision."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(tid)) or Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        name = "loop" if name == "MainThread" else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 async def drive(app: Any, key: str, users: list[str], n: int, profile: bool) -> dict[str, Any]:
     rng = random.Random(1)
     bodies = [
@@ -94,7 +113,7 @@ async def drive(app: Any, key: str, users: list[str], n: int, profile: bool) -> 
         runtime.decision_log.flush()
         prof = cProfile.Profile() if profile else None
         statuses: dict[int, int] = {}
-        cpu0, wall0 = time.process_time(), time.perf_counter()
+        cpu0, wall0, threads0 = time.process_time(), time.perf_counter(), thread_cpu()
         if prof is not None:
             prof.enable()
         for body in bodies:
@@ -104,7 +123,8 @@ async def drive(app: Any, key: str, users: list[str], n: int, profile: bool) -> 
         if prof is not None:
             prof.disable()
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    return {"cpu": cpu, "wall": wall, "statuses": statuses, "prof": prof}
+        threads = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu().items()}
+    return {"cpu": cpu, "wall": wall, "statuses": statuses, "prof": prof, "threads": threads}
 
 
 def main() -> int:
@@ -133,6 +153,10 @@ def main() -> int:
         f"{n} decisions ({len(users)} users, {len(items)} items), statuses {r['statuses']}: "
         f"{r['cpu'] / n * 1e6:.0f} us CPU and {r['wall'] / n * 1e6:.0f} us wall per decision"
         + (" (under cProfile)" if args.profile else "")
+    )
+    busy = sorted(r["threads"].items(), key=lambda kv: -kv[1])
+    print(
+        "per thread, us per decision: " + ", ".join(f"{k} {v / n * 1e6:.0f}" for k, v in busy if v)
     )
     if r["prof"] is not None:
         stats = pstats.Stats(r["prof"]).strip_dirs()

@@ -43,7 +43,7 @@ import uvloop
 
 from benchmarks.decide import promote_model
 from benchmarks.openloop import Conn, Pool, Stream, head, open_loop, summary
-from launcher.stack import ensure_local_key, scrape
+from launcher.stack import dagster_components, ensure_local_key, scrape, wait_code_server
 from launcher.supervisor import Component, Supervisor, dagster_commands, nextbest_argv, run_step
 from nextbest.demo.shop import DemoConfig, generate_items, iter_event_dicts
 from nextbest.settings import Settings
@@ -121,17 +121,33 @@ def write_cached_decisions(
         online.dispose()
 
 
-def start_stack(settings: Settings, *, dagster: bool) -> tuple[Supervisor, dict[str, Component]]:
-    """The components `nextbest up` starts, with its argv, env and process groups."""
+def start_stack(
+    settings: Settings, *, dagster: bool, managed: bool = False
+) -> tuple[Supervisor, dict[str, Component]]:
+    """The components `nextbest up` starts, with its argv, env and process groups: the
+    daemon reads the code location from the persistent code server `nextbest up` runs
+    (`launcher.stack.dagster_components`), or with `managed` manages its own (`-m`,
+    as before: a fresh import of the code location every 60 s)."""
     sup = Supervisor(settings)
     parts = {
         "stream": Component("stream", nextbest_argv("stream")),
         "api": Component("api", nextbest_argv("api"), ready_url=f"{settings.api_url}/health"),
     }
-    if dagster:
+    if dagster and managed:
         parts["dagster"] = dagster_commands(settings)[1]  # the daemon
+    elif dagster:
+        (code, _web, daemon), port = dagster_components(settings)
+        sup.start(code)
+        if not wait_code_server(sup, code, port):
+            sup.stop()
+            raise RuntimeError(
+                "the Dagster code server did not start:\n" + "\n".join(sup.log_tail(code))
+            )
+        parts["dagster-code"] = code
+        parts["dagster"] = daemon
     for c in parts.values():
-        sup.start(c)
+        if c.process is None:
+            sup.start(c)
     if not sup.wait_ready(parts["api"]):
         sup.stop()
         raise RuntimeError("the API did not start:\n" + "\n".join(sup.log_tail(parts["api"])))
@@ -390,6 +406,22 @@ def print_row(row: dict[str, Any]) -> None:
     )
 
 
+def print_cpu(rows: list[dict[str, Any]]) -> None:
+    """CPU-seconds per decision and per event of each process (us), and each
+    process's share of a core, per step. The cost of a step's whole traffic is
+    charged to each unit: with both decisions and events running, read the steps
+    with one kind alone for the cost of that kind."""
+    procs = sorted({p for r in rows for p in r["cpu %"]})
+    head = ["step", "api us/dec", "stream us/dec", "api us/ev", "stream us/ev"]
+    print("\nCPU per process")
+    print(" | ".join(f"{h:>18}" for h in head + [f"{p} %" for p in procs]))
+    for r in rows:
+        dec, ev = r["us/decision"], r["us/event"]
+        cells = [r["step"], dec.get("api"), dec.get("stream"), ev.get("api"), ev.get("stream")]
+        cells += [r["cpu %"].get(p) for p in procs]
+        print(" | ".join(f"{_fmt(c):>18}" for c in cells), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -401,6 +433,16 @@ def main() -> int:
     ap.add_argument("--p99-limit-ms", type=float, default=50.0)
     ap.add_argument("--batch", type=int, default=100, help="events per POST")
     ap.add_argument("--no-dagster", action="store_true", help="leave the Dagster daemon out")
+    ap.add_argument(
+        "--managed-dagster",
+        action="store_true",
+        help="the daemon loads the code itself (-m definitions), as before the code server",
+    )
+    ap.add_argument(
+        "--cpu",
+        action="store_true",
+        help="end with a table of CPU per process: us per decision and per event, % of a core",
+    )
     ap.add_argument("--profile", help="py-spy raw profiles of api and stream into this folder")
     ap.add_argument("--native", action="store_true", help="py-spy --native (Rust frames too)")
     ap.add_argument("--port", type=int, default=18791)
@@ -428,7 +470,7 @@ def main() -> int:
     from pydantic import SecretStr
 
     settings = settings.model_copy(update={"api_key": SecretStr(key)})
-    sup, parts = start_stack(settings, dagster=not args.no_dagster)
+    sup, parts = start_stack(settings, dagster=not args.no_dagster, managed=args.managed_dagster)
     uvloop.install()
     ctx = {
         "settings": settings,
@@ -450,12 +492,14 @@ def main() -> int:
         print(f"stack up: {pids}; history caught up in {caught:.0f} s", flush=True)
         asyncio.run(drive(args.port, key, users, items, 100, 0, 2, args.batch, 0))  # warm-up
         print(" | ".join(f"{c:>10}" for c in COLS))
+        rows = []
         for n, (name, rate, ev_rate) in enumerate(STEPS[args.steps]):
-            measure(ctx, name, rate, ev_rate, args.seconds, n + 1)
+            rows.append(measure(ctx, name, rate, ev_rate, args.seconds, n + 1))
         if args.search:
             best = 0.0
             for rate in (float(r) for r in args.search_rates.split(",")):
                 row = measure(ctx, f"{rate:g}/s + 2000 ev/s", rate, 2000, args.seconds, int(rate))
+                rows.append(row)
                 if (row["p99"] or 1e9) > args.p99_limit_ms or (row["fallback %"] or 0) > 5:
                     break
                 best = rate
@@ -463,6 +507,8 @@ def main() -> int:
                 f"highest decisions/s with p99 <= {args.p99_limit_ms:g} ms and <= 5% "
                 f"fallbacks beside 2,000 ev/s: {best:g}"
             )
+        if args.cpu:
+            print_cpu(rows)
     finally:
         sup.stop()
     return 0

@@ -1,6 +1,7 @@
 """Stream CPU per event: the whole flow in this process over a fixed demo event list.
 
-    .venv/bin/python -m benchmarks.stream_cpu [--events 50000] [--batch 20] [--profile out.prof]
+    .venv/bin/python -m benchmarks.stream_cpu [--events 50000] [--decisions 0] [--batch 20]
+        [--profile out.prof]
 
 Wall-clock throughput is noisy on a shared machine; process CPU time per event is not
 (much). The same deterministic demo events are appended to the embedded log, then the
@@ -9,16 +10,22 @@ runs to the log's end in-process. CPU = `time.process_time()` across the run, wh
 counts every thread of the process (the sinks' background writers included), and
 the worker thread's own CPU (`time.thread_time()`, what limits one worker's rate);
 `--profile` adds a cProfile of the worker thread (sorted by cumulative time, top 40).
+`--decisions N` interleaves N decision records shaped like the API's (10 actions, 20
+arms, a 50-item pool: ~4.8 kB each) with the events, as `/v1/decide` traffic puts them
+in the log; the difference to a run without them is the stream's cost per decision.
 """
 
 import argparse
 import cProfile
 import json
 import pstats
+import random
 import tempfile
 import time
-from datetime import timedelta
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from bytewax.recovery import RecoveryConfig
 from bytewax.run import cli_main
@@ -36,6 +43,65 @@ from tests.support.stream_helpers import append_log, write_catalog
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def decision_record(rng: random.Random, user: str, items: list[str]) -> dict[str, Any]:
+    """A decision-log record with the layout and size `serving.decisions` logs."""
+    shown = rng.sample(items, 20)
+    pool = rng.sample(items, 50)
+    return {
+        "record": "decision",
+        "decision_id": f"{rng.getrandbits(128):032x}",
+        "user_id": user,
+        "ts": datetime.now(UTC).isoformat(),
+        "served_from": "realtime",
+        "model_version": "bench",
+        "actions": [
+            {
+                "action_id": "recommend",
+                "item_id": i,
+                "score": round(rng.random(), 6),
+                "source": "model",
+                "propensity": 1.0,
+            }
+            for i in shown[:10]
+        ],
+        "candidates": [
+            {
+                "action_id": "recommend",
+                "item_id": i,
+                "score": round(rng.random(), 6),
+                "propensity": 0.0,
+            }
+            for i in shown
+        ],
+        "features": {
+            "values": {f"f{n}": float(n) for n in range(5)},
+            "feature_age_ms": 2000,
+            "surface": "default",
+            "context": {},
+            "requested_user_id": user,
+            "sources": ["model", "history"],
+            "degraded": [],
+            "pool": {
+                "item_id": pool,
+                "score": [round(rng.random(), 6) for _ in pool],
+                "parts": {"model": [round(rng.random(), 6) for _ in pool]},
+            },
+            "exploration": {"strategy": "none", "epsilon": 0.0, "seed": 1},
+        },
+    }
+
+
+def with_decisions(events: list[dict[str, Any]], n: int, items: list[str]) -> Iterator[Any]:
+    """The events with `n` decision records spread evenly among them (keyed by user)."""
+    rng = random.Random(3)
+    total = max(len(events), 1)
+    for i, event in enumerate(events):
+        yield event
+        user = event["user_id"] or f"anon:{event['anonymous_id']}"
+        for _ in range((i + 1) * n // total - i * n // total):
+            yield decision_record(rng, user, items)
+
+
 def run(
     home: Path,
     n_events: int,
@@ -44,12 +110,14 @@ def run(
     *,
     default_gc: bool,
     batch: int,
+    decisions: int = 0,
 ) -> dict[str, float]:
     settings = Settings(home=home, _env_file=None)  # type: ignore[call-arg]
     spec = load_spec(ROOT / "nextbest.yaml")
     cfg = DemoConfig.medium(n_events=n_events)
-    write_catalog(settings, spec, cfg, vectors=True)
-    append_log(settings, iter_event_dicts(cfg), chunk=5000)
+    catalog = write_catalog(settings, spec, cfg, vectors=True)
+    events = list(iter_event_dicts(cfg))
+    append_log(settings, with_decisions(events, decisions, sorted(catalog)), chunk=5000)
     source = EventLogSource(
         settings.eventlog_dir, partitions=settings.partitions, tail=False, batch_size=batch
     )
@@ -73,11 +141,14 @@ def run(
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     bronze = DeltaStore.from_settings(settings).count("events")
     assert bronze == n_events, f"bronze holds {bronze} of {n_events}"
+    logged = DeltaStore.from_settings(settings).count("decisions") if decisions else 0
+    assert logged == decisions, f"decisions holds {logged} of {decisions}"
     if profiler is not None and profile:
         profiler.dump_stats(profile)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     return {
         "events": n_events,
+        "decisions": decisions,
         "cpu_s": cpu,
         "wall_s": wall,
         "cpu_us_per_event": cpu / n_events * 1e6,
@@ -89,6 +160,7 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--decisions", type=int, default=0, help="decision records among them")
     parser.add_argument("--epoch-ms", type=int, default=1000)
     parser.add_argument(
         "--batch",
@@ -110,6 +182,7 @@ def main() -> None:
             args.epoch_ms,
             default_gc=args.default_gc,
             batch=args.batch,
+            decisions=args.decisions,
         )
     print(json.dumps(result))
 

@@ -4,6 +4,7 @@ training, then Dagster and the optional simulator, and a live status line."""
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,97 @@ def ensure_local_key(settings: Settings) -> str:
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
     return key
+
+
+CODE_LOCATION = "definitions"
+"""The code location's name, as `-m definitions` named it: runs, schedules and sensor
+states recorded before the code server keep pointing at the same location."""
+
+
+def dagster_components(settings: Settings) -> tuple[list[Component], int]:
+    """A persistent Dagster code server, then the webserver and daemon reading from it.
+
+    Why: with `-m definitions` each of them manages its own code server, and the
+    daemon replaces its one every 60 s (`dagster._daemon.controller`,
+    RELOAD_WORKSPACE_INTERVAL), importing the whole code location again: about half a
+    core while everything is idle. From a `grpc_server` workspace entry the daemon
+    only asks the running server for its snapshot (same server id: nothing reloads).
+    The port is a free loopback port picked now and written to the workspace.yaml in
+    DAGSTER_HOME (the code server keeps it across restarts by the supervisor).
+    Returns [code server, webserver, daemon] and the code server's port.
+    """
+    port = _free_port()
+    workspace = write_workspace(settings, port)
+    bin_dir = Path(sys.executable).parent
+    code = Component(
+        "dagster-code-server",
+        [
+            str(bin_dir / "dagster"),
+            "code-server",
+            "start",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-m",
+            "definitions",
+            "--location-name",
+            CODE_LOCATION,
+        ],
+    )
+    return [code, *dagster_commands(settings, workspace=workspace)], port
+
+
+def write_workspace(settings: Settings, port: int) -> Path:
+    """DAGSTER_HOME/workspace.yaml: the one code location, served on `port`."""
+    path = settings.dagster_home / "workspace.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# written by `nextbest up` (launcher/stack.py): the code server it runs\n"
+        "load_from:\n"
+        "  - grpc_server:\n"
+        "      host: 127.0.0.1\n"
+        f"      port: {port}\n"
+        f"      location_name: {CODE_LOCATION}\n"
+    )
+    return path
+
+
+def wait_code_server(
+    sup: Supervisor, component: Component, port: int, *, timeout_s: float = 180.0
+) -> bool:
+    """Until the code server answers gRPC health checks (it serves only once the code
+    location has loaded); False when it exits, or on timeout or stop."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not sup.stopping.is_set():
+        if component.process is not None and component.process.poll() is not None:
+            return False
+        if grpc_serving(port):
+            return True
+        sup.stopping.wait(0.5)
+    return False
+
+
+def grpc_serving(port: int, *, timeout_s: float = 2.0) -> bool:
+    """The standard gRPC health check Dagster's servers answer (service DagsterApi)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(  # pyright: ignore[reportAttributeAccessIssue] (generated stub)
+                health_pb2.HealthCheckRequest(service="DagsterApi"), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def load_demo(settings: Settings, sup: Supervisor) -> None:
@@ -170,10 +262,16 @@ def _bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) ->
             return 1
         if not (settings.home_dir / ".demo_loaded").exists():
             load_demo(settings, sup)
-        dagster = dagster_commands(settings)
-        for component in dagster:
+        (code, web, daemon), port = dagster_components(settings)
+        sup.start(code)
+        if not wait_code_server(sup, code, port):
+            print(
+                f"the Dagster code server is not serving; see {sup.logs / f'{code.name}.log'}",
+                flush=True,
+            )
+        for component in (web, daemon):
             sup.start(component)
-        sup.wait_ready(dagster[0])
+        sup.wait_ready(web)
         if simulate:
             sup.start(Component("simulator", nextbest_argv("simulate", "--rate", str(rate))))
         _banner(settings, key, sup.logs)

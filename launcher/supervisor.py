@@ -65,19 +65,21 @@ def nextbest_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher", *args]
 
 
-def dagster_commands(settings: Settings) -> list[Component]:
+def dagster_commands(settings: Settings, *, workspace: Path | None = None) -> list[Component]:
+    """Webserver and daemon; with `workspace` (a workspace.yaml naming a running code
+    server, `launcher.stack`) they load the code from it instead of each their own."""
     prepare_dagster_home(settings)
     bin_dir = Path(sys.executable).parent
+    target = ["-w", str(workspace)] if workspace is not None else ["-m", "definitions"]
     web = [
         str(bin_dir / "dagster-webserver"),
         "-h",
         "127.0.0.1",
         "-p",
         str(settings.dagster_port),
-        "-m",
-        "definitions",
+        *target,
     ]
-    daemon = [str(bin_dir / "dagster-daemon"), "run", "-m", "definitions"]
+    daemon = [str(bin_dir / "dagster-daemon"), "run", *target]
     url = f"http://127.0.0.1:{settings.dagster_port}/server_info"
     return [Component("dagster-webserver", web, ready_url=url), Component("dagster-daemon", daemon)]
 

@@ -115,8 +115,11 @@ def internal_error(request: Request, exc: Exception) -> Response[dict[str, objec
     )
 
 
-def _constant(value: Limits) -> Callable[[], Limits]:
-    def provide() -> Limits:
+def _constant(value: Limits) -> Callable[[ServingRuntime], Limits]:
+    # Takes the runtime only to be resolved after it: Litestar resolves dependencies
+    # that do not depend on each other as one batch in an anyio task group (two tasks
+    # per request, ~10% of a decision's CPU on the event loop); a chain resolves inline.
+    def provide(runtime: ServingRuntime) -> Limits:
         return value
 
     return provide

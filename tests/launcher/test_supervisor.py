@@ -45,3 +45,25 @@ def test_components_die_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child), "the component outlived a SIGKILLed supervisor"
+
+
+def test_dagster_reads_its_code_from_one_code_server(tmp_path: Path) -> None:
+    """`nextbest up` runs one persistent code server; the webserver and the daemon load
+    the location from it through DAGSTER_HOME/workspace.yaml (the daemon would otherwise
+    re-import the code location every 60 s), under the location name `-m` gave it."""
+    import yaml
+
+    from launcher.stack import CODE_LOCATION, dagster_components, grpc_serving
+    from nextbest.settings import Settings
+
+    settings = Settings(home=tmp_path / "home", _env_file=None)  # type: ignore[call-arg]
+    (code, web, daemon), port = dagster_components(settings)
+    workspace = settings.dagster_home / "workspace.yaml"
+    entry = yaml.safe_load(workspace.read_text())["load_from"][0]["grpc_server"]
+    assert entry == {"host": "127.0.0.1", "port": port, "location_name": CODE_LOCATION}
+    assert code.argv[1:3] == ["code-server", "start"]
+    assert code.argv[code.argv.index("-p") + 1] == str(port)
+    for component in (web, daemon):
+        assert component.argv[-2:] == ["-w", str(workspace)], component.argv
+        assert "-m" not in component.argv
+    assert not grpc_serving(port, timeout_s=0.5)  # nothing serves there yet

@@ -166,3 +166,71 @@ def test_compact_snapshots_restore_the_same_profile(spec: Spec) -> None:
     assert legacy_item.windows["item_views_1h"].values() == {"": 1.0}
     assert isinstance(profile.recent["recent_items"], RecentItems)
     assert isinstance(back.windows["item_views_1h"], WindowState)
+
+
+def _general_decision(item: tuple[int, int, str, bytes], spec: Spec) -> records.Record:
+    fast = records._decision_fast
+    records._decision_fast = lambda payload: None  # type: ignore[assignment]
+    try:
+        return parse_record(item, spec)
+    finally:
+        records._decision_fast = fast
+
+
+def _columns(record: records.Record) -> list[dict[str, Any]]:
+    """The Delta row of a decision record, JSON columns decoded."""
+    from storage.delta.schemas import decisions_to_table
+
+    row = decisions_to_table([record.body]).to_pylist()[0]
+    for name in ("actions", "candidates", "features"):
+        text = row[name]
+        if text is not None and text[:1] in ("{", "["):
+            row[name] = json.loads(text)
+    return [row]
+
+
+def test_decision_fast_path_gives_the_general_paths_rows(spec: Spec) -> None:
+    """Decision records keep their JSON columns as the text they arrive in: the stored
+    row reads back as the general path's would, and anything the general path treats
+    differently (an empty id, a string where an object goes, NaN) still goes there."""
+    import msgspec
+
+    base = {
+        "record": "decision",
+        "decision_id": "d1",
+        "user_id": "u1",
+        "ts": "2025-03-01T12:00:00+00:00",
+        "served_from": "realtime",
+        "model_version": "m1",
+        "actions": [{"action_id": "a", "item_id": "i1", "score": 0.5, "propensity": 1.0}],
+        "candidates": [{"action_id": "a", "item_id": "i1", "score": 0.5, "propensity": 1.0}],
+        "features": {"values": {"b": 1.0, "a": None}, "pool": {"item_id": ["i1"]}},
+    }
+    variants: list[dict[str, Any]] = [
+        base,
+        {**base, "ts": 1740830400.5, "model_version": None},
+        {k: v for k, v in base.items() if k not in ("candidates", "model_version")},
+        {**base, "features": None, "actions": []},
+        {**base, "actions": "already text"},
+        {**base, "features": 3},
+        {**base, "user_id": ""},
+        {**base, "model_version": ""},
+        {**base, "ts": True},
+        {**base, "ts": "yesterday"},
+        {k: v for k, v in base.items() if k != "served_from"},
+    ]
+    fast_taken = 0
+    for offset, payload in enumerate(variants):
+        raw = msgspec.json.encode(payload)  # as the API's decision log encodes
+        item = (0, offset, "u1", raw)
+        got, want = parse_record(item, spec), _general_decision(item, spec)
+        fast_taken += records._decision_fast(raw) is not None
+        assert got.kind == want.kind, payload
+        if got.kind == "decision":
+            assert _columns(got) == _columns(want), payload
+        else:
+            assert got == want, payload
+    loose = json.dumps(base).encode()  # another producer's spacing: the general path
+    assert records._decision_fast(loose) is None
+    assert parse_record((0, 99, "u1", loose), spec).kind == "decision"
+    assert fast_taken == 4
