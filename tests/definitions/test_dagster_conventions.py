@@ -65,7 +65,7 @@ def test_dagster_cli_finds_the_code_location_from_pyproject(settings: Settings) 
     )  # fmt: skip
     said = done.stdout + done.stderr
     assert done.returncode == 0, said
-    assert "Validation successful for code location nextbest" in said, said
+    assert "Validation successful for code location definitions" in said, said
 
 
 def _metadata(entry: dg.AssetMaterialization | dg.AssetObservation) -> dict:

@@ -125,4 +125,4 @@ def test_retrain_launched_through_graphql_succeeds(
     bronze = nodes["bronze_events"]
     assert bronze["assetMaterializations"] == []  # the stream writes it; Dagster observes
     assert [o["runId"] for o in bronze["assetObservations"]] == [run_id]
-    assert {n["repository"]["location"]["name"] for n in nodes.values()} == {"nextbest"}
+    assert {n["repository"]["location"]["name"] for n in nodes.values()} == {"definitions"}
