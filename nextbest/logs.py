@@ -137,6 +137,15 @@ def configure_logging(settings: Settings, component: str) -> None:
     logging.captureWarnings(True)  # warnings.warn(...) lines get the same fields
 
 
+def reset_logging() -> None:
+    """Undo `configure_logging` (tests that configure it against a captured stream)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    logging.captureWarnings(False)
+    structlog.reset_defaults()
+
+
 def _is_tty() -> bool:
     try:
         return sys.stderr.isatty()
