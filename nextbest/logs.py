@@ -61,6 +61,11 @@ def _add_request(logger: WrappedLogger, method: str, event: EventDict) -> EventD
     return event
 
 
+def _drop_color(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    event.pop("color_message", None)  # uvicorn's ANSI copy of the message
+    return event
+
+
 def _component(name: str) -> Processor:
     def add(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
         event.setdefault("component", name)
@@ -106,7 +111,7 @@ def configure_logging(settings: Settings, component: str) -> None:
         renderer = structlog.dev.ConsoleRenderer(colors=_is_tty())
         tail = []
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_color],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _component(component),
