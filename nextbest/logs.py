@@ -78,8 +78,14 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Ours, so a second `configure_logging` replaces it and leaves others' handlers."""
 
 
-def _stderr() -> Any:
-    return sys.stderr
+class _Stderr:
+    """Whatever `sys.stderr` is at write time (pytest's capture swaps it per test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def wants_json(settings: Settings) -> bool:
@@ -130,7 +136,7 @@ def configure_logging(settings: Settings, component: str) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = _Handler(_stderr())
+    handler = _Handler(_Stderr())
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _Handler)]:
@@ -175,7 +181,7 @@ def readable(line: str) -> str:
         return line
     if not isinstance(record, dict) or "event" not in record:
         return line
-    when = str(record.pop("timestamp", ""))[11:23]
+    when = str(record.pop("timestamp", ""))[11:23].rstrip("Z")
     level = str(record.pop("level", "")).upper()
     logger = record.pop("logger", "")
     event = record.pop("event")

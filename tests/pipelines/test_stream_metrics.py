@@ -121,3 +121,13 @@ def test_events_per_second_is_zero_when_idle_and_counts_recent_batches() -> None
     assert metrics.rate(start + 0.1) == 0.0  # too short a span to say
     assert metrics.rate(start + 5) == pytest.approx(1.0, rel=0.01)  # 5 events over 5 s
     assert metrics.rate(start + 30) == pytest.approx(5 / 30, rel=0.01)
+
+
+def test_status_quantiles_interpolate_inside_the_bucket_like_prometheus() -> None:
+    buckets = [("0.1", 1.0), ("0.5", 3.0), ("+Inf", 4.0)]
+    samples: list[Sample] = [("h_bucket", {"le": le, "route": "/a"}, v) for le, v in buckets]
+    samples.append(("h_bucket", {"le": "+Inf", "route": "/b"}, 100.0))  # another route
+    assert quantile(samples, "h", 0.5, route="/a") == pytest.approx(0.3)
+    assert quantile(samples, "h", 0.25, route="/a") == pytest.approx(0.1)
+    assert quantile(samples, "h", 0.99, route="/a") == pytest.approx(0.5)  # in +Inf: the last bound
+    assert quantile(samples, "h", 0.5, route="/none") is None
