@@ -90,7 +90,7 @@ def stream_info(settings: Settings) -> dict[str, Any]:
         "stream_metrics": ", ".join(urls),
         "stream_events_per_s": round(total(samples, "nextbest_stream_events_per_second"), 1),
         "stream_events_in": int(total(samples, "nextbest_stream_events_total")),
-        "stream_dead_letters_in": int(total(samples, "nextbest_stream_dead_letters_total")),
+        "stream_dead_letters_in": int(total(samples, "nextbest_stream_dead_letters_written_total")),
         "stream_lag_live": int(sum(lag.values())),
         "stream_lag_live_by_partition": {p: int(v) for p, v in sorted(lag.items())},
         "stream_epoch": (

@@ -5,7 +5,8 @@ What is counted, and where (hooks of one line each, once per batch, never per ev
 
 - `nextbest_stream_records_total{kind}`, `nextbest_stream_events_total{type}`: records
   the lake sink received (`count`, from `write_batch`); replays after a crash count again.
-- `nextbest_stream_dead_letters_total`: dead letters committed to Delta (`dead`).
+- `nextbest_stream_dead_letters_written_total`: dead letters this process committed to
+  Delta (`dead`); the API's `nextbest_stream_dead_letters_total` is the stored total.
 - `nextbest_stream_epoch_duration_seconds`: wall time between two epoch closes (a
   source partition's snapshots): the epoch interval when the worker keeps up, more when not.
 - `nextbest_stream_event_to_online_seconds` and `..._last_event_timestamp_seconds`:
@@ -62,7 +63,10 @@ class StreamMetrics:
             "nextbest_stream_events", "Events the stream received, by type.", ["type"], registry=r
         )
         self._dead = Counter(
-            "nextbest_stream_dead_letters", "Dead letters committed to Delta.", registry=r
+            "nextbest_stream_dead_letters_written",
+            "Dead letters this process committed to Delta (the API's"
+            " nextbest_stream_dead_letters_total is the stored total of every process).",
+            registry=r,
         )
         self._epoch = Histogram(
             "nextbest_stream_epoch_duration_seconds",

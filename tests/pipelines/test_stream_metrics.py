@@ -69,7 +69,7 @@ def test_stream_metrics_move_with_events_and_status_reads_them(settings: Setting
             return check
 
         first = wait_until(lambda: scraped(caught_up(30)), timeout=60, what="30 views counted")
-        assert total(first, "nextbest_stream_dead_letters_total") == 1
+        assert total(first, "nextbest_stream_dead_letters_written_total") == 1
         assert total(first, "nextbest_stream_records_total", kind="dead") == 1
         assert total(first, "nextbest_stream_end_offset") == 31
         assert total(first, "nextbest_stream_state_keys", state="user") >= 1

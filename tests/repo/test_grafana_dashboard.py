@@ -97,7 +97,7 @@ def test_the_dashboard_has_the_schema_fields_grafana_reads() -> None:
         "nextbest_events_rejected_total",
         "nextbest_stream_lag_records",
         "nextbest_stream_epoch_duration_seconds_bucket",
-        "nextbest_stream_dead_letters_total",
+        "nextbest_stream_dead_letters_written_total",
     ):
         assert wanted in names, wanted
 
@@ -133,3 +133,4 @@ def test_every_metric_the_dashboard_uses_is_exported(settings: Settings) -> None
     assert all(name.startswith("nextbest_") for name in used), sorted(used)
     assert not used - (api | stream), sorted(used - (api | stream))
     assert used & api and used & stream  # the dashboard covers both
+    assert not api & stream, sorted(api & stream)  # one name, one meaning: no query sums both
