@@ -134,10 +134,11 @@ def status_info(settings: Settings, spec: Spec) -> dict[str, Any]:
 
 def format_status(info: dict[str, Any]) -> list[str]:
     lines = []
+    width = max(18, *(len(name) for name in info))
     for name, value in info.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "nothing"  # type: ignore[union-attr]
-        lines.append(f"{name:<18} {value}")
+        lines.append(f"{name:<{width}} {value}")
     return lines
 
 

@@ -5,6 +5,7 @@ when nobody calls decide."""
 
 import math
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -100,7 +101,11 @@ def stream_info(settings: Settings) -> dict[str, Any]:
             else "n/a"
         ),
         "stream_freshness": _ms(max(fresh)) if fresh and max(writes, default=0) > 0 else "n/a",
-        "stream_last_write_ts": max(writes) if writes and max(writes) > 0 else None,
+        "stream_last_write": (
+            datetime.fromtimestamp(max(writes), tz=UTC).isoformat(timespec="seconds")
+            if writes and max(writes) > 0
+            else None
+        ),
         "stream_state_keys": {
             lab["state"]: int(v) for n, lab, v in samples if n == "nextbest_stream_state_keys"
         },
