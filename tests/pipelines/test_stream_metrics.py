@@ -3,8 +3,12 @@ pipelines`): its address is recorded in the home, counters move when events arri
 lag returns to zero once applied, and `nextbest status` reports the live figures."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,8 @@ from nextbest.spec.loader import load_spec
 from pipelines.metrics import StreamMetrics, stream_endpoints
 from storage.bootstrap import init_stores
 from storage.eventlog.log import EventLog
+from tests.e2e.test_stack import free_port
+from tests.support.common import ROOT
 from tests.support.stream_helpers import append_log, demo_events, start_stream, write_catalog
 from tests.support.waiting import wait_until
 
@@ -131,3 +137,80 @@ def test_status_quantiles_interpolate_inside_the_bucket_like_prometheus() -> Non
     assert quantile(samples, "h", 0.25, route="/a") == pytest.approx(0.1)
     assert quantile(samples, "h", 0.99, route="/a") == pytest.approx(0.5)  # in +Inf: the last bound
     assert quantile(samples, "h", 0.5, route="/none") is None
+
+
+@pytest.mark.slow
+def test_each_process_of_a_cluster_serves_its_own_metrics(settings: Settings) -> None:
+    spec = load_spec(settings.spec)
+    list(init_stores(settings, spec))
+    cfg, _ = demo_events(10)
+    write_catalog(settings, spec, cfg, vectors=False)
+    events = [v for u in range(8) for v in _views(5, f"cluster-u{u}")]
+    append_log(settings, events)
+    # Bytewax 0.21 clusters sometimes panic at startup (tests/e2e/test_pipeline_process.py):
+    # a restart resumes from the recovery store, as a supervisor's would.
+    for attempt in range(3):
+        if _cluster_attempt(settings, len(events), attempt, last=attempt == 2) is not None:
+            break
+    else:
+        raise AssertionError("the cluster never started")
+
+
+class _Died(Exception):
+    pass
+
+
+def _cluster_attempt(settings: Settings, n: int, attempt: int, *, last: bool) -> list[str] | None:
+    """Run a two-process cluster until it counted `n` views; None after a startup panic."""
+    logs = settings.home_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    args = [a for address in addresses for a in ("-a", address)]
+    paths = [logs / f"p{i}-{attempt}.log" for i in range(2)]
+    procs = [_cluster_worker(settings, i, args, paths[i]) for i in range(2)]
+
+    def both() -> list[dict[str, object]] | None:
+        if any(p.poll() is not None for p in procs):
+            raise _Died
+        found = stream_endpoints(settings)
+        return found if len(found) == 2 else None
+
+    def counted(urls: list[str]) -> bool:
+        if any(p.poll() is not None for p in procs):
+            raise _Died
+        samples = [s for url in urls for s in scrape(url) or []]
+        lag = [v for name, _, v in samples if name == "nextbest_stream_lag_records"]
+        views = total(samples, "nextbest_stream_events_total", type="view")
+        return views == n and bool(lag) and max(lag) == 0
+
+    try:
+        try:
+            found = wait_until(both, timeout=90, what="two metrics endpoints", every=0.2)
+            urls = sorted(str(f["url"]) for f in found)
+            assert len(set(urls)) == 2 and {f["process_id"] for f in found} == {0, 1}
+            wait_until(lambda: counted(urls), timeout=90, what="every view counted once")
+        except _Died:
+            text = "".join(path.read_text(errors="replace") for path in paths)
+            if "Send thread panic" in text and not last:
+                return None
+            raise AssertionError(text[-3000:]) from None
+        info = status_info(settings, load_spec(settings.spec))
+        assert info["stream_events_in"] == n and info["stream_lag_live"] == 0
+        assert sorted(info["stream_metrics"].split(", ")) == urls
+        return urls
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def _cluster_worker(
+    settings: Settings, index: int, args: list[str], log: Path
+) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXTBEST_", "BYTEWAX_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [sys.executable, "-m", "pipelines", "--home", str(settings.home_dir)]
+    argv += ["--spec", str(settings.spec), "--epoch-ms", "300", "-i", str(index), *args]
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out)
