@@ -5,6 +5,9 @@ Every request gets an id: the client's `X-Request-ID` when it is a sane token (a
 digits. The id is in the log context of every line logged while the request is handled
 (`nextbest.logs.bind_request`) and echoed in the response's `X-Request-ID`.
 
+The access line names the route's path template (`/v1/users/{user_id}`), not the
+path: a log file must not keep the ids an erasure removes from every store.
+
 The header and the access line are added by a `before_send` hook, not by the
 middleware's send wrapper: responses to exceptions raised by other middleware (401,
 403, 413, 429) are sent by Litestar's app-level exception handler, outside every user
@@ -80,7 +83,7 @@ def response_hook(*, access_log: bool) -> Any:
             access.info(
                 "request",
                 method=scope.get("method"),
-                path=scope.get("path"),
+                path=scope.get("path_template") or "unmatched",  # never a user id
                 status=message["status"],
                 duration_ms=ms,
                 **fields,

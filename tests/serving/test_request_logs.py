@@ -1,8 +1,8 @@
 """Request ids and structured logs through the real API (`nextbest api`): every response
 echoes `X-Request-ID` (the client's when sane, else a fresh one, on 401 and 404 too),
 stderr carries JSON lines with timestamp, level, component and logger, the opt-in
-access log names method, path, status, duration, request and decision ids, and nothing
-of it is written when the access log is off."""
+access log names method, route (never a user id), status, duration, request and
+decision ids, and nothing of it is written when the access log is off."""
 
 import json
 import os
@@ -123,11 +123,13 @@ def test_request_ids_and_the_access_log_through_the_real_api(
         assert refused.status_code == 401 and refused.headers["x-request-id"] == "r401"
         missing = httpx.get(f"{url}/nowhere")
         assert missing.status_code == 404 and len(missing.headers["x-request-id"]) == 16
+        user = httpx.get(f"{url}/v1/users/secret-user-7/features", headers=auth)
+        assert user.status_code == 404  # routed: no such user
 
         def logged() -> list[dict[str, Any]]:
             return [r for r in _lines(log) if r["logger"] == "nextbest.access"]
 
-        access = wait_until(lambda: len(logged()) >= 7 and logged(), what="access lines")
+        access = wait_until(lambda: len(logged()) >= 8 and logged(), what="access lines")
     records = _lines(log)
     assert any(r["logger"].startswith("uvicorn") for r in records)  # stdlib, same renderer
     decide = next(r for r in access if r["request_id"] == "client-abc.123")
@@ -138,6 +140,10 @@ def test_request_ids_and_the_access_log_through_the_real_api(
     by_id = {r["request_id"]: r for r in access}
     assert by_id["r401"]["status"] == 401 and by_id["r401"]["path"] == "/v1/decide"
     assert by_id[missing.headers["x-request-id"]]["status"] == 404
+    assert by_id[missing.headers["x-request-id"]]["path"] == "unmatched"
+    features = by_id[user.headers["x-request-id"]]
+    assert features["path"] == "/v1/users/{user_id}/features" and features["status"] == 404
+    assert "secret-user-7" not in log.read_text()  # erasure leaves no id in the logs
     assert {r["request_id"] for r in access} >= set(fresh)
 
 
