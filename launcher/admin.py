@@ -1,5 +1,6 @@
 """`nextbest status`, `nextbest doctor` and `nextbest keys list/revoke`: read every store
-directly (no running API needed) and say what a person needs to know."""
+directly (no running API needed) and say what a person needs to know; `status` adds the
+live figures of the running stream and API from their metrics (`launcher.live`)."""
 
 import contextlib
 from datetime import UTC, datetime
@@ -7,6 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from launcher import live
 from nextbest.locks import running
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
@@ -124,15 +126,19 @@ def status_info(settings: Settings, spec: Spec) -> dict[str, Any]:
     info["api_keys_revoked"] = sum(k["revoked"] for k in keys)
     held = running(settings.home_dir)
     info["running"] = {role: f"pid {h.pid}" for role, h in held.items()}
+    info.update(live.stream_info(settings))  # the stream's own metrics (pipelines.metrics)
+    if "api" in held or "up" in held:
+        info.update(live.api_info(settings))
     return info
 
 
 def format_status(info: dict[str, Any]) -> list[str]:
     lines = []
+    width = max(18, *(len(name) for name in info))
     for name, value in info.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "nothing"  # type: ignore[union-attr]
-        lines.append(f"{name:<18} {value}")
+        lines.append(f"{name:<{width}} {value}")
     return lines
 
 

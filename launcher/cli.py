@@ -17,6 +17,8 @@ from nextbest.locks import EXIT_LOCKED, AlreadyRunning, InstanceLock
 from nextbest.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+LOG_COMPONENTS = {"api": "api", "stream": "stream", "materialize": "dagster"}
+"""The `component` field of a command's log lines (nextbest.logs); others: launcher."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -341,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # pydantic ValidationError from env vars: say which
         print(f"invalid settings: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    from nextbest.logs import configure_logging
+
+    configure_logging(settings, LOG_COMPONENTS.get(args.command, "launcher"))
     try:
         return args.handler(args, settings)
     except KeyboardInterrupt:

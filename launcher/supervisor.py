@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from nextbest.locks import EXIT_LOCKED
+from nextbest.logs import readable
 from nextbest.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ class Supervisor:
                 text = handle.read().decode("utf-8", errors="replace")
         except OSError:
             return []
-        return [f"    | {line}" for line in text.splitlines()[-lines:]]
+        return [f"    | {readable(line)}" for line in text.splitlines()[-lines:]]  # JSON logs
 
     def watch_once(self) -> list[str]:
         """Restart dead components (at most RESTARTS_PER_MINUTE each); returns what

@@ -6,7 +6,7 @@ environment or touches disk at import time.
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -144,6 +144,32 @@ class Settings(BaseSettings):
         description="/ready reports the stream down when events are pending and it has not"
         " made progress (or sent a heartbeat) for this long.",
     )
+
+    # Observability (nextbest.logs, serving.requestlog, pipelines.metrics).
+    log_format: Literal["json", "console"] | None = Field(
+        default=None, description="Log lines as JSON or for a terminal; unset: console on a TTY."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Lowest level logged (any case)."
+    )
+    access_log: bool = Field(
+        default=False, description="One log line per API request (method, path, status, ms)."
+    )
+    stream_metrics_host: str = Field(
+        default="127.0.0.1", description="Address the stream's Prometheus endpoint binds."
+    )
+    stream_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the stream's Prometheus endpoint (process i of a cluster: port+i);"
+        " 0: a free port, recorded under <home>/run/ for `nextbest status`.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="before")
     @classmethod

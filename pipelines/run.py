@@ -37,11 +37,14 @@ from bytewax.recovery import (
 from bytewax.run import cli_main
 
 from nextbest.locks import AlreadyRunning, InstanceLock, stream_role
+from nextbest.logs import configure_logging
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
 from pipelines.cpushare import share_cpu
 from pipelines.flow import build_flow
 from pipelines.gctune import tune_for_stream
+from pipelines.metrics import serve_metrics
+from pipelines.status import BOARD
 
 RECOVERY_PARTITIONS = 4
 """Fixed at first start; Bytewax suggests the most workers you will ever run."""
@@ -139,6 +142,7 @@ def run_stream(
     the recovery partitions cannot be resumed.
     """
     lock = InstanceLock(settings.home_dir, stream_role(process_id)).acquire()
+    metrics = None
     try:
         problems = recovery_problems(settings.recovery_dir)
         if problems:
@@ -147,6 +151,7 @@ def run_stream(
         flow = build_flow(settings, spec, tail=tail)
         recovery = RecoveryConfig(ensure_recovery_dir(settings.recovery_dir))
         tune_for_stream()
+        metrics = serve_metrics(settings, process_id, BOARD.positions)  # Prometheus
         try:
             cli_main(
                 flow,
@@ -160,6 +165,8 @@ def run_stream(
             (settings.home_dir / BROKEN_MARKER).write_text(f"{type(exc).__name__}: {exc}\n")
             raise RecoveryBroken(_broken_message(settings, f"{type(exc).__name__}: {exc}")) from exc
     finally:
+        if metrics is not None:
+            metrics.close()
         lock.release()
 
 
@@ -207,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.spec:
         overrides["spec"] = Path(args.spec)
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    configure_logging(settings, "stream")
     return run_stream_cli(
         settings,
         load_spec(settings.spec),

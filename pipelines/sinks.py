@@ -40,6 +40,7 @@ from nextbest.spec.models import Spec
 from pipelines.background import BackgroundWriter
 from pipelines.dedupe import RecentIds
 from pipelines.erasure import StreamEraser, erase_marker
+from pipelines.metrics import STREAM_METRICS
 from pipelines.records import Erase, Record, Update, dead_record
 from pipelines.status import BOARD
 from pipelines.vector_sink import VECTORS_PART, UserVectorSink
@@ -117,7 +118,7 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
         self._first_at: float | None = None
         self._recorded: dict[str, int] = {}  # app id -> committed batch version
         self._recent = RecentIds(store)  # event ids already in bronze, per partition
-        self._writer: BackgroundWriter[LakeWork] = BackgroundWriter(self._apply, name=name)
+        self._writer: BackgroundWriter[LakeWork] = BackgroundWriter(self._counted, name=name)
         for batch in resume or []:
             self._writer.submit(batch)
         self._settings = settings
@@ -126,6 +127,7 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
 
     def write_batch(self, values: list[Record]) -> None:
         self._writer.check()
+        STREAM_METRICS.count(values)
         for record in values:
             if record.kind == "erase":
                 # After every row this partition saw before the request (erase is ordered).
@@ -158,6 +160,11 @@ class _LakePartition(StatefulSinkPartition[Record, list[LakeWork]]):
         self._buffer.clear()
         self._rows = 0
         self._first_at = None
+
+    def _counted(self, batch: LakeWork) -> None:
+        self._apply(batch)
+        if isinstance(batch, LakeBatch):  # pipelines.metrics: lag = log end - this
+            STREAM_METRICS.applied(batch.partition, batch.records[-1].offset)
 
     def _apply(self, batch: LakeWork) -> None:
         """Background thread: drop rows at or below the recorded version, append the rest."""
@@ -319,6 +326,7 @@ class _OnlinePartition(StatelessSinkPartition[Update]):
             if not self._store.ping():
                 raise  # the store is down: stop, and resume from the last snapshot
             self._write_each(items)
+        STREAM_METRICS.online_written([s.event_ts_ms for s in states])
 
     def _write_each(self, items: list[Update]) -> None:
         """A row the store refuses (an id too long for its column, a NUL byte) must not

@@ -15,6 +15,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING
 
 from nextbest.settings import Settings
+from pipelines.metrics import STREAM_METRICS
 from pipelines.records import SourceItem
 from pipelines.status import BOARD
 from storage.eventlog.log import EventLog
@@ -75,6 +76,7 @@ class _LogPartition(StatefulSourcePartition[SourceItem, int]):
         return self._awake
 
     def snapshot(self) -> int:
+        STREAM_METRICS.epoch_closed(self)  # called every epoch, idle or not
         return self._offset
 
     def close(self) -> None:
@@ -147,6 +149,7 @@ class _KafkaPartition(StatefulSourcePartition[SourceItem, Any]):
         return self._inner.next_awake()
 
     def snapshot(self) -> Any:
+        STREAM_METRICS.epoch_closed(self)  # called every epoch, idle or not
         return self._inner.snapshot()
 
     def close(self) -> None:

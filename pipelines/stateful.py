@@ -15,6 +15,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from nextbest.ingest.events import Event
 from nextbest.learn.online_model import Feedback
+from pipelines.metrics import STREAM_METRICS
 from pipelines.profile import FeaturePlan, ItemProfile, UserProfile
 from pipelines.records import Erase, Record, Routed, dead_record
 from storage.online.models import now_ms
@@ -56,6 +57,7 @@ class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
         encode: Callable[[S], bytes] | None = None,
     ) -> None:
         self.state = state
+        STREAM_METRICS.track_state(self, state)  # state size (pipelines.metrics)
         self._fold = fold
         self._new = new
         self._retention = retention

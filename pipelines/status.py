@@ -14,6 +14,7 @@ import threading
 import time
 
 from nextbest.settings import Settings
+from pipelines.metrics import STREAM_METRICS
 from storage.online.status import PartitionStatus, read_status, write_status
 from storage.online.store import OnlineStore
 
@@ -57,6 +58,12 @@ class StatusBoard:
             self._counted.add(partition)
             row = self._rows.setdefault(partition, [0, 0, _now_ms()])
             row[1] += n
+        STREAM_METRICS.dead(n)
+
+    def positions(self) -> dict[int, int]:
+        """Next offset to read of each partition this process reads (pipelines.metrics)."""
+        with self._lock:
+            return {p: self._rows[p][0] for p in self._read if p in self._rows}
 
     def attach(self, settings: Settings) -> None:
         """A lake sink partition opened: start beating (once per process)."""

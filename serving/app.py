@@ -19,7 +19,6 @@ only that id, never a message or trace from the inside.
 import asyncio
 import contextlib
 import logging
-import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from types import EllipsisType
@@ -35,6 +34,7 @@ from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from nextbest.ingest.limits import Limits
+from nextbest.logs import request_fields
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
 from nextbest.spec.models import Spec
@@ -53,6 +53,7 @@ from serving.erasure import resume_erasures
 from serving.keys import HEADER, KeyMiddleware
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.ratelimit import RateLimitMiddleware, TokenBuckets
+from serving.requestlog import RequestIdMiddleware, new_request_id, response_hook
 from serving.runtime import ServingRuntime, freeze_heap
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ async def _refresh_loop(runtime: ServingRuntime, interval_s: float) -> None:
 
 def internal_error(request: Request, exc: Exception) -> Response[dict[str, object]]:
     """500 with a request id to quote; the details go to the log only."""
-    request_id = secrets.token_hex(8)
+    request_id = request_fields().get("request_id") or new_request_id()
     log.error(
         "unhandled error (request id %s) on %s %s",
         request_id,
@@ -144,6 +145,7 @@ def create_app(
     metrics = Metrics()
     failures = TokenBuckets(settings.auth_failures_per_min / 60, settings.auth_failures_per_min)
     middleware: list[Any] = [
+        RequestIdMiddleware,  # outermost: the request id is in every line logged below
         DefineMiddleware(MetricsMiddleware, metrics=metrics),
         DefineMiddleware(KeyMiddleware, failures=failures),
     ]
@@ -197,6 +199,7 @@ def create_app(
         },
         middleware=middleware,
         exception_handlers={HTTP_500_INTERNAL_SERVER_ERROR: internal_error},
+        before_send=[response_hook(access_log=settings.access_log)],
         lifespan=[lifespan],
         openapi_config=_openapi(),
         request_max_body_size=settings.max_body_bytes,

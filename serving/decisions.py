@@ -37,6 +37,7 @@ import anyio.to_thread
 
 from nextbest.decide.candidates import UserView, user_view
 from nextbest.decide.decision import Action, DecisionRequest, Outcome, decide, policy_for_surface
+from nextbest.logs import note
 from nextbest.spec.models import Policy
 from serving.consent import (
     NOT_PERSONALIZED,
@@ -139,6 +140,7 @@ async def decide_request(
     requested = body.surface or _context_surface(body.context)
     surface, _, policy, known = policy_for_surface(runtime.spec, requested)
     decision_id = new_decision_id()
+    note(decision_id=decision_id)  # on every log line of this request (nextbest.logs)
     request = DecisionRequest(
         surface=surface,
         k=body.k,

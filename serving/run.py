@@ -10,6 +10,7 @@ import logging
 
 import uvicorn
 
+from nextbest.logs import configure_logging
 from nextbest.settings import KEY_FILE, Settings
 from serving.app import create_app
 
@@ -43,20 +44,22 @@ def check_exposure(settings: Settings) -> None:
     log.warning("the API uses the default development pseudonymization key: %s", how)
 
 
-def run_api(settings: Settings, *, require_keys: bool = True, log_level: str = "info") -> None:
+def run_api(settings: Settings, *, require_keys: bool = True, log_level: str | None = None) -> None:
     """Serve on `settings.api_host:settings.api_port` until interrupted.
 
     One process on purpose: the embedded event log has a single writer, and the model
     lives in this process's memory.
     """
+    configure_logging(settings, "api")
     check_exposure(settings)
     app = create_app(settings, require_keys=require_keys)
     uvicorn.run(
         app,
         host=settings.api_host,
         port=settings.api_port,
-        log_level=log_level,
-        access_log=False,
+        log_level=log_level or settings.log_level.lower(),
+        access_log=False,  # ours, opt-in: NEXTBEST_ACCESS_LOG (serving.requestlog)
+        log_config=None,  # uvicorn's loggers propagate to our renderer (nextbest.logs)
         loop="uvloop",
         http="httptools",
         lifespan="on",
