@@ -7,8 +7,9 @@ Delta tables it appends, so it erases them itself and reports each store in the 
   the flow. Old recovery snapshots still hold the state until Bytewax's GC, which runs
   when an epoch commits, deletes every snapshot older than a key's newest (here: the
   discard tombstone). Even then the bytes linger in SQLite free pages and WAL frames,
-  so `RecoveryScrubber` waits for a few more commits, VACUUMs each recovery partition,
-  truncates its WAL and only reports done when no file holds the ids any more.
+  so once the stores below are done the stream ends its dataflow, VACUUMs each recovery
+  partition with no Bytewax connection open, starts again, and reports done only when
+  no file holds the ids any more (`pipelines.erasure_recovery.ScrubGate`).
 - LanceDB users: delete, then `optimize(cleanup_older_than=0)` on the vector sink's
   writer thread (ordered after its pending upserts; one writer for the table).
 - Delta events/decisions/feedback and the online store: on the lake sink's writer
@@ -35,7 +36,7 @@ from deltalake.exceptions import CommitFailedError
 
 from nextbest.ingest.events import anon_actor
 from nextbest.settings import Settings
-from pipelines.erasure_recovery import RecoveryScrubber, erased_ids, report_progress, subject_ids
+from pipelines.erasure_recovery import GATE, erased_ids, report_progress, subject_ids
 from pipelines.records import Erase
 from storage.delta.erasure import (
     DERIVED_STORES,
@@ -146,7 +147,7 @@ class StreamEraser:
         finally:
             online.dispose()
         report_progress(self.settings, request.job_id, updates)
-        RecoveryScrubber(self.settings, request).start()
+        GATE.ready(self.settings, request)  # the recovery scrub (`pipelines.erasure_recovery`)
 
     def _erase_events(self, actors: list[str], anonymous: list[str], needles: Needles) -> int:
         """Bronze rows of the person: by `user_id` (any actor), by `anonymous_id` (rows
