@@ -151,7 +151,8 @@ def fuzz(run: Run) -> None:
     def fuzz(case: schemathesis.Case) -> None:
         r = case.call(base_url=api.url, headers={"X-API-Key": api.key}, timeout=30)
         sent = case.as_curl_command(headers={"X-API-Key": "<key>"})
-        api.tally.record(case.method, case.formatted_path, r.status_code, sent)
+        said = r.text if r.status_code >= 500 else ""
+        api.tally.record(case.method, case.formatted_path, r.status_code, sent, said)
         run.fuzzed[case.operation.label] += 1
         if case.operation.path == "/v1/events" and r.status_code == 202:
             api.tally.acknowledged.update(r.json()["event_ids"])
