@@ -28,6 +28,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 SINK_STEPS = frozenset({"sink_lake", "sink_user_vectors"})  # Spec.step_id("sink", ...)
 CLUSTER_PENDING = "pending: a cluster stream does not scrub its recovery files"
+RESTART_MIN_INTERVAL_S = 5.0
+"""Least time between two scrub restarts (each pauses the stream for a second or two)."""
 
 
 def subject_ids(request: Erase) -> tuple[list[str], list[str]]:
@@ -80,18 +83,22 @@ class ScrubGate:
     `ready` (the lake sink's writer thread, once the Delta and online stores of a
     request are done) queues the request and asks every source partition to end;
     `take` (the stream's main thread, after `cli_main` returned) hands them over.
+    Runs end at most once per `min_interval_s`: a burst (or a loop) of erase requests
+    is scrubbed together instead of keeping the stream restarting.
     Off unless `pipelines.run` turns it on: flows run by tests or in a cluster never stop.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, min_interval_s: float = RESTART_MIN_INTERVAL_S) -> None:
         self._lock = threading.Lock()
         self._requests: list[Erase] = []
         self._stop = threading.Event()
+        self._not_before = 0.0  # time.monotonic() of the earliest next stop
+        self._min_interval_s = min_interval_s
         self.enabled = False
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._stop.is_set() and time.monotonic() >= self._not_before
 
     def ready(self, settings: Settings, request: Erase) -> None:
         if not self.enabled:
@@ -105,6 +112,7 @@ class ScrubGate:
         with self._lock:
             taken, self._requests = self._requests, []
             self._stop.clear()
+            self._not_before = time.monotonic() + self._min_interval_s
         return taken
 
     def wrap(self, source: Source[Any]) -> Source[Any]:
@@ -157,6 +165,7 @@ def scrub_recovery(settings: Settings, requests: list[Erase]) -> None:
     """With no Bytewax connection open (between two runs of the dataflow): scrub every
     partition of the erased subjects in a child process, and report each job's
     `stream_state`: done only when no recovery file holds one of its ids."""
+    started = time.monotonic()
     directory = Path(settings.recovery_dir)
     words = vocabulary(settings.spec)
     subjects = {r.job_id: [n.hex() for n in _needles(r, words)] for r in requests}
@@ -180,6 +189,7 @@ def scrub_recovery(settings: Settings, requests: list[Erase]) -> None:
         else:
             status = f"done: {out['parts']} recovery partitions scrubbed"
         report_progress(settings, request.job_id, {"stream_state": status})
+    log.info("recovery scrub of %d erasures: %.1f s", len(requests), time.monotonic() - started)
 
 
 def _needles(request: Erase, words: frozenset[str] = frozenset()) -> list[bytes]:

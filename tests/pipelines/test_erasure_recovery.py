@@ -109,3 +109,16 @@ def test_the_scrub_leaves_no_byte_of_the_id_in_a_partition(tmp_path: Path) -> No
         snaps = dict(db.execute("SELECT state_key, ser_change FROM snaps").fetchall())
     db.close()
     assert snaps == {"lake000": NOTHING_PENDING, "lake001": untouched}
+
+
+def test_a_burst_of_erasures_ends_the_run_once_per_interval() -> None:
+    gate = ScrubGate(min_interval_s=3600)
+    gate.enabled = True
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    gate.ready(settings, REQUEST)
+    assert gate.stopping  # the first ends the run at once
+    assert gate.take() == [REQUEST] and not gate.stopping
+    later = REQUEST._replace(job_id="job-2")
+    gate.ready(settings, later)
+    assert not gate.stopping  # queued: the stream is not restarted again right away
+    assert gate.take() == [later]
