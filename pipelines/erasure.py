@@ -25,6 +25,7 @@ Delta tables it appends, so it erases them itself and reports each store in the 
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -53,6 +54,7 @@ from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
 log = logging.getLogger(__name__)
+_ERASING = threading.Lock()
 pc: Any = _compute  # kernels are generated at import time: invisible to pyright
 
 ERASE_MARKER = "__erase__"
@@ -113,14 +115,25 @@ class StreamEraser:
         self.settings = settings
         self.store = store
 
-    def erase(self, request: Erase) -> None:
-        """Never raises: a failed erasure is reported in the job, the stream goes on."""
-        try:
-            self._erase(request)
-        except Exception as exc:
-            log.exception("erasure of the stream's stores failed")
-            failed = f"failed: {type(exc).__name__}"
-            report_progress(self.settings, request.job_id, dict.fromkeys(DELTA_STORES, failed))
+    def erase(self, request: Erase, *, attempts: int = 3) -> None:
+        """Never raises: a failed erasure is reported in the job, the stream goes on.
+
+        One erasure at a time in the process (each lake partition has a writer thread,
+        and two erasures deleting from the same Delta files conflict: DeltaError), and
+        retried, since every step is idempotent. The recovery scrub follows either way:
+        Bytewax's state of the user was dropped in the flow whatever Delta did."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with _ERASING:
+                    self._erase(request)
+                break
+            except Exception as exc:
+                log.exception("erasure of the stream's stores failed (attempt %d)", attempt)
+                if attempt == attempts:
+                    failed = f"failed: {type(exc).__name__}"
+                    updates = dict.fromkeys(DELTA_STORES, failed)
+                    report_progress(self.settings, request.job_id, updates)
+        GATE.ready(self.settings, request)  # the recovery scrub (`pipelines.erasure_recovery`)
 
     def _erase(self, request: Erase) -> None:
         actors, anonymous = subject_ids(request)
@@ -147,7 +160,6 @@ class StreamEraser:
         finally:
             online.dispose()
         report_progress(self.settings, request.job_id, updates)
-        GATE.ready(self.settings, request)  # the recovery scrub (`pipelines.erasure_recovery`)
 
     def _erase_events(self, actors: list[str], anonymous: list[str], needles: Needles) -> int:
         """Bronze rows of the person: by `user_id` (any actor), by `anonymous_id` (rows
