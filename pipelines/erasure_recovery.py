@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 SINK_STEPS = frozenset({"sink_lake", "sink_user_vectors"})  # Spec.step_id("sink", ...)
 CLUSTER_PENDING = "pending: a cluster stream does not scrub its recovery files"
 RESTART_MIN_INTERVAL_S = 5.0
-"""Least time between two scrub restarts (each pauses the stream for a second or two)."""
+"""Least time between two scrub restarts (each pauses the stream for about a second)."""
+SCRUB_ATTEMPTS = 3
+"""Scrubs of one erasure before its `stream_state` stays pending."""
 
 
 def subject_ids(request: Erase) -> tuple[list[str], list[str]]:
@@ -94,6 +96,7 @@ class ScrubGate:
         self._stop = threading.Event()
         self._not_before = 0.0  # time.monotonic() of the earliest next stop
         self._min_interval_s = min_interval_s
+        self._tries: dict[str, int] = {}  # job id -> scrubs so far, while it is retried
         self.enabled = False
 
     @property
@@ -107,6 +110,22 @@ class ScrubGate:
         with self._lock:
             self._requests.append(request)
             self._stop.set()
+
+    def retry(self, request: Erase) -> bool:
+        """Scrub `request` again at the next stop (a file still held an id: a snapshot
+        GC had not yet removed); False once it had `SCRUB_ATTEMPTS`."""
+        with self._lock:
+            tries = self._tries[request.job_id] = self._tries.get(request.job_id, 1) + 1
+            if tries > SCRUB_ATTEMPTS:
+                del self._tries[request.job_id]
+                return False
+            self._requests.append(request)
+            self._stop.set()
+        return True
+
+    def settled(self, request: Erase) -> None:
+        with self._lock:
+            self._tries.pop(request.job_id, None)
 
     def take(self) -> list[Erase]:
         with self._lock:
@@ -161,10 +180,11 @@ class _GatedSource(FixedPartitionedSource[Any, Any]):
         return _GatedPartition(self._inner.build_part(step_id, for_part, resume_state), self._gate)
 
 
-def scrub_recovery(settings: Settings, requests: list[Erase]) -> None:
+def scrub_recovery(settings: Settings, requests: list[Erase], gate: ScrubGate = GATE) -> None:
     """With no Bytewax connection open (between two runs of the dataflow): scrub every
     partition of the erased subjects in a child process, and report each job's
-    `stream_state`: done only when no recovery file holds one of its ids."""
+    `stream_state`: done only when no recovery file holds one of its ids; else the
+    gate scrubs it again at a later stop, up to `SCRUB_ATTEMPTS` times."""
     started = time.monotonic()
     directory = Path(settings.recovery_dir)
     words = vocabulary(settings.spec)
@@ -185,8 +205,10 @@ def scrub_recovery(settings: Settings, requests: list[Erase]) -> None:
         if "error" in out:
             status = out["error"]
         elif left := out["holders"].get(request.job_id):
-            status = f"pending: recovery files still hold the user: {', '.join(left)}"
+            again = "; scrubbed again soon" if gate.retry(request) else ""
+            status = f"pending: recovery files still hold the user: {', '.join(left)}{again}"
         else:
+            gate.settled(request)
             status = f"done: {out['parts']} recovery partitions scrubbed"
         report_progress(settings, request.job_id, {"stream_state": status})
     log.info("recovery scrub of %d erasures: %.1f s", len(requests), time.monotonic() - started)

@@ -16,9 +16,10 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, run_main
 
 from nextbest.settings import Settings
-from pipelines.erasure_recovery import ScrubGate
+from pipelines.erasure_recovery import SCRUB_ATTEMPTS, ScrubGate, scrub_recovery
 from pipelines.records import Erase
 from pipelines.recovery_scrub import NOTHING_PENDING, scrub_all
+from pipelines.run import ensure_recovery_dir
 
 N = 12
 STOP_AFTER = 5
@@ -122,3 +123,18 @@ def test_a_burst_of_erasures_ends_the_run_once_per_interval() -> None:
     gate.ready(settings, later)
     assert not gate.stopping  # queued: the stream is not restarted again right away
     assert gate.take() == [later]
+
+
+def test_a_scrub_that_leaves_an_id_is_tried_again_then_left_pending(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", _env_file=None)  # type: ignore[call-arg]
+    ensure_recovery_dir(settings.recovery_dir, partitions=1)
+    (settings.recovery_dir / "stray").write_bytes(b"held by u-gone")  # no scrub removes it
+    gate = ScrubGate(min_interval_s=0)
+    gate.enabled = True
+    scrubs = 0
+    requests = [REQUEST]
+    while requests:
+        scrub_recovery(settings, requests, gate)
+        scrubs += 1
+        requests = gate.take()
+    assert scrubs == SCRUB_ATTEMPTS
