@@ -1,7 +1,7 @@
 """`state: {ttl: ...}` means forgotten after the ttl, online too (issue 12): when an idle
 actor's stream state expires, the real stream (`run_stream`: Bytewax, the online store,
 LanceDB) also deletes the actor's online features and state and its session vector;
-a recent actor keeps everything, and consent and aliases are not stream state."""
+a recent actor keeps everything."""
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
