@@ -7,8 +7,9 @@ Delta tables it appends, so it erases them itself and reports each store in the 
   the flow. Old recovery snapshots still hold the state until Bytewax's GC, which runs
   when an epoch commits, deletes every snapshot older than a key's newest (here: the
   discard tombstone). Even then the bytes linger in SQLite free pages and WAL frames,
-  so `RecoveryScrubber` waits for a few more commits, VACUUMs each recovery partition,
-  truncates its WAL and only reports done when no file holds the ids any more.
+  so once the stores below are done the stream ends its dataflow, VACUUMs each recovery
+  partition with no Bytewax connection open, starts again, and reports done only when
+  no file holds the ids any more (`pipelines.erasure_recovery.ScrubGate`).
 - LanceDB users: delete, then `optimize(cleanup_older_than=0)` on the vector sink's
   writer thread (ordered after its pending upserts; one writer for the table).
 - Delta events/decisions/feedback and the online store: on the lake sink's writer
@@ -24,6 +25,7 @@ Delta tables it appends, so it erases them itself and reports each store in the 
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -35,7 +37,7 @@ from deltalake.exceptions import CommitFailedError
 
 from nextbest.ingest.events import anon_actor
 from nextbest.settings import Settings
-from pipelines.erasure_recovery import RecoveryScrubber, erased_ids, report_progress, subject_ids
+from pipelines.erasure_recovery import GATE, erased_ids, report_progress, subject_ids
 from pipelines.records import Erase
 from storage.delta.erasure import (
     DERIVED_STORES,
@@ -52,6 +54,7 @@ from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
 log = logging.getLogger(__name__)
+_ERASING = threading.Lock()
 pc: Any = _compute  # kernels are generated at import time: invisible to pyright
 
 ERASE_MARKER = "__erase__"
@@ -112,14 +115,25 @@ class StreamEraser:
         self.settings = settings
         self.store = store
 
-    def erase(self, request: Erase) -> None:
-        """Never raises: a failed erasure is reported in the job, the stream goes on."""
-        try:
-            self._erase(request)
-        except Exception as exc:
-            log.exception("erasure of the stream's stores failed")
-            failed = f"failed: {type(exc).__name__}"
-            report_progress(self.settings, request.job_id, dict.fromkeys(DELTA_STORES, failed))
+    def erase(self, request: Erase, *, attempts: int = 3) -> None:
+        """Never raises: a failed erasure is reported in the job, the stream goes on.
+
+        One erasure at a time in the process (each lake partition has a writer thread,
+        and two erasures deleting from the same Delta files conflict: DeltaError), and
+        retried, since every step is idempotent. The recovery scrub follows either way:
+        Bytewax's state of the user was dropped in the flow whatever Delta did."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with _ERASING:
+                    self._erase(request)
+                break
+            except Exception as exc:
+                log.exception("erasure of the stream's stores failed (attempt %d)", attempt)
+                if attempt == attempts:
+                    failed = f"failed: {type(exc).__name__}"
+                    updates = dict.fromkeys(DELTA_STORES, failed)
+                    report_progress(self.settings, request.job_id, updates)
+        GATE.ready(self.settings, request)  # the recovery scrub (`pipelines.erasure_recovery`)
 
     def _erase(self, request: Erase) -> None:
         actors, anonymous = subject_ids(request)
@@ -146,7 +160,6 @@ class StreamEraser:
         finally:
             online.dispose()
         report_progress(self.settings, request.job_id, updates)
-        RecoveryScrubber(self.settings, request).start()
 
     def _erase_events(self, actors: list[str], anonymous: list[str], needles: Needles) -> int:
         """Bronze rows of the person: by `user_id` (any actor), by `anonymous_id` (rows

@@ -1,11 +1,26 @@
 """The recovery part of an erasure: Bytewax's snapshots of the user, scrubbed.
 
-Bytewax's GC removes the snapshots older than the discard tombstone once an epoch
-commits, but the bytes linger in SQLite free pages and WAL frames. `RecoveryScrubber`
-waits for a few more commits, then has a child process (`pipelines.recovery_scrub`) drop
-the subject's pending sink batches, VACUUM each partition and truncate its WAL, and
-check that no file holds the ids. Nothing here opens a recovery file in the stream
-process: see `pipelines.recovery_scrub` for why that corrupted Bytewax's store.
+The user's state keys are discarded in the flow (`FoldLogic`), and Bytewax's GC deletes
+the older snapshots once an epoch commits, but their bytes linger in SQLite free pages
+and WAL frames, and a sink partition's newest snapshot may still hold batches that name
+the user. Scrubbing that (VACUUM, WAL truncation, rewriting snapshots) while Bytewax has
+the files open cannot be made safe (issue 12):
+
+- in the stream process, Python's sqlite3 and Bytewax's bundled SQLite do not see each
+  other's POSIX locks, and closing either's descriptor drops the other's: a VACUUM or
+  checkpoint then runs under Bytewax's feet ("database disk image is malformed", SIGBUS
+  on the truncated -shm; sqlite.org/howtocorrupt.html 2.2.1);
+- from a child process the locks hold, but Bytewax's deferred write transactions get
+  SQLITE_BUSY "database is locked" (a busy snapshot has no busy handler; a long VACUUM
+  outlasts its 5 s busy timeout) and its `unwrap()` ends the worker.
+
+So the scrub runs when Bytewax has no file open at all: once the stream's stores of an
+erasure are done, `ScrubGate` ends every source partition (EOF, like a bounded run), the
+dataflow finishes its last epoch (snapshots, commit, GC; the sinks drain their writers),
+`cli_main` returns, a child process (`pipelines.recovery_scrub`) scrubs each partition,
+and `pipelines.run` starts the dataflow again from that commit. No later epoch is
+needed, so an idle stream finishes its erasures too. A cluster cannot stop one process
+on its own: there the job says `pending` (the gate is off).
 """
 
 import json
@@ -14,12 +29,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bytewax.inputs import FixedPartitionedSource, Source, StatefulSourcePartition
+
 from nextbest.ingest.events import anon_actor, anonymous_of
 from nextbest.settings import Settings
-from pipelines import recovery_scrub
 from pipelines.records import Erase
 from storage.erasure_scan import provable, vocabulary
 from storage.online.serving import ServingStore
@@ -28,6 +45,11 @@ from storage.online.store import OnlineStore
 log = logging.getLogger(__name__)
 
 SINK_STEPS = frozenset({"sink_lake", "sink_user_vectors"})  # Spec.step_id("sink", ...)
+CLUSTER_PENDING = "pending: a cluster stream does not scrub its recovery files"
+RESTART_MIN_INTERVAL_S = 5.0
+"""Least time between two scrub restarts (each pauses the stream for about a second)."""
+SCRUB_ATTEMPTS = 3
+"""Scrubs of one erasure before its `stream_state` stays pending."""
 
 
 def subject_ids(request: Erase) -> tuple[list[str], list[str]]:
@@ -57,102 +79,139 @@ def report_progress(settings: Settings, job_id: str, updates: dict[str, str]) ->
         store.dispose()
 
 
-class RecoveryScrubber(threading.Thread):
-    """Waits until the discard tombstones are committed and GC ran, then scrubs.
+class ScrubGate:
+    """Erasures whose recovery scrub is due, and the stop that makes it safe.
 
-    Reports `stream_state` done only when no file of the recovery dir contains the
-    user id or a linked anonymous id; otherwise, after `timeout_s`, pending.
+    `ready` (the lake sink's writer thread, once the Delta and online stores of a
+    request are done) queues the request and asks every source partition to end;
+    `take` (the stream's main thread, after `cli_main` returned) hands them over.
+    Runs end at most once per `min_interval_s`: a burst (or a loop) of erase requests
+    is scrubbed together instead of keeping the stream restarting.
+    Off unless `pipelines.run` turns it on: flows run by tests or in a cluster never stop.
     """
 
-    def __init__(
-        self, settings: Settings, request: Erase, *, commits: int = 3, timeout_s: float = 20.0
-    ) -> None:
-        super().__init__(name="erasure-recovery", daemon=True)
-        self.settings = settings
-        self.request = request
-        self.dir = Path(settings.recovery_dir)
-        self.commits = commits
-        self.timeout_s = timeout_s
+    def __init__(self, *, min_interval_s: float = RESTART_MIN_INTERVAL_S) -> None:
+        self._lock = threading.Lock()
+        self._requests: list[Erase] = []
+        self._stop = threading.Event()
+        self._not_before = 0.0  # time.monotonic() of the earliest next stop
+        self._min_interval_s = min_interval_s
+        self._tries: dict[str, int] = {}  # job id -> scrubs so far, while it is retried
+        self.enabled = False
 
-    def parts(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.sqlite3")) if self.dir.is_dir() else []
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() and time.monotonic() >= self._not_before
 
-    def committed(self) -> list[int]:
-        """Each partition's last committed epoch, read by one child process."""
-        return [int(e) for e in _child({"op": "epochs", "paths": [str(p) for p in self.parts()]})]
+    def ready(self, settings: Settings, request: Erase) -> None:
+        if not self.enabled:
+            report_progress(settings, request.job_id, {"stream_state": CLUSTER_PENDING})
+            return
+        with self._lock:
+            self._requests.append(request)
+            self._stop.set()
 
-    def holders(self) -> list[str]:
-        needles = _needles(self.request, vocabulary(self.settings.spec))
-        return _child(
-            {"op": "holders", "path": str(self.dir), "needles": [n.hex() for n in needles]}
-        )
+    def retry(self, request: Erase) -> bool:
+        """Scrub `request` again at the next stop (a file still held an id: a snapshot
+        GC had not yet removed); False once it had `SCRUB_ATTEMPTS`."""
+        with self._lock:
+            tries = self._tries[request.job_id] = self._tries.get(request.job_id, 1) + 1
+            if tries > SCRUB_ATTEMPTS:
+                del self._tries[request.job_id]
+                return False
+            self._requests.append(request)
+            self._stop.set()
+        return True
 
-    def run(self) -> None:
-        try:
-            status = self._scrub()
-        except Exception as exc:
-            log.exception("recovery scrub failed")
-            status = f"failed: {type(exc).__name__}"
-        report_progress(self.settings, self.request.job_id, {"stream_state": status})
+    def settled(self, request: Erase) -> None:
+        with self._lock:
+            self._tries.pop(request.job_id, None)
 
-    def _scrub(self) -> str:
-        parts = self.parts()
-        if not parts:
-            return "done: no recovery snapshots"
-        start = min(self.committed())
-        deadline = time.monotonic() + self.timeout_s
-        while min(self.committed()) < start + self.commits:
-            if time.monotonic() > deadline:
-                return "pending: recovery epochs did not commit"
-            time.sleep(0.05)
-        while not self._vectors_done():
-            if time.monotonic() > deadline:
-                return "pending: LanceDB erasure not done"
-            time.sleep(0.05)
-        # Every scrub is a write Bytewax may have to wait for (its busy timeout), so
-        # scrub only the partitions whose files still hold an id, and back off: GC needs
-        # another commit before a second scrub of a partition can find less.
-        pause, scrubbed = 0.2, 0
-        while left := self.holders():
-            if time.monotonic() > deadline:
-                return f"pending: recovery files still hold the user: {', '.join(left)}"
-            for part in parts:
-                if any(name.startswith(part.name) for name in left):
-                    self._rewrite_sink_snapshots(part)
-                    scrubbed += 1
-            time.sleep(pause)
-            pause = min(2.0, pause * 2)
-        return f"done: {len(parts)} recovery partitions, {scrubbed} scrubs"
+    def take(self) -> list[Erase]:
+        with self._lock:
+            taken, self._requests = self._requests, []
+            self._stop.clear()
+            self._not_before = time.monotonic() + self._min_interval_s
+        return taken
 
-    def _vectors_done(self) -> bool:
-        store = OnlineStore.from_settings(self.settings, pool_size=1)
-        try:
-            job = ServingStore(store).erasure_job(self.request.job_id)
-        finally:
-            store.dispose()
-        return job is None or not job.stores.get("lance_users", "").startswith("pending")
+    def wrap(self, source: Source[Any]) -> Source[Any]:
+        """`source`, ending its partitions when a scrub is due (fixed partitions only:
+        the stream's own sources)."""
+        if isinstance(source, FixedPartitionedSource):
+            return _GatedSource(source, self)
+        return source
 
-    def _rewrite_sink_snapshots(self, part: Path) -> dict[str, Any]:
-        """Drop the subject's batches from the newest snapshot of a sink partition, then
-        VACUUM and truncate the WAL, in a child process (`pipelines.recovery_scrub`:
-        never with this process's sqlite3 while Bytewax's own SQLite has the file open).
 
-        Bytewax snapshots a stateful sink partition only in epochs it received items,
-        so a partition that got nothing since keeps its pending batches of back then
-        (the user's rows, the erase request itself) in its newest snapshot, which GC
-        never removes. Those batches were applied before the erasure finished (each
-        partition's writer is FIFO, and both sinks reported done), so removing them
-        from the snapshot changes nothing a resume would do but forget the user.
-        """
-        needles = _needles(self.request, vocabulary(self.settings.spec))
-        return _child(
+GATE = ScrubGate()
+"""The stream process's gate (one dataflow per process)."""
+
+
+class _GatedPartition(StatefulSourcePartition[Any, Any]):
+    def __init__(self, inner: StatefulSourcePartition[Any, Any], gate: ScrubGate) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    def next_batch(self) -> Iterable[Any]:
+        if self._gate.stopping:
+            # EOF: Bytewax closes the epoch, snapshots this partition's offset and
+            # commits; the next run resumes right here.
+            raise StopIteration()
+        return self._inner.next_batch()
+
+    def next_awake(self) -> Any:
+        return self._inner.next_awake()
+
+    def snapshot(self) -> Any:
+        return self._inner.snapshot()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _GatedSource(FixedPartitionedSource[Any, Any]):
+    def __init__(self, inner: FixedPartitionedSource[Any, Any], gate: ScrubGate) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    def list_parts(self) -> list[str]:
+        return self._inner.list_parts()
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _GatedPartition:
+        return _GatedPartition(self._inner.build_part(step_id, for_part, resume_state), self._gate)
+
+
+def scrub_recovery(settings: Settings, requests: list[Erase], gate: ScrubGate = GATE) -> None:
+    """With no Bytewax connection open (between two runs of the dataflow): scrub every
+    partition of the erased subjects in a child process, and report each job's
+    `stream_state`: done only when no recovery file holds one of its ids; else the
+    gate scrubs it again at a later stop, up to `SCRUB_ATTEMPTS` times."""
+    started = time.monotonic()
+    directory = Path(settings.recovery_dir)
+    words = vocabulary(settings.spec)
+    subjects = {r.job_id: [n.hex() for n in _needles(r, words)] for r in requests}
+    try:
+        out = _child(
             {
-                "op": "scrub",
-                "path": str(part),
-                "needles": [n.hex() for n in needles],
+                "op": "scrub_all",
+                "path": str(directory),
+                "subjects": subjects,
                 "sink_steps": sorted(SINK_STEPS),
             }
         )
+    except Exception as exc:
+        log.exception("recovery scrub failed")
+        out = {"parts": 0, "holders": {}, "error": f"failed: {type(exc).__name__}"}
+    for request in requests:
+        if "error" in out:
+            status = out["error"]
+        elif left := out["holders"].get(request.job_id):
+            again = "; scrubbed again soon" if gate.retry(request) else ""
+            status = f"pending: recovery files still hold the user: {', '.join(left)}{again}"
+        else:
+            gate.settled(request)
+            status = f"done: {out['parts']} recovery partitions scrubbed"
+        report_progress(settings, request.job_id, {"stream_state": status})
+    log.info("recovery scrub of %d erasures: %.1f s", len(requests), time.monotonic() - started)
 
 
 def _needles(request: Erase, words: frozenset[str] = frozenset()) -> list[bytes]:
@@ -161,25 +220,14 @@ def _needles(request: Erase, words: frozenset[str] = frozenset()) -> list[bytes]
     return [a.encode() for a in provable(erased_ids(request), words)[0]]
 
 
-SCRUB_APART = False
-"""Run the recovery scrub in a child process. In process (False, as before) Python's
-sqlite3 and Bytewax's bundled SQLite share the process, so neither sees the other's
-POSIX locks and a VACUUM can corrupt the store (SIGBUS, "database disk image is
-malformed": about 5 of 12 hostile runs). Apart (True) the locks hold, but Bytewax's
-deferred transactions then fail with SQLITE_BUSY "database is locked" on a read->write
-upgrade (no busy handler there) and the stream exits (3 of 8 hostile runs, and
-tests/test_erasure.py under load). Neither is safe; the fix is a scrub where Bytewax
-holds no transaction (the worker thread, or at stream start): issue 12, bug 6."""
-
-
 def _child(request: dict[str, Any]) -> Any:
-    if not SCRUB_APART:
-        return recovery_scrub.handle(request)
+    """`pipelines.recovery_scrub` in a child process: even with Bytewax's files closed,
+    this process never opens them with a second SQLite library."""
     out = subprocess.run(
         [sys.executable, "-m", "pipelines.recovery_scrub"],
         input=json.dumps(request).encode(),
         capture_output=True,
-        timeout=60,
+        timeout=300,
         check=False,
     )
     if out.returncode != 0:

@@ -53,13 +53,14 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 
-from nextbest.ingest.events import Event, anon_actor, anonymous_of
+from nextbest.ingest.events import Event, anon_actor, anonymous_of, item_actor
 from nextbest.ingest.validation import keyed_hash
 from nextbest.learn.online_model import Feedback
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
 from pipelines.catalog import ItemCatalog, StoreCatalog
 from pipelines.consent import StreamConsent
+from pipelines.erasure_recovery import GATE
 from pipelines.profile import FeaturePlan, ItemProfile, Touched, UserProfile
 from pipelines.records import Record, Routed, SourceItem, Update, parse_record
 from pipelines.sinks import VECTORS_PART, StreamSinks, erase_marker
@@ -68,13 +69,16 @@ from pipelines.stateful import (
     FEEDBACK_BUFFER,
     STITCH_BUFFER,
     Codec,
+    Expired,
     Incoming,
+    Owner,
     StitchState,
     failed,
     retention_of,
     state_builder,
     stitch,
 )
+from pipelines.vector_sink import EXPIRED_MARKER
 from storage.online.models import Alias
 
 __all__ = ["FEEDBACK_BUFFER", "STITCH_BUFFER", "StitchState", "build_flow", "state_key", "stitch"]
@@ -127,7 +131,7 @@ def build_flow(
         return items.item(item_id) if item_id is not None and needs_items else None
 
     flow = Dataflow(f"nextbest_{spec.name}")
-    src = source if source is not None else source_from_settings(settings, tail=tail)
+    src = GATE.wrap(source if source is not None else source_from_settings(settings, tail=tail))
     raw = op.input(sid("input", "events"), flow, src)
     ahead_ms = int(settings.stream_max_ahead_s * 1000)
 
@@ -195,7 +199,9 @@ def build_flow(
         item_updates = op.stateful_batch(
             sid("state", "item"),
             by_item,
-            state_builder(ItemProfile, item_fold, retention_of(plan, ItemProfile), ITEM_CODEC),
+            state_builder(
+                ItemProfile, item_fold, retention_of(plan, ItemProfile), ITEM_CODEC, ITEM_OWNER
+            ),
         )
         item_split = op.branch(sid("route", "dead_item"), item_updates, _is_dead)
         dead.append(item_split.trues)
@@ -286,7 +292,9 @@ def build_flow(
     user_states = op.stateful_batch(
         sid("state", "user"),
         actors,
-        state_builder(UserProfile, user_fold, retention_of(plan, UserProfile), USER_CODEC),
+        state_builder(
+            UserProfile, user_fold, retention_of(plan, UserProfile), USER_CODEC, USER_OWNER
+        ),
     )
     user_split = op.branch(sid("route", "dead_user"), user_states, _is_dead)
     dead.append(user_split.trues)
@@ -304,11 +312,7 @@ def build_flow(
     )
     op.output(sid("sink", "lake"), op.merge(sid("merge", "lake"), lake, failures), out.lake)
 
-    vectors = op.filter_map(
-        sid("select", "user_vectors"),
-        user_updates,
-        lambda kv: (VECTORS_PART, kv[1].vector_row) if kv[1].vector_row is not None else None,
-    )
+    vectors = op.filter_map(sid("select", "user_vectors"), user_updates, _vector_row)
     vector_erasures = op.map(
         sid("select", "vector_erasures"), erasures, lambda e: (VECTORS_PART, erase_marker(e))
     )
@@ -318,6 +322,18 @@ def build_flow(
         out.vectors,
     )
     return flow
+
+
+USER_OWNER = Owner(lambda routed: routed.actor, lambda actor: [Expired(actor)])
+ITEM_OWNER = Owner(lambda item: item_actor(str(item[2].item_id)), lambda actor: [Expired(actor)])
+"""Whose state a key holds, so `state.ttl` forgets their online rows too (`Expired`)."""
+
+
+def _vector_row(kv: tuple[str, Update | Expired]) -> tuple[str, dict[str, Any]] | None:
+    if isinstance(kv[1], Expired):
+        return (VECTORS_PART, {EXPIRED_MARKER: kv[1].actor})
+    row = kv[1].vector_row
+    return None if row is None else (VECTORS_PART, row)
 
 
 def state_key(pii_key: bytes, actor: str) -> str:

@@ -1,19 +1,15 @@
 """The recovery store's SQLite work of an erasure, in a child process.
 
-Bytewax keeps its recovery partitions (part-N.sqlite3) open through its own bundled
-SQLite (rusqlite, busy_timeout 5000, WAL). Opening the same files with Python's sqlite3
-in the stream process makes two SQLite libraries share one process: closing either's
-file descriptor drops the POSIX advisory locks the other holds, so a VACUUM or a WAL
-checkpoint can run under Bytewax's feet and corrupt the file ("database disk image is
-malformed", SIGBUS on the remapped -shm; sqlite.org/howtocorrupt.html 2.2.1). In a
-separate process the locks are honoured as between any two SQLite clients, and Bytewax
-waits out our short write transactions with its busy timeout.
+Run only between two runs of the dataflow, when Bytewax has no recovery file open
+(`pipelines.erasure_recovery` says why nothing else is safe), and in a child process
+all the same: the stream process never opens Bytewax's files with a second SQLite
+library, whose closing a descriptor would drop Bytewax's POSIX locks
+(sqlite.org/howtocorrupt.html 2.2.1).
 
-Usage (by `pipelines.erasure_recovery.RecoveryScrubber`): `python -m pipelines.recovery_scrub`
-with a JSON request on stdin ({"op": "epochs"|"holders"|"scrub", "path"/"paths",
-"needles": [hex...], "sink_steps": [...]}); prints a JSON result. Imports nothing
-heavy: pickled sink batches are unpickled (importing their classes) only when one names
-an id.
+Usage (by `pipelines.erasure_recovery.scrub_recovery`): `python -m pipelines.recovery_scrub`
+with a JSON request on stdin ({"op": "scrub_all", "path": <recovery dir>, "subjects":
+{job_id: [hex needle...]}, "sink_steps": [...]}, or "holders"/"scrub" for one step);
+prints a JSON result. Imports nothing of the project and unpickles nothing.
 """
 
 import json
@@ -24,24 +20,19 @@ from pathlib import Path
 from typing import Any
 
 BUSY_MS = 5000
-
-
-def commit_epoch(path: str) -> int:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_MS / 1000)
-    try:
-        row = conn.execute("SELECT MAX(commit_epoch) FROM commits").fetchone()
-        return int(row[0]) if row and row[0] is not None else -1
-    finally:
-        conn.close()
-
-
-def _mentions(batch: Any, needles: list[bytes]) -> bool:
-    data = pickle.dumps(batch)
-    return any(n in data for n in needles)
+NOTHING_PENDING = pickle.dumps([])
+"""A sink partition's snapshot without pending batches (what its `snapshot()` returns)."""
 
 
 def rewrite_sink_snapshots(conn: sqlite3.Connection, needles: list[bytes], steps: set[str]) -> int:
-    """See `pipelines.erasure_recovery.RecoveryScrubber` for why this is safe."""
+    """Empty the stateful sink snapshots that name an id.
+
+    Bytewax snapshots a stateful sink partition only in epochs it received items, so a
+    partition that got nothing since keeps its pending batches of back then (the user's
+    rows, the erase request itself) in its newest snapshot, which GC never removes.
+    Every pending batch of every snapshot was applied before this runs (the dataflow
+    ended cleanly, and the sinks drain their FIFO writers on close), so emptying them
+    changes nothing a resume would do but forget the user; nothing is unpickled."""
     changed = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -52,11 +43,10 @@ def rewrite_sink_snapshots(conn: sqlite3.Connection, needles: list[bytes], steps
         for step_id, key, epoch, blob in rows:
             if step_id.rsplit(".", 1)[-1] not in steps or not any(n in blob for n in needles):
                 continue
-            kept = [b for b in pickle.loads(blob) if not _mentions(b, needles)]
             conn.execute(
                 "UPDATE snaps SET ser_change = ? WHERE step_id = ? AND state_key = ?"
                 " AND snap_epoch = ?",
-                (pickle.dumps(kept), step_id, key, epoch),
+                (NOTHING_PENDING, step_id, key, epoch),
             )
             changed += 1
         conn.execute("COMMIT")
@@ -80,9 +70,7 @@ def scrub(path: str, needles: list[bytes], steps: set[str]) -> dict[str, Any]:
 
 
 def holders(directory: str, needles: list[bytes]) -> list[str]:
-    """Files of the recovery dir holding an id. Read here, not in the stream process:
-    closing any descriptor of a file drops every POSIX lock the process holds on it,
-    Bytewax's SQLite locks included (howtocorrupt.html 2.2.1 again)."""
+    """Files of the recovery dir holding an id (read here, not in the stream process)."""
     found = []
     for path in sorted(Path(directory).iterdir()) if Path(directory).is_dir() else []:
         if needles and path.is_file() and any(n in path.read_bytes() for n in needles):
@@ -90,12 +78,25 @@ def holders(directory: str, needles: list[bytes]) -> list[str]:
     return found
 
 
+def scrub_all(directory: str, subjects: dict[str, list[bytes]], steps: set[str]) -> dict[str, Any]:
+    """Scrub every partition of `directory` of all subjects' ids; then, per subject
+    (a job id), the files that still hold one of its ids."""
+    needles = sorted({n for ns in subjects.values() for n in ns})
+    parts = sorted(Path(directory).glob("part-*.sqlite3")) if Path(directory).is_dir() else []
+    changed = 0
+    for part in parts:
+        changed += scrub(str(part), needles, steps)["changed"]
+    left = {job: holders(directory, ns) for job, ns in subjects.items()}
+    return {"parts": len(parts), "changed": changed, "holders": left}
+
+
 def handle(req: dict[str, Any]) -> Any:
     """One request (see the module docstring); JSON-serializable result."""
-    if req["op"] == "epochs":
-        out: Any = [commit_epoch(p) for p in req["paths"]]
-    elif req["op"] == "holders":
-        out = holders(req["path"], [bytes.fromhex(n) for n in req.get("needles", [])])
+    if req["op"] == "scrub_all":
+        subjects = {j: [bytes.fromhex(n) for n in ns] for j, ns in req["subjects"].items()}
+        return scrub_all(req["path"], subjects, set(req.get("sink_steps", [])))
+    if req["op"] == "holders":
+        out: Any = holders(req["path"], [bytes.fromhex(n) for n in req.get("needles", [])])
     else:
         needles = [bytes.fromhex(n) for n in req.get("needles", [])]
         out = scrub(req["path"], needles, set(req.get("sink_steps", [])))

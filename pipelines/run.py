@@ -41,6 +41,7 @@ from nextbest.logs import configure_logging
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
 from pipelines.cpushare import share_cpu
+from pipelines.erasure_recovery import GATE, scrub_recovery
 from pipelines.flow import build_flow
 from pipelines.gctune import tune_for_stream
 from pipelines.metrics import serve_metrics
@@ -152,15 +153,24 @@ def run_stream(
         recovery = RecoveryConfig(ensure_recovery_dir(settings.recovery_dir))
         tune_for_stream()
         metrics = serve_metrics(settings, process_id, BOARD.positions)  # Prometheus
+        # One process can end its dataflow alone to scrub erased users' recovery files
+        # (`pipelines.erasure_recovery`): each run ends when one is due, then restarts.
+        GATE.enabled = process_id is None and not addresses
         try:
-            cli_main(
-                flow,
-                workers_per_process=workers_per_process,
-                process_id=process_id,
-                addresses=list(addresses) if addresses else None,
-                epoch_interval=epoch_interval,
-                recovery_config=recovery,
-            )
+            while True:
+                cli_main(
+                    flow,
+                    workers_per_process=workers_per_process,
+                    process_id=process_id,
+                    addresses=list(addresses) if addresses else None,
+                    epoch_interval=epoch_interval,
+                    recovery_config=recovery,
+                )
+                erased = GATE.take()
+                if not erased:
+                    break
+                scrub_recovery(settings, erased)
+                flow = build_flow(settings, spec, tail=tail)
         except (InconsistentPartitionsError, MissingPartitionsError, NoPartitionsError) as exc:
             (settings.home_dir / BROKEN_MARKER).write_text(f"{type(exc).__name__}: {exc}\n")
             raise RecoveryBroken(_broken_message(settings, f"{type(exc).__name__}: {exc}")) from exc

@@ -20,6 +20,7 @@ background thread (`pipelines.background`) so slow commits never stall the worke
 batches not yet written at a snapshot are part of that epoch's recovery state.
 """
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from pipelines.dedupe import RecentIds
 from pipelines.erasure import StreamEraser, erase_marker
 from pipelines.metrics import STREAM_METRICS
 from pipelines.records import Erase, Record, Update, dead_record
+from pipelines.stateful import Expired
 from pipelines.status import BOARD
 from pipelines.vector_sink import VECTORS_PART, UserVectorSink
 from storage.delta.store import (
@@ -312,11 +314,19 @@ def merge_updates(
     return list(features.values()), list(states.values()), list(aliases.values())
 
 
-class _OnlinePartition(StatelessSinkPartition[Update]):
+class _OnlinePartition(StatelessSinkPartition[Update | Expired]):
     def __init__(self, store: OnlineStore) -> None:
         self._store = store
 
-    def write_batch(self, items: list[Update]) -> None:
+    def write_batch(self, items: list[Update | Expired]) -> None:
+        # In order: an actor's expiry (spec `state.ttl`) deletes what came before it.
+        for expired, run in itertools.groupby(items, key=lambda i: isinstance(i, Expired)):
+            if expired:
+                self._store.forget_actors([e.actor for e in run if isinstance(e, Expired)])
+            else:
+                self._write([u for u in run if isinstance(u, Update)])
+
+    def _write(self, items: list[Update]) -> None:
         features, states, aliases = merge_updates(items)
         if not (features or states or aliases):
             return

@@ -46,6 +46,9 @@ class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
     With a `retention` (spec `state.ttl`), the key asks Bytewax to wake it `ttl` after
     its newest event time and is discarded then if nothing newer came (its recovery
     state goes with it): the hot path pays one `notify_at` per touched key, no more.
+    With an `owner` too, the logic remembers whose state it is (Bytewax keys it by a
+    hash) and emits `owner.expired(actor)` then, so the sinks forget the actor's online
+    rows and vector as well (`Expired`).
     """
 
     def __init__(
@@ -55,6 +58,8 @@ class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
         new: Callable[[], S],
         retention: "Retention | None" = None,
         encode: Callable[[S], bytes] | None = None,
+        owner: "Owner | None" = None,
+        actor: str | None = None,
     ) -> None:
         self.state = state
         STREAM_METRICS.track_state(self, state)  # state size (pipelines.metrics)
@@ -62,6 +67,8 @@ class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
         self._new = new
         self._retention = retention
         self._encode = encode
+        self._owner = owner if retention is not None else None
+        self.actor = actor
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[W], bool]:
         cut = max((i for i, v in enumerate(values) if isinstance(v, Erase)), default=-1)
@@ -70,6 +77,8 @@ class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
             values = values[cut + 1 :]
             if not values:
                 return [], StatefulBatchLogic.DISCARD
+        if self._owner is not None and self.actor is None:
+            self.actor = self._owner.of(values[0])
         return self._fold(self.state, values), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
@@ -81,13 +90,51 @@ class FoldLogic(StatefulBatchLogic[Any, W, bytes], Generic[S, V, W]):
     def on_notify(self) -> tuple[Iterable[W], bool]:
         retention = self._retention
         if retention is not None and retention.expires_ms(self.state) <= now_ms():
-            return [], StatefulBatchLogic.DISCARD
+            owner, actor = self._owner, self.actor
+            forget = owner.expired(actor) if owner is not None and actor is not None else []
+            return forget, StatefulBatchLogic.DISCARD
         return [], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
         if self._encode is not None:
-            return self._encode(self.state)
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+            data = self._encode(self.state)
+        else:
+            data = pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        return data if self._owner is None or self.actor is None else owned(self.actor, data)
+
+
+class Expired(NamedTuple):
+    """An actor whose stream state expired (spec `state.ttl`): the online sink deletes
+    its features and state, the vector sink its LanceDB row. "Forgotten after ttl"
+    means online too, not only in the stream's memory."""
+
+    actor: str
+
+
+class Owner(NamedTuple):
+    """Whose state a keyed logic holds (`of` its first value) and what its expiry emits."""
+
+    of: Callable[[Any], str | None]
+    expired: Callable[[str], list[Any]]
+
+
+OWNED = b"\xc1own"
+"""Prefix of a snapshot that names its actor. 0xC1 is never used by msgpack and is no
+pickle opcode a snapshot starts with, so a snapshot without it decodes as before."""
+
+
+def owned(actor: str, data: bytes) -> bytes:
+    name = actor.encode()
+    return OWNED + len(name).to_bytes(2, "big") + name + data
+
+
+def unowned(data: bytes) -> tuple[str | None, bytes]:
+    """(actor, the state's own snapshot) of a snapshot `owned` wrote, else (None, data)."""
+    if not data.startswith(OWNED):
+        return None, data
+    size = int.from_bytes(data[len(OWNED) : len(OWNED) + 2], "big")
+    start = len(OWNED) + 2
+    return data[start : start + size].decode(), data[start + size :]
 
 
 class Codec(NamedTuple, Generic[S]):
@@ -140,19 +187,21 @@ def state_builder(
     fold: Callable[[S, list[V]], list[W]],
     retention: Retention | None = None,
     codec: Codec[S] | None = None,
+    owner: Owner | None = None,
 ) -> Callable[[bytes | None], FoldLogic[S, V, W]]:
     encode = codec.encode if codec is not None else None
 
     def build(resume: bytes | None) -> FoldLogic[S, V, W]:
         if resume is None:
-            return FoldLogic(new(), fold, new, retention, encode)
+            return FoldLogic(new(), fold, new, retention, encode, owner)
+        actor, resume = unowned(resume)
         # A pickle: a state without a codec, or a snapshot written before it had one.
         legacy = codec is None or is_pickle(resume)
         state = unpickle(resume) if legacy or codec is None else codec.decode(resume)
         restored = getattr(state, "restored", None)
         if restored is not None:
             restored()  # rows written after this snapshot are unknown: rewrite them
-        return FoldLogic(state, fold, new, retention, encode)
+        return FoldLogic(state, fold, new, retention, encode, owner, actor)
 
     return build
 

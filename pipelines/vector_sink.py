@@ -16,6 +16,8 @@ from pipelines.erasure import ERASE_MARKER, erase_vectors
 from storage.vectors import VectorStore
 
 VECTORS_PART = "lance_users"
+EXPIRED_MARKER = "__expired__"
+"""Key of the row the vector sink gets for an actor whose state expired (`Expired`)."""
 
 
 VectorBatch = list[dict[str, Any]]
@@ -45,6 +47,11 @@ class _VectorPartition(StatefulSinkPartition[dict[str, Any], list[VectorBatch]])
     def write_batch(self, values: list[dict[str, Any]]) -> None:
         self._writer.check()
         for row in values:
+            if EXPIRED_MARKER in row:  # spec `state.ttl`: the actor is forgotten
+                self._buffer.pop(row[EXPIRED_MARKER], None)
+                self._seal()
+                self._writer.submit([row])
+                continue
             if ERASE_MARKER in row:
                 self._buffer.pop(row[ERASE_MARKER], None)
                 self._seal()
@@ -59,6 +66,9 @@ class _VectorPartition(StatefulSinkPartition[dict[str, Any], list[VectorBatch]])
             self._seal()
 
     def _apply(self, batch: VectorBatch) -> None:
+        if batch and EXPIRED_MARKER in batch[0]:
+            self._store.delete_user(batch[0][EXPIRED_MARKER])
+            return
         if batch and ERASE_MARKER in batch[0]:
             if self._settings is not None:
                 erase_vectors(self._settings, self._store, batch[0])

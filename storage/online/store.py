@@ -403,6 +403,18 @@ class OnlineStore:
             counts[ALIASES.name] = result.rowcount
         return counts
 
+    def forget_actors(self, actors: Sequence[str]) -> int:
+        """The stream's rows (features, state, cached decisions) of actors whose stream
+        state expired (spec `state.ttl`). Not an erasure: aliases and consent stay.
+        Returns rows removed."""
+        removed = 0
+        with self._writer.begin() as conn:
+            for chunk in id_chunks(actors):
+                for table in (FEATURES, STATES, DECISIONS):
+                    result = conn.execute(sa.delete(table).where(table.c.user_id.in_(chunk)))
+                    removed += result.rowcount
+        return removed
+
     def vacuum_tables(self, names: Sequence[str]) -> None:
         """PostgreSQL: VACUUM the tables an erasure deleted from, so the dead tuples (a
         deleted user's rows) are reclaimed instead of lingering in the heap pages. A

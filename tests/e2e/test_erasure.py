@@ -6,7 +6,6 @@ Delta table or of LanceDB yields them, and nobody else lost anything. Plus the f
 that stops an asset run which read bronze before the erasure, and the Kafka status."""
 
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError
-from litestar.testing import TestClient
 
 from definitions.assets.decisions import forget_erased
 from definitions.batch.importer import import_events
@@ -27,7 +25,6 @@ from definitions.runs import materialize
 from nextbest.demo.shop import DemoConfig, write_demo
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
-from serving.app import create_app
 from serving.erasure import STORES, kafka_erasure
 from serving.sinks import KafkaSink
 from storage.delta.erasure import DERIVED_TABLES, erase_derived
@@ -38,7 +35,8 @@ from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 from tests.serving.test_serving_world import train_and_promote
 from tests.support.broker import TansuBroker, read_topic
-from tests.support.stream_helpers import start_stream, write_catalog
+from tests.support.erasure_stack import Stack, api_and_stream, scan_apart
+from tests.support.stream_helpers import write_catalog
 from tests.support.waiting import wait_until
 
 TAG = uuid.uuid4().hex[:10]
@@ -53,9 +51,7 @@ HISTORY = DemoConfig(n_users=30, n_items=60, n_events=500, days=3)
 
 
 @pytest.fixture
-def stack(
-    settings: Settings, tmp_path: Path
-) -> Iterator[tuple[TestClient[Any], subprocess.Popen[bytes]]]:
+def stack(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
     spec = load_spec(settings.spec)
     start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     cfg = HISTORY.replace(start=start - timedelta(days=4))
@@ -65,14 +61,8 @@ def stack(
     store = OnlineStore.from_settings(settings)
     train_and_promote(settings, spec, store, cfg)
     store.dispose()
-    app = create_app(settings, require_keys=False, rate_limit_per_s=None, refresh_interval_s=0.2)
-    with TestClient(app) as client:
-        proc = start_stream(settings)
-        try:
-            yield client, proc
-        finally:
-            proc.kill()
-            proc.wait(timeout=20)
+    with api_and_stream(settings) as live:
+        yield live
 
 
 def _events(user: str, *, anon: str | None, items: list[str]) -> list[dict[str, Any]]:
@@ -148,17 +138,10 @@ def _versions_with_canary(delta: DeltaStore, table: str) -> list[int]:
 
 
 def _scan(home: Path) -> list[str]:
-    hits = []
-    for path in sorted(home.rglob("*")):
-        if path.is_file():
-            data = path.read_bytes()
-            hits += [f"{path.relative_to(home)}: {c.decode()}" for c in CANARIES if c in data]
-    return hits
+    return scan_apart(home, CANARIES)
 
 
-def test_erasure_leaves_no_trace_in_any_file(
-    settings: Settings, stack: tuple[TestClient[Any], subprocess.Popen[bytes]]
-) -> None:
+def test_erasure_leaves_no_trace_in_any_file(settings: Settings, stack: Stack) -> None:
     client, proc = stack
     spec = load_spec(settings.spec)
     items = [f"i{n:05d}" for n in range(5)]

@@ -4,6 +4,7 @@ they identified. Real API (in process) and stream (`python -m pipelines`); after
 job says done, no file under the data home holds a byte of the ids, including the
 client-chosen `event_id`s that embed them (Parquet, `_delta_log`, event log)."""
 
+import json
 import subprocess
 import time
 import uuid
@@ -17,9 +18,9 @@ from litestar.testing import TestClient
 from nextbest.demo.shop import DemoConfig
 from nextbest.settings import Settings
 from nextbest.spec.loader import load_spec
-from serving.app import create_app
 from storage.delta.store import DeltaStore
-from tests.support.stream_helpers import start_stream, write_catalog
+from tests.support.erasure_stack import Stack, api_and_stream, scan_apart
+from tests.support.stream_helpers import write_catalog
 from tests.support.waiting import wait_until
 
 TAG = uuid.uuid4().hex[:8]
@@ -30,28 +31,15 @@ OTHER = f"other{TAG}"
 
 
 @pytest.fixture
-def stack(
-    settings: Settings,
-) -> Iterator[tuple[TestClient[Any], subprocess.Popen[bytes]]]:
+def stack(settings: Settings) -> Iterator[Stack]:
     spec = load_spec(settings.spec)
     write_catalog(settings, spec, DemoConfig(n_users=5, n_items=20, n_events=10), vectors=True)
-    app = create_app(settings, require_keys=False, rate_limit_per_s=None, refresh_interval_s=0.2)
-    with TestClient(app) as client:
-        proc = start_stream(settings)
-        try:
-            yield client, proc
-        finally:
-            proc.kill()
-            proc.wait(timeout=20)
+    with api_and_stream(settings) as live:
+        yield live
 
 
 def _scan(home: Path, needles: list[str]) -> list[str]:
-    hits = []
-    for path in sorted(home.rglob("*")):
-        if path.is_file():
-            data = path.read_bytes()
-            hits += [f"{path.relative_to(home)}: {n}" for n in needles if n.encode() in data]
-    return hits
+    return scan_apart(home, needles)
 
 
 def _rows(delta: DeltaStore, table: str, column: str, value: str) -> int:
@@ -135,7 +123,7 @@ def _bystander_intact(settings: Settings) -> None:
 
 
 def test_a_visitor_who_never_identified_is_erased_from_every_file(
-    settings: Settings, stack: tuple[TestClient[Any], subprocess.Popen[bytes]]
+    settings: Settings, stack: Stack
 ) -> None:
     """`DELETE /v1/users/anon:<id>`: bronze rows keyed by `anonymous_id`, an event id
     naming the visitor (Parquet and `_delta_log`), decisions and feedback logged under
@@ -143,14 +131,14 @@ def test_a_visitor_who_never_identified_is_erased_from_every_file(
     client, proc = stack
     _ingest(client, proc, settings)
     job = _erase(client, f"anon:{VISITOR}")
-    assert job["status"] == "done", job
+    assert job["status"] == "done", json.dumps(job, indent=1)
     assert job["stores"]["scan"].startswith("done"), job
     assert _scan(settings.home_dir, [VISITOR]) == []
     _bystander_intact(settings)
 
 
 def test_decisions_and_feedback_under_the_anonymous_id_go_with_the_user(
-    settings: Settings, stack: tuple[TestClient[Any], subprocess.Popen[bytes]]
+    settings: Settings, stack: Stack
 ) -> None:
     """Decided and gave feedback as `anon:<id>`, then identified: erasing the user
     erases what was logged under the anonymous id too, and so does `DELETE
@@ -158,6 +146,6 @@ def test_decisions_and_feedback_under_the_anonymous_id_go_with_the_user(
     client, proc = stack
     _ingest(client, proc, settings)
     job = _erase(client, f"anon:{STITCHED}")
-    assert job["status"] == "done", job
+    assert job["status"] == "done", json.dumps(job, indent=1)
     assert _scan(settings.home_dir, [STITCHED, USER]) == []
     _bystander_intact(settings)

@@ -2,8 +2,9 @@
 any descriptor of a file drops every POSIX lock the process holds on it, its SQLite
 connections' included (sqlite.org/howtocorrupt.html 2.2.1), after which another process
 may VACUUM, checkpoint or truncate the WAL/-shm under them: the stream died of SIGBUS or
-"database disk image is malformed" that way while `RecoveryScrubber` read and VACUUMed
-Bytewax's recovery files in the stream process."""
+"database disk image is malformed" that way while the erasure's recovery scrub read and
+VACUUMed Bytewax's recovery files in the stream process (now it runs apart, between two
+runs of the dataflow: `pipelines.erasure_recovery`)."""
 
 import sqlite3
 import subprocess

@@ -42,6 +42,7 @@ class Answer:
     path: str
     status: int
     sent: str  # what was sent, shortened: the reproduction of a 5xx
+    said: str = ""  # what a 5xx answered (its body, shortened): why
 
 
 @dataclass
@@ -51,9 +52,9 @@ class Tally:
     answers: list[Answer] = field(default_factory=list)
     acknowledged: set[str] = field(default_factory=set)  # event ids answered with 202
 
-    def record(self, method: str, path: str, status: int, sent: Any) -> None:
+    def record(self, method: str, path: str, status: int, sent: Any, said: str = "") -> None:
         text = sent if isinstance(sent, str) else repr(sent)
-        self.answers.append(Answer(method, path, status, text[:300]))
+        self.answers.append(Answer(method, path, status, text[:300], said[:300]))
 
     @property
     def tried(self) -> int:
@@ -90,7 +91,9 @@ class Api:
         content = raw if raw is not None else None if body is None else dumps(body)
         r = self.http.request(method, path, content=content, headers=headers)
         shown = body if raw is None else raw[:300]
-        self.tally.record(method, path, r.status_code, shown)
+        self.tally.record(
+            method, path, r.status_code, shown, r.text if r.status_code >= 500 else ""
+        )
         if method == "POST" and path == "/v1/events" and r.status_code == 202:
             self.tally.acknowledged.update(r.json()["event_ids"])
         return r

@@ -17,7 +17,7 @@ from schemathesis.core.result import Ok
 
 from benchmarks.chaos_check import bronze_ids
 from storage.delta.store import DeltaStore
-from storage.erasure_scan import Needles, scan_tree
+from storage.erasure_scan import Needles, scan_tree_apart
 from tests.support.hostile_cases import RawRecords, mixed_batch, named_cases
 from tests.support.hostile_helpers import Stack, canaries, dead_letter_count, logged_event_ids
 from tests.support.stream_helpers import delta_events, online_mismatches
@@ -151,7 +151,8 @@ def fuzz(run: Run) -> None:
     def fuzz(case: schemathesis.Case) -> None:
         r = case.call(base_url=api.url, headers={"X-API-Key": api.key}, timeout=30)
         sent = case.as_curl_command(headers={"X-API-Key": "<key>"})
-        api.tally.record(case.method, case.formatted_path, r.status_code, sent)
+        said = r.text if r.status_code >= 500 else ""
+        api.tally.record(case.method, case.formatted_path, r.status_code, sent, said)
         run.fuzzed[case.operation.label] += 1
         if case.operation.path == "/v1/events" and r.status_code == 202:
             api.tally.acknowledged.update(r.json()["event_ids"])
@@ -244,12 +245,12 @@ def erase(run: Run, item: str) -> None:
     views, dead = item_views(run, item), dead_letter_count(stack.settings)
     first, second = run.subjects
     for s in run.subjects:
-        s.before = scan_tree(home, Needles(s.ids))
+        s.before = scan_tree_apart(home, Needles(s.ids))
     assert stack.api.send("DELETE", f"/v1/users/{first.user}").status_code == 202
     started = time.monotonic()
     first.job = wait_job(run, first.user, started + ERASURE_TIMEOUT_S)
     first_s = time.monotonic() - started
-    first.leftovers = scan_tree(home, Needles(first.ids))
+    first.leftovers = scan_tree_apart(home, Needles(first.ids))
     for bad in (f"item:{item}", f"~nc:{run.tag}", f"anon:item:{item}", "u%00x", "u" * 300):
         r = stack.api.send("DELETE", f"/v1/users/{bad}")
         if not 400 <= r.status_code < 500:
@@ -259,7 +260,7 @@ def erase(run: Run, item: str) -> None:
     # The rest are jobs like the first: three times its time (at least 8 s) is plenty.
     until = time.monotonic() + min(ERASURE_TIMEOUT_S, max(8.0, 3 * first_s))
     second.job = wait_job(run, second.user, until)
-    second.leftovers = scan_tree(home, Needles(second.ids))
+    second.leftovers = scan_tree_apart(home, Needles(second.ids))
     view_job = wait_job(run, "view", until)
     run.view_job = view_job
     run.collateral = {
