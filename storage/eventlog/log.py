@@ -3,7 +3,9 @@
 Layout under the log directory (partition count fixed at creation)::
 
     eventlog.json                      {"format": 1, "partitions": N}
-    writer.lock                        flock'ed by the one writer process (holds its pid)
+    writer.lock                        flock'ed by the one writer process (holds its pid),
+                                       or shared by several (`shared=True`, see .shared)
+    maintenance.lock, p0000/append.lock  shared writers only
     p0000/00000000000000000000.log     segments named by base offset, rolled by size
 
 Durability: `append` returns only after write + fdatasync of every touched segment (and
@@ -42,9 +44,9 @@ from storage.eventlog.segments import (
     WriterLockedError,
     encode,
     partition_for,
-    take_writer_lock,
     write_all,
 )
+from storage.eventlog.shared import SharedWriters, catch_up, take_writer_lock
 
 __all__ = [
     "DEFAULT_SEGMENT_BYTES",
@@ -84,14 +86,22 @@ class _Request:
     done: bool = False
 
 
-class EventLog(Rewrites):
-    """Partitioned append-only log on local disk; one writer process, any number of readers.
+class EventLog(SharedWriters, Rewrites):
+    """Partitioned append-only log on local disk; one writer process (or several with
+    `shared=True`, `storage.eventlog.shared`), any number of readers.
 
     Readers may open (and create) the log before the writer exists.
     """
 
     def __init__(
-        self, path: Path, *, partitions: int, mode: Mode, segment_bytes: int, fsync: bool
+        self,
+        path: Path,
+        *,
+        partitions: int,
+        mode: Mode,
+        segment_bytes: int,
+        fsync: bool,
+        shared: bool = False,
     ) -> None:
         if partitions < 1 or segment_bytes < 1:
             raise ValueError("partitions and segment_bytes must be >= 1")
@@ -109,15 +119,19 @@ class EventLog(Rewrites):
         self._failed: BaseException | None = None
         self._active: dict[int, _Active] = {}
         self._lock_fd: int | None = None
+        self.shared = shared and mode == "writer"
+        self._plocks, self._mlock = {}, None
         self._init_rewrites()
         path.mkdir(parents=True, exist_ok=True)
         if mode == "writer":
-            self._lock_fd = take_writer_lock(path / _LOCK)
+            self._lock_fd = take_writer_lock(path / _LOCK, shared=self.shared)
         try:
             self._layout.ensure(writer=mode == "writer")
+            self._open_locks(partitions)
             if mode == "writer":
                 for p in range(partitions):
-                    self._active[p] = self._recover(p)
+                    with self._appending([p]):
+                        self._active[p] = self._recover(p)
         except BaseException:
             self._release_fds()
             raise
@@ -131,15 +145,24 @@ class EventLog(Rewrites):
         mode: Mode,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         fsync: bool = True,
+        shared: bool = False,
     ) -> Self:
-        """Open (creating if absent) the log at `path`; writer mode takes the writer lock."""
+        """Open (creating if absent) the log at `path`; writer mode takes the writer lock
+        (shared with the other writer processes with `shared=True`)."""
         return cls(
-            Path(path), partitions=partitions, mode=mode, segment_bytes=segment_bytes, fsync=fsync
+            Path(path),
+            partitions=partitions,
+            mode=mode,
+            segment_bytes=segment_bytes,
+            fsync=fsync,
+            shared=shared,
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, mode: Mode) -> Self:
-        return cls.open(settings.eventlog_dir, partitions=settings.partitions, mode=mode)
+    def from_settings(cls, settings: Settings, *, mode: Mode, shared: bool = False) -> Self:
+        return cls.open(
+            settings.eventlog_dir, partitions=settings.partitions, mode=mode, shared=shared
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -184,7 +207,7 @@ class EventLog(Rewrites):
         """
         self._require_writer()
         self._check_partition(partition)
-        with self._maintenance, self._exclusive():
+        with self._maintaining(), self._exclusive():
             deleted = 0
             for base, following in itertools.pairwise(self._layout.bases(partition)):
                 if following > below_offset:
@@ -243,7 +266,8 @@ class EventLog(Rewrites):
             raise ValueError("max_records must be >= 1")
         if self._closed:
             raise EventLogError("event log is closed")
-        limit = self._active[partition].durable if self.mode == "writer" else None
+        own = self.mode == "writer" and not self.shared  # shared: others append too
+        limit = self._active[partition].durable if own else None
         with self._reader.lock:
             for _ in range(5):
                 try:
@@ -253,8 +277,8 @@ class EventLog(Rewrites):
         raise EventLogError(f"segments of partition {partition} keep disappearing")
 
     def end_offsets(self) -> dict[int, int]:
-        """Next offset per partition (the writer reports durable records only)."""
-        if self.mode == "writer":
+        """Next offset per partition (a lone writer reports durable records only)."""
+        if self.mode == "writer" and not self.shared:
             return {p: st.durable for p, st in self._active.items()}
         with self._reader.lock:
             for _ in range(5):
@@ -302,6 +326,15 @@ class EventLog(Rewrites):
                 r.error = exc
 
     def _commit(self, batch: list[_Request]) -> None:
+        if not self.shared:
+            return self._commit_locked(batch)
+        touched = {p for req in batch for p, _, _ in req.records}
+        with self._appending(touched):
+            for p in touched:
+                catch_up(self._layout, self.quarantine, p, self._active[p])
+            self._commit_locked(batch)
+
+    def _commit_locked(self, batch: list[_Request]) -> None:
         """Assign offsets in queue order, write each partition once, fsync each once."""
         pending: dict[int, list[bytes]] = {}
         results: list[list[tuple[int, int]]] = []
@@ -352,8 +385,10 @@ class EventLog(Rewrites):
 
     def _recover(self, p: int) -> _Active:
         """Open the last segment for appending, truncating a torn tail left by a crash."""
-        for leftover in self._layout.partition_dir(p).glob(f"*{TMP_SUFFIX}"):
-            leftover.unlink()  # an interrupted rewrite; the original segment is intact
+        with self._maintenance_flock(blocking=False) as idle:
+            if idle:  # else a shared writer's rewrite is running: its temp files are live
+                for leftover in self._layout.partition_dir(p).glob(f"*{TMP_SUFFIX}"):
+                    leftover.unlink()  # an interrupted rewrite; the segment is intact
         bases = self._layout.bases(p)
         if not bases:
             return _Active(0, self._layout.create_segment(p, 0), 0, 0, 0)
@@ -370,10 +405,26 @@ class EventLog(Rewrites):
         return _Active(base, fd, scan.pos, scan.last + 1, scan.last + 1)
 
     def _active_base(self, p: int) -> tuple[int, int]:
-        """(base, durable end) of the partition's active segment, read consistently."""
+        """(base, durable end) of the partition's active segment, read consistently
+        (shared: after catching up with the other writers)."""
+        if self.shared:
+            with self._exclusive(), self._appending([p]):
+                st = self._active[p]
+                catch_up(self._layout, self.quarantine, p, st)
+                return st.base, st.durable
         with self._cond:
             st = self._active[p]
             return st.base, st.durable
+
+    def _seal(self, p: int, base: int) -> None:
+        """Roll the partition if `base` is still its active segment."""
+        with self._exclusive(), self._appending([p]):
+            if self._closed:
+                raise EventLogError("event log is closed")
+            if self.shared:
+                catch_up(self._layout, self.quarantine, p, self._active[p])
+            if self._active[p].base == base:
+                self._roll(p, [])
 
     def _reset_reads(self) -> None:
         with self._reader.lock:
@@ -384,6 +435,7 @@ class EventLog(Rewrites):
         for st in self._active.values():
             os.close(st.fd)
         self._active.clear()
+        self._close_locks()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
