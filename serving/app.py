@@ -50,7 +50,7 @@ from serving.door import known_surfaces
 from serving.erasure import resume_erasures
 from serving.keys import HEADER, KeyMiddleware
 from serving.metrics import Metrics, MetricsMiddleware
-from serving.ratelimit import RateLimitMiddleware, TokenBuckets
+from serving.ratelimit import RateLimitMiddleware, buckets_for
 from serving.runtime import ServingRuntime, freeze_heap
 
 log = logging.getLogger(__name__)
@@ -135,13 +135,16 @@ def create_app(
     burst = settings.rate_limit_burst if rate_limit_burst is ... else rate_limit_burst
     limits = Limits.from_settings(settings)
     metrics = Metrics()
-    failures = TokenBuckets(settings.auth_failures_per_min / 60, settings.auth_failures_per_min)
+    run_dir, workers = settings.run_dir, settings.api_workers  # workers > 1: shared buckets
+    per_min = settings.auth_failures_per_min
+    failures = buckets_for(run_dir, "auth-failures", per_min / 60, per_min, workers=workers)
     middleware: list[Any] = [
         DefineMiddleware(MetricsMiddleware, metrics=metrics),
         DefineMiddleware(KeyMiddleware, failures=failures),
     ]
     if rate is not None:
-        buckets = TokenBuckets(rate, burst if burst is not None else max(rate, 1.0))
+        size = burst if burst is not None else max(rate, 1.0)
+        buckets = buckets_for(run_dir, "requests", rate, size, workers=workers)
         middleware.append(DefineMiddleware(RateLimitMiddleware, buckets=buckets))
     middleware.append(
         DefineMiddleware(BodyGuardMiddleware, limits=limits, max_body_bytes=settings.max_body_bytes)

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 
 from nextbest.ingest.events import anon_actor, anonymous_of
 from nextbest.ingest.validation import keyed_hash
+from serving.joblock import JobClaim, claim, claimed, released
 from serving.runtime import ServingRuntime
 from serving.sinks import EventLogSink, KafkaSink
 from storage.delta.erasure import DERIVED_STORES
@@ -55,6 +56,7 @@ STREAM_STORES = (
 STORES = ("online", "cached_decisions", "eventlog", *STREAM_STORES, "scan")
 """`scan`: the proof. Once every other store is done, every file under the data home is
 scanned for the ids (`storage.erasure_scan`); `done` only when none holds one."""
+_UNFINISHED = ("running", "pending")
 STREAM_WAIT_S = 3600.0
 """How long the API waits for the stream before leaving `eventlog` pending."""
 
@@ -157,7 +159,8 @@ def start_erasure(
         )
         return updated or job
     run = spawn or _thread
-    run(lambda: _hand_over(runtime, job, user_id, anonymous, stream_wait_s))
+    hand_over = lambda: _hand_over(runtime, job, user_id, anonymous, stream_wait_s)  # noqa: E731
+    run(claimed(runtime.settings.run_dir, job.job_id, hand_over))
     return job
 
 
@@ -171,7 +174,31 @@ def resume_erasures(
     killed or restarted mid-job); returns how many were resumed. The user's id is only in
     the job's erase request, so with the embedded log it is read back from there; a Kafka
     topic is not scanned, so those jobs say to DELETE again (which is idempotent)."""
-    unfinished = runtime.serving.unfinished_erasure_jobs()
+    claims: dict[str, JobClaim] = {}
+    unfinished = []
+    for listed in runtime.serving.unfinished_erasure_jobs():
+        # Only jobs no live API process runs (several workers), read again once claimed.
+        owner = claim(runtime.settings.run_dir, listed.job_id)
+        current = runtime.serving.erasure_job(listed.job_id) if owner is not None else None
+        if owner is not None and current is not None and current.status in _UNFINISHED:
+            claims[current.job_id] = owner
+            unfinished.append(current)
+        elif owner is not None:
+            owner.release()
+    try:
+        return _resume(runtime, unfinished, claims, spawn, stream_wait_s)
+    finally:
+        for owner in claims.values():
+            owner.release()  # no-op for the claims handed over to a thread
+
+
+def _resume(
+    runtime: ServingRuntime,
+    unfinished: list[ErasureJob],
+    claims: dict[str, JobClaim],
+    spawn: Callable[[Callable[[], None]], None] | None,
+    stream_wait_s: float,
+) -> int:
     for j in unfinished:
         log_done = j.stores.get("eventlog", "").startswith(("done", "retention"))
         if log_done and not j.stores.get("scan", "").startswith(("done", "failed")):
@@ -203,9 +230,13 @@ def resume_erasures(
             )
             continue
         user_id, anonymous = request
+        owner = claims.pop(job_id, None)
         run(
-            lambda job=job, user_id=user_id, anonymous=anonymous: _hand_over(
-                runtime, job, user_id, anonymous, stream_wait_s
+            released(
+                owner,
+                lambda job=job, user_id=user_id, anonymous=anonymous: _hand_over(
+                    runtime, job, user_id, anonymous, stream_wait_s
+                ),
             )
         )
     return len(found)
