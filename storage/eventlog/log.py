@@ -46,7 +46,12 @@ from storage.eventlog.segments import (
     partition_for,
     write_all,
 )
-from storage.eventlog.shared import SharedWriters, catch_up, take_writer_lock
+from storage.eventlog.shared import (
+    MIN_FREE_BYTES,
+    SharedWriters,
+    disk_problem,
+    take_writer_lock,
+)
 
 __all__ = [
     "DEFAULT_SEGMENT_BYTES",
@@ -61,10 +66,6 @@ __all__ = [
 Mode = Literal["writer", "reader"]
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _LOCK = "writer.lock"
-_PROBE = "writable.probe"
-MIN_FREE_BYTES = 16 << 20
-"""Below this much free disk the log reports itself not writable (a segment roll, a
-rewrite's temp copy and the fsyncs need room before an append fails outright)."""
 
 
 @dataclass(slots=True)
@@ -233,20 +234,7 @@ class EventLog(SharedWriters, Rewrites):
             return "closed"
         if self._failed is not None:
             return f"an earlier write failed ({self._failed}); restart to reopen the log"
-        try:
-            st = os.statvfs(self.path)
-            free = st.f_bavail * st.f_frsize
-            if free < min_free_bytes:
-                return f"disk full: {free} bytes free under {self.path}"
-            fd = os.open(self.path / _PROBE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                write_all(fd, b"1")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            return f"probe write failed: {exc}"
-        return None
+        return disk_problem(self.path, min_free_bytes)
 
     def writable(self) -> bool:
         return self.unwritable() is None
@@ -326,38 +314,30 @@ class EventLog(SharedWriters, Rewrites):
                 r.error = exc
 
     def _commit(self, batch: list[_Request]) -> None:
-        if not self.shared:
-            return self._commit_locked(batch)
-        touched = {p for req in batch for p, _, _ in req.records}
-        with self._appending(touched):
-            for p in touched:
-                catch_up(self._layout, self.quarantine, p, self._active[p])
-            self._commit_locked(batch)
-
-    def _commit_locked(self, batch: list[_Request]) -> None:
         """Assign offsets in queue order, write each partition once, fsync each once."""
-        pending: dict[int, list[bytes]] = {}
-        results: list[list[tuple[int, int]]] = []
-        for req in batch:
-            out = []
-            for p, key, payload in req.records:
-                st = self._active[p]
-                rec = encode(st.next, key, payload)
-                if st.size > 0 and st.size + len(rec) > self._segment_bytes:
-                    self._roll(p, pending.pop(p, []))
-                pending.setdefault(p, []).append(rec)
-                st.size += len(rec)
-                out.append((p, st.next))
-                st.next += 1
-            results.append(out)
-        for p, chunks in pending.items():
-            write_all(self._active[p].fd, b"".join(chunks))
-        for p in pending:
-            self._layout.sync(self._active[p].fd)
-        for p in pending:
-            self._active[p].durable = self._active[p].next
-        for req, out in zip(batch, results, strict=True):
-            req.result = out
+        with self._caught_up({p for req in batch for p, _, _ in req.records}):
+            pending: dict[int, list[bytes]] = {}
+            results: list[list[tuple[int, int]]] = []
+            for req in batch:
+                out = []
+                for p, key, payload in req.records:
+                    st = self._active[p]
+                    rec = encode(st.next, key, payload)
+                    if st.size > 0 and st.size + len(rec) > self._segment_bytes:
+                        self._roll(p, pending.pop(p, []))
+                    pending.setdefault(p, []).append(rec)
+                    st.size += len(rec)
+                    out.append((p, st.next))
+                    st.next += 1
+                results.append(out)
+            for p, chunks in pending.items():
+                write_all(self._active[p].fd, b"".join(chunks))
+            for p in pending:
+                self._layout.sync(self._active[p].fd)
+            for p in pending:
+                self._active[p].durable = self._active[p].next
+            for req, out in zip(batch, results, strict=True):
+                req.result = out
 
     def _roll(self, p: int, chunks: list[bytes]) -> None:
         """Seal the active segment (written + fsynced) and start one at the next offset."""
@@ -407,22 +387,14 @@ class EventLog(SharedWriters, Rewrites):
     def _active_base(self, p: int) -> tuple[int, int]:
         """(base, durable end) of the partition's active segment, read consistently
         (shared: after catching up with the other writers)."""
-        if self.shared:
-            with self._exclusive(), self._appending([p]):
-                st = self._active[p]
-                catch_up(self._layout, self.quarantine, p, st)
-                return st.base, st.durable
-        with self._cond:
-            st = self._active[p]
-            return st.base, st.durable
+        with self._exclusive(), self._caught_up([p]):
+            return self._active[p].base, self._active[p].durable
 
     def _seal(self, p: int, base: int) -> None:
         """Roll the partition if `base` is still its active segment."""
-        with self._exclusive(), self._appending([p]):
+        with self._exclusive(), self._caught_up([p]):
             if self._closed:
                 raise EventLogError("event log is closed")
-            if self.shared:
-                catch_up(self._layout, self.quarantine, p, self._active[p])
             if self._active[p].base == base:
                 self._roll(p, [])
 

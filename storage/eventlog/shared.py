@@ -23,12 +23,35 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from storage.eventlog.segments import Layout, Quarantine, Scan, WriterLockedError
+from storage.eventlog.segments import Layout, Quarantine, Scan, WriterLockedError, write_all
 
 APPEND_LOCK = "append.lock"
 MAINTENANCE_LOCK = "maintenance.lock"
+_PROBE = "writable.probe"
+MIN_FREE_BYTES = 16 << 20
+"""Below this much free disk the log reports itself not writable (a segment roll, a
+rewrite's temp copy and the fsyncs need room before an append fails outright)."""
+
+
+def disk_problem(path: Path, min_free_bytes: int) -> str | None:
+    """Less than `min_free_bytes` free under `path`, or a probe write + fsync failing
+    (a read-only or broken filesystem); None when fine. Any writer may probe."""
+    try:
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+        if free < min_free_bytes:
+            return f"disk full: {free} bytes free under {path}"
+        fd = os.open(path / _PROBE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, b"1")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"probe write failed: {exc}"
+    return None
 
 
 class Tail(Protocol):
@@ -90,6 +113,8 @@ class SharedWriters:
     """The file locks of a shared writer, mixed into `EventLog`."""
 
     shared: bool
+    quarantine: Quarantine
+    _active: dict[int, Any]  # partition -> `Tail`
     _layout: Layout
     _maintenance: threading.Lock
     _plocks: dict[int, int]
@@ -113,6 +138,16 @@ class SharedWriters:
         if not self.shared:
             return contextlib.nullcontext()
         return flocked(self._plocks[p] for p in sorted(partitions))
+
+    @contextlib.contextmanager
+    def _caught_up(self, partitions: Iterable[int]) -> Iterator[None]:
+        """Shared: hold these partitions' append locks, each caught up with the other
+        writers; a lone writer is always caught up."""
+        touched = sorted(set(partitions)) if self.shared else []
+        with self._appending(touched):
+            for p in touched:
+                catch_up(self._layout, self.quarantine, p, self._active[p])
+            yield
 
     @contextlib.contextmanager
     def _maintenance_flock(self, *, blocking: bool = True) -> Iterator[bool]:
