@@ -4,6 +4,8 @@ flock locks belong to open file descriptions, so two handles in one process cont
 exactly as two processes do; the last test uses real processes anyway.
 """
 
+import random
+import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +15,9 @@ import pytest
 
 from storage.eventlog.log import EventLog, WriterLockedError, partition_for
 from tests.support.common import ROOT
+from tests.support.eventlog_writer import payload_for
+
+WRITER_SCRIPT = ROOT / "tests" / "support" / "eventlog_writer.py"
 
 
 def _all(log: EventLog) -> dict[int, list[tuple[int, str, bytes]]]:
@@ -112,3 +117,50 @@ def test_writer_processes_append_concurrently(tmp_path: Path) -> None:
     assert values == sorted(f"{t}-{i}".encode() for t in "xyz" for i in range(300))
     for recs in rows.values():
         assert [o for o, _, _ in recs] == list(range(len(recs)))
+
+
+def _acks(proc: subprocess.Popen[bytes], at_least: int) -> list[bytes]:
+    assert proc.stdout is not None
+    lines: list[bytes] = []
+    while len(lines) < at_least:
+        line = proc.stdout.readline()
+        assert line, "writer exited early"
+        lines.append(line)
+    return lines
+
+
+def test_a_writer_killed_mid_append_loses_no_acked_record_of_either(tmp_path: Path) -> None:
+    """Two shared writers append to the same partitions; one is SIGKILLed (possibly in
+    the middle of a write, holding a partition's lock) while the other keeps going: the
+    survivor cuts the torn tail and continues, and every acknowledged record of both is
+    there with its payload, offsets dense."""
+    rng = random.Random(5)
+    acked: dict[tuple[int, int], str] = {}
+    argv = [sys.executable, str(WRITER_SCRIPT), str(tmp_path), "2", "3", "16384"]
+    for rnd in range(3):
+        procs = [
+            subprocess.Popen([*argv, f"r{rnd}{w}", "shared"], stdout=subprocess.PIPE, cwd=ROOT)
+            for w in "ab"
+        ]
+        lines = {p.pid: _acks(p, rng.randint(200, 600)) for p in procs}
+        procs[0].send_signal(signal.SIGKILL)
+        lines[procs[1].pid] += _acks(procs[1], 300)  # the survivor writes on past the kill
+        procs[1].send_signal(signal.SIGKILL)
+        for p in procs:
+            assert p.stdout is not None
+            lines[p.pid] += p.stdout.read().splitlines(keepends=True)
+            p.wait()
+            p.stdout.close()
+        for line in (line for ls in lines.values() for line in ls if line.endswith(b"\n")):
+            part, offset, pid = line.decode().split()
+            assert (int(part), int(offset)) not in acked, "offset acknowledged twice"
+            acked[int(part), int(offset)] = pid
+    with EventLog.open(tmp_path, partitions=2, mode="reader") as reader:
+        rows = _all(reader)
+    for p, records in rows.items():
+        by_offset = {o: v for o, _, v in records}
+        assert sorted(by_offset) == list(range(len(records)))
+        for (q, o), pid in acked.items():
+            if q == p:
+                assert by_offset.get(o) == payload_for(pid), (p, o, pid)
+    assert len(acked) >= 3 * 500
