@@ -48,6 +48,7 @@ from serving.controllers.ops import OpsController
 from serving.controllers.users import UsersController
 from serving.door import known_surfaces
 from serving.erasure import resume_erasures
+from serving.erasure_feed import forget_announced
 from serving.keys import HEADER, KeyMiddleware
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.ratelimit import RateLimitMiddleware, buckets_for
@@ -90,6 +91,7 @@ async def _refresh_loop(runtime: ServingRuntime, interval_s: float) -> None:
             await anyio.to_thread.run_sync(runtime.reload)
             await anyio.to_thread.run_sync(runtime.reload_uplift)
             await anyio.to_thread.run_sync(runtime.refresh_trending)
+            await anyio.to_thread.run_sync(forget_announced, runtime)  # other workers' erasures
         except Exception:  # a failed refresh keeps the previous model; retry next tick
             log.exception("background refresh failed")
 

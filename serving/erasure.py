@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 
 from nextbest.ingest.events import anon_actor, anonymous_of
 from nextbest.ingest.validation import keyed_hash
+from serving.erasure_feed import erasure_feed, wipe_when_read
 from serving.joblock import JobClaim, claim, claimed, released
 from serving.runtime import ServingRuntime
 from serving.sinks import EventLogSink, KafkaSink
@@ -130,6 +131,7 @@ def start_erasure(
         runtime.decision_log.forget(actor)
         runtime.metrics.forget(actor)
         runtime.answers.forget(actor)
+    announced = erasure_feed(runtime.settings).announce(sorted(actors)), time.monotonic()
     cached = counts.pop("nb_cached_decisions", 0)
     log_owned = isinstance(runtime.sink, EventLogSink)
     stores = {
@@ -159,7 +161,9 @@ def start_erasure(
         )
         return updated or job
     run = spawn or _thread
-    hand_over = lambda: _hand_over(runtime, job, user_id, anonymous, stream_wait_s)  # noqa: E731
+    hand_over = lambda: _hand_over(  # noqa: E731
+        runtime, job, user_id, anonymous, stream_wait_s, announced=announced
+    )
     run(claimed(runtime.settings.run_dir, job.job_id, hand_over))
     return job
 
@@ -268,6 +272,8 @@ def _hand_over(
     person: str,
     anonymous: list[str],
     stream_wait_s: float,
+    *,
+    announced: tuple[list[int], float] = ([], 0.0),
 ) -> None:
     """Rewrite the log without the person (keeping erase requests, which the stream
     still needs), and once the stream reports every store done, remove the requests
@@ -321,6 +327,7 @@ def _hand_over(
             job.job_id, {"eventlog": f"failed: {type(exc).__name__}"}
         )
         return
+    wipe_when_read(runtime.settings, *announced)  # the other workers' news, before the scan
     runtime.serving.update_erasure_stores(
         job.job_id, {"scan": prove(runtime, traces(runtime, person, anonymous))}
     )

@@ -9,6 +9,7 @@ from litestar.exceptions import NotAuthorizedException
 
 from nextbest.settings import Settings
 from serving.consent import ConsentGate
+from serving.erasure_feed import SLOTS, ErasureFeed
 from serving.joblock import claim
 from serving.keys import EPOCH_FILE, KeyVerifier, announce_revocation, create_key
 from serving.ratelimit import SharedTokenBuckets, TokenBuckets, buckets_for
@@ -82,3 +83,20 @@ def test_an_erasure_job_has_one_owner_until_it_lets_go(tmp_path: Path) -> None:
     assert claim(tmp_path, "job2") is not None
     first.release()
     assert claim(tmp_path, "job1") is not None  # its owner died or finished
+
+
+def test_erasure_news_reaches_the_other_workers_encrypted_then_wiped(tmp_path: Path) -> None:
+    path = tmp_path / "erasures.feed"
+    mine, theirs = ErasureFeed(path, b"k" * 32), ErasureFeed(path, b"k" * 32)
+    seqs = mine.announce(["user-secret-1", "anon:visitor-7"])
+    assert mine.news() == []  # it forgot them itself
+    assert b"user-secret-1" not in path.read_bytes()  # the final scan must not find it
+    assert theirs.news() == ["user-secret-1", "anon:visitor-7"]
+    assert theirs.news() == []  # once
+    late = ErasureFeed(path, b"k" * 32)  # a worker started after the announcement
+    mine.wipe(seqs)
+    assert late.news() == [] and set(path.read_bytes()[8:]) == {0}
+    for n in range(SLOTS + 3):  # more than the ring holds: the oldest are gone
+        mine.announce([f"u{n}"])
+    assert theirs.news() == [f"u{n}" for n in range(3, SLOTS + 3)]
+    assert ErasureFeed(None, b"k").announce(["x"]) == []  # one process: nothing to tell
