@@ -24,7 +24,10 @@ per process:
   loop (`REFRESH_INTERVAL_S`).
 - erasure jobs: `nb_erasure_jobs` in the online store; a job's hand-over runs in the
   worker that took the DELETE under `<home>/run/erasure/<job>.lock`, so a restarted
-  worker resumes only jobs nobody is running (`serving.erasure`).
+  worker resumes only jobs nobody is running (`serving.erasure`); the other workers
+  drop the person from memory through `<home>/run/erasures.feed` (`serving.erasure_feed`).
+- metrics: prometheus_client's multiprocess mode (`<home>/run/metrics/`), so /metrics
+  answers for the whole API whichever worker serves it (gauges carry a `pid` label).
 
 All of this is per data home on one machine; processes on other machines need Kafka
 and their own home (docs/scale-out.md).
@@ -33,12 +36,14 @@ and their own home (docs/scale-out.md).
 import ipaddress
 import logging
 import os
+import shutil
 from typing import Any
 
 import uvicorn
 
 from nextbest.settings import KEY_FILE, Settings
 from serving.app import create_app
+from serving.metrics import MULTIPROC_ENV
 
 log = logging.getLogger(__name__)
 PID_HEADER = "X-Nextbest-Worker"
@@ -128,8 +133,11 @@ def run_api(settings: Settings, *, require_keys: bool = True, log_level: str = "
     if settings.api_workers == 1:
         uvicorn.run(WorkerHeader(create_app(settings, require_keys=require_keys)), **common)
         return
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = settings.run_dir / "metrics"  # this run's samples only
+    shutil.rmtree(metrics, ignore_errors=True)
+    metrics.mkdir(parents=True)
     os.environ.update(worker_environment(settings, require_keys=require_keys))
+    os.environ[MULTIPROC_ENV] = str(metrics)  # read by prometheus_client in the workers
     # Workers are spawned processes: they import this module and call the factory.
     uvicorn.run(
         "serving.run:worker_app",

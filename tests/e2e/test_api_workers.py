@@ -223,6 +223,20 @@ def test_events_through_both_workers_reach_bronze_once(workers: Workers) -> None
                 assert order == sorted(order)
 
 
+def _accepted_total(r: httpx.Response) -> float:
+    lines = [ln for ln in r.text.splitlines() if ln.startswith("nextbest_events_accepted_total")]
+    return sum(float(ln.split()[-1]) for ln in lines)
+
+
+def test_metrics_count_the_whole_api_whichever_worker_answers(workers: Workers) -> None:
+    totals = {
+        pid: _accepted_total(workers.until("GET", "/metrics", lambda p, q=pid: p == q))
+        for pid in workers.pids()
+    }
+    assert len(set(totals.values())) == 1, totals  # the same sum from both
+    assert next(iter(totals.values())) >= 16 * 8 * 3  # every event the test before sent
+
+
 def test_a_revoked_key_is_refused_by_both_workers(workers: Workers) -> None:
     key = workers.new_key(["decide"])
     path = f"/v1/users/nobody-{TAG}/features"
