@@ -20,6 +20,7 @@ the two kinds never mix. Erasure rewrites and trims take `maintenance.lock`
 import contextlib
 import fcntl
 import os
+import struct
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -146,8 +147,10 @@ class SharedWriters:
         touched = sorted(set(partitions)) if self.shared else []
         with self._appending(touched):
             for p in touched:
-                catch_up(self._layout, self.quarantine, p, self._active[p])
+                catch_up(self._layout, self.quarantine, p, self._active[p], self._plocks[p])
             yield
+            for p in touched:  # only after a clean commit: the next holder may trust it
+                publish(self._plocks[p], self._active[p])
 
     @contextlib.contextmanager
     def _maintenance_flock(self, *, blocking: bool = True) -> Iterator[bool]:
@@ -175,23 +178,40 @@ class SharedWriters:
             yield
 
 
-def catch_up(layout: Layout, quarantine: Quarantine, p: int, st: Tail) -> None:
+_HINT = struct.Struct("<QQQ")  # base, size, next offset of the active segment
+
+
+def publish(lock_fd: int, st: Tail) -> None:
+    """Leave the tail in the partition's lock file for the next holder (no fsync: a
+    hint, checked against the segment before it is trusted)."""
+    os.pwrite(lock_fd, _HINT.pack(st.base, st.size, st.next), 0)
+
+
+def catch_up(layout: Layout, quarantine: Quarantine, p: int, st: Tail, lock_fd: int) -> None:
     """Bring `st` to the partition's real tail; the caller holds its append lock.
 
     Another writer may have appended records (the file grew), sealed the segment and
     started the next one (a roll, or an erasure's seal), or died mid-write (a torn
-    tail, cut here as `_recover` does on open)."""
+    tail, cut here as `_recover` does on open). The last holder's published tail saves
+    reading what it wrote when it matches the segment (same base, same size: segments
+    only grow, and only a writer that died before publishing leaves more bytes)."""
     last = layout.bases(p)[-1]
     if last != st.base:
         os.close(st.fd)
         st.fd = os.open(layout.segment_path(p, last), os.O_RDWR | os.O_APPEND)
         st.base, st.size, st.next = last, 0, last
-    else:
-        size = os.fstat(st.fd).st_size
-        if size == st.size:
+    size = os.fstat(st.fd).st_size
+    if size == st.size:
+        return
+    hint = os.pread(lock_fd, _HINT.size, 0)
+    if len(hint) == _HINT.size:
+        base, hinted_size, hinted_next = _HINT.unpack(hint)
+        if base == st.base and hinted_size == size:
+            st.size, st.next = size, hinted_next
+            st.durable = st.next
             return
-        if size < st.size:  # never expected (only torn tails are cut): read it all again
-            st.size, st.next = 0, st.base
+    if size < st.size:  # never expected (only torn tails are cut): read it all again
+        st.size, st.next = 0, st.base
     scan = Scan(st.fd, st.size, after=st.next - 1, on_skip=quarantine.sink(p, st.base))
     for _ in scan:
         pass
