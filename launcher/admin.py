@@ -52,11 +52,16 @@ def list_keys(settings: Settings) -> list[dict[str, Any]]:
 
 
 def revoke_key(settings: Settings, key_id: str) -> bool:
+    from serving.keys import announce_revocation
+
     store = OnlineStore.from_settings(settings)
     try:
-        return store.revoke_api_key(key_id)
+        revoked = store.revoke_api_key(key_id)
     finally:
         store.dispose()
+    if revoked:  # every API process of this home drops its key cache now
+        announce_revocation(settings.run_dir)
+    return revoked
 
 
 def _online(settings: Settings) -> dict[str, Any]:

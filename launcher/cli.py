@@ -98,6 +98,8 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
         from serving.run import run_api
 
         spec_or_exit(settings)
+        if args.workers is not None:  # the processes share the port and the home's lock
+            settings = settings.model_copy(update={"api_workers": args.workers})
         run_api(settings)
     return EXIT_OK
 
@@ -134,6 +136,8 @@ def cmd_dagster(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from launcher.stack import bring_up
 
+    if args.api_workers is not None:
+        settings = settings.model_copy(update={"api_workers": args.api_workers})
     return bring_up(settings, spec_or_exit(settings), simulate=args.simulate, rate=args.rate)
 
 
@@ -241,6 +245,13 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError("must be between 1 and 64")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nextbest", description="Real-time personalization: declare once, serve fresh."
@@ -270,7 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = add("up", cmd_up, "run everything on embedded defaults (API, stream, Dagster)")
     up.add_argument("--simulate", action="store_true", help="also send live demo events")
     up.add_argument("--rate", type=float, default=20.0, help="simulated events/s (default 20)")
-    add("api", cmd_api, "run the HTTP API (one per data home)")
+    up.add_argument(
+        "--api-workers", type=_positive, default=None,
+        help="API server processes (default: NEXTBEST_API_WORKERS or 1)",
+    )  # fmt: skip
+    api = add("api", cmd_api, "run the HTTP API (one per data home)")
+    api.add_argument(
+        "-w", "--workers", type=_positive, default=None,
+        help="server processes on the one port (default: NEXTBEST_API_WORKERS or 1)",
+    )  # fmt: skip
     stream = add("stream", cmd_stream, "run the stream worker (Bytewax; one per data home)")
     stream.add_argument(
         "-i", "--process-id", type=int, default=None,

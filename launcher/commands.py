@@ -118,7 +118,10 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     if not revoke_key(settings, args.key_id):
         print(f"no API key {args.key_id!r} (see `nextbest keys list`)", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"revoked {args.key_id}; a running API stops accepting it within 30 s")
+    print(
+        f"revoked {args.key_id}; the API processes of this data home refuse it at once, "
+        "API processes on other machines within 30 s"
+    )
     return EXIT_OK
 
 

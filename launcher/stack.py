@@ -253,7 +253,8 @@ def _bring_up(settings: Settings, spec: Spec, *, simulate: bool, rate: float) ->
             nextbest_argv("stream"),
             fatal_exits=frozenset({EXIT_LOCKED, RECOVERY_BROKEN}),
         )
-        api = Component("api", nextbest_argv("api"), ready_url=f"{settings.api_url}/health")
+        api_argv = nextbest_argv("api", "--workers", str(settings.api_workers))
+        api = Component("api", api_argv, ready_url=f"{settings.api_url}/health")
         sup.start(stream)
         sup.start(api)
         if not sup.wait_ready(api):

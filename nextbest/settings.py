@@ -64,6 +64,12 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Several API processes on one port (`nextbest api --workers N`): they share the
+    # event log (shared writers), rate limits, the consent gate and key revocations
+    # through files under `<home>/run/` (serving.run explains which state lives where).
+    api_workers: int = Field(
+        default=1, ge=1, le=64, description="API server processes on one port (one data home)."
+    )
     dagster_port: int = 3000
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
@@ -223,6 +229,11 @@ class Settings(BaseSettings):
     @property
     def eventlog_dir(self) -> Path:
         return self.home_dir / "eventlog"
+
+    @property
+    def run_dir(self) -> Path:
+        """State the API processes of this home share while running (serving.run)."""
+        return self.home_dir / "run"
 
     @property
     def recovery_dir(self) -> Path:

@@ -50,9 +50,10 @@ from serving.controllers.ops import OpsController
 from serving.controllers.users import UsersController
 from serving.door import known_surfaces
 from serving.erasure import resume_erasures
+from serving.erasure_feed import forget_announced
 from serving.keys import HEADER, KeyMiddleware
 from serving.metrics import Metrics, MetricsMiddleware
-from serving.ratelimit import RateLimitMiddleware, TokenBuckets
+from serving.ratelimit import RateLimitMiddleware, buckets_for
 from serving.requestlog import RequestIdMiddleware, new_request_id, response_hook
 from serving.runtime import ServingRuntime, freeze_heap
 
@@ -95,6 +96,7 @@ async def _refresh_loop(runtime: ServingRuntime, interval_s: float) -> None:
             await anyio.to_thread.run_sync(runtime.refresh_items)  # PUT /v1/items elsewhere
             await anyio.to_thread.run_sync(runtime.reload_uplift)
             await anyio.to_thread.run_sync(runtime.refresh_trending)
+            await anyio.to_thread.run_sync(forget_announced, runtime)  # other workers' erasures
         except Exception:  # a failed refresh keeps the previous model; retry next tick
             log.exception("background refresh failed")
 
@@ -143,14 +145,17 @@ def create_app(
     burst = settings.rate_limit_burst if rate_limit_burst is ... else rate_limit_burst
     limits = Limits.from_settings(settings)
     metrics = Metrics()
-    failures = TokenBuckets(settings.auth_failures_per_min / 60, settings.auth_failures_per_min)
+    run_dir, workers = settings.run_dir, settings.api_workers  # workers > 1: shared buckets
+    per_min = settings.auth_failures_per_min
+    failures = buckets_for(run_dir, "auth-failures", per_min / 60, per_min, workers=workers)
     middleware: list[Any] = [
         RequestIdMiddleware,  # outermost: the request id is in every line logged below
         DefineMiddleware(MetricsMiddleware, metrics=metrics),
         DefineMiddleware(KeyMiddleware, failures=failures),
     ]
     if rate is not None:
-        buckets = TokenBuckets(rate, burst if burst is not None else max(rate, 1.0))
+        size = burst if burst is not None else max(rate, 1.0)
+        buckets = buckets_for(run_dir, "requests", rate, size, workers=workers)
         middleware.append(DefineMiddleware(RateLimitMiddleware, buckets=buckets))
     middleware.append(
         DefineMiddleware(BodyGuardMiddleware, limits=limits, max_body_bytes=settings.max_body_bytes)

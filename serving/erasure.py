@@ -34,6 +34,8 @@ from datetime import UTC, datetime
 
 from nextbest.ingest.events import anon_actor, anonymous_of
 from nextbest.ingest.validation import keyed_hash
+from serving.erasure_feed import erasure_feed, wipe_when_read
+from serving.joblock import JobClaim, claim, claimed, released
 from serving.runtime import ServingRuntime
 from serving.sinks import EventLogSink, KafkaSink
 from storage.delta.erasure import DERIVED_STORES
@@ -55,6 +57,7 @@ STREAM_STORES = (
 STORES = ("online", "cached_decisions", "eventlog", *STREAM_STORES, "scan")
 """`scan`: the proof. Once every other store is done, every file under the data home is
 scanned for the ids (`storage.erasure_scan`); `done` only when none holds one."""
+_UNFINISHED = ("running", "pending")
 STREAM_WAIT_S = 3600.0
 """How long the API waits for the stream before leaving `eventlog` pending."""
 
@@ -128,6 +131,7 @@ def start_erasure(
         runtime.decision_log.forget(actor)
         runtime.metrics.forget(actor)
         runtime.answers.forget(actor)
+    announced = erasure_feed(runtime.settings).announce(sorted(actors)), time.monotonic()
     cached = counts.pop("nb_cached_decisions", 0)
     log_owned = isinstance(runtime.sink, EventLogSink)
     stores = {
@@ -157,7 +161,10 @@ def start_erasure(
         )
         return updated or job
     run = spawn or _thread
-    run(lambda: _hand_over(runtime, job, user_id, anonymous, stream_wait_s))
+    hand_over = lambda: _hand_over(  # noqa: E731
+        runtime, job, user_id, anonymous, stream_wait_s, announced=announced
+    )
+    run(claimed(runtime.settings.run_dir, job.job_id, hand_over))
     return job
 
 
@@ -171,7 +178,31 @@ def resume_erasures(
     killed or restarted mid-job); returns how many were resumed. The user's id is only in
     the job's erase request, so with the embedded log it is read back from there; a Kafka
     topic is not scanned, so those jobs say to DELETE again (which is idempotent)."""
-    unfinished = runtime.serving.unfinished_erasure_jobs()
+    claims: dict[str, JobClaim] = {}
+    unfinished = []
+    for listed in runtime.serving.unfinished_erasure_jobs():
+        # Only jobs no live API process runs (several workers), read again once claimed.
+        owner = claim(runtime.settings.run_dir, listed.job_id)
+        current = runtime.serving.erasure_job(listed.job_id) if owner is not None else None
+        if owner is not None and current is not None and current.status in _UNFINISHED:
+            claims[current.job_id] = owner
+            unfinished.append(current)
+        elif owner is not None:
+            owner.release()
+    try:
+        return _resume(runtime, unfinished, claims, spawn, stream_wait_s)
+    finally:
+        for owner in claims.values():
+            owner.release()  # no-op for the claims handed over to a thread
+
+
+def _resume(
+    runtime: ServingRuntime,
+    unfinished: list[ErasureJob],
+    claims: dict[str, JobClaim],
+    spawn: Callable[[Callable[[], None]], None] | None,
+    stream_wait_s: float,
+) -> int:
     for j in unfinished:
         log_done = j.stores.get("eventlog", "").startswith(("done", "retention"))
         if log_done and not j.stores.get("scan", "").startswith(("done", "failed")):
@@ -203,9 +234,13 @@ def resume_erasures(
             )
             continue
         user_id, anonymous = request
+        owner = claims.pop(job_id, None)
         run(
-            lambda job=job, user_id=user_id, anonymous=anonymous: _hand_over(
-                runtime, job, user_id, anonymous, stream_wait_s
+            released(
+                owner,
+                lambda job=job, user_id=user_id, anonymous=anonymous: _hand_over(
+                    runtime, job, user_id, anonymous, stream_wait_s
+                ),
             )
         )
     return len(found)
@@ -237,6 +272,8 @@ def _hand_over(
     person: str,
     anonymous: list[str],
     stream_wait_s: float,
+    *,
+    announced: tuple[list[int], float] = ([], 0.0),
 ) -> None:
     """Rewrite the log without the person (keeping erase requests, which the stream
     still needs), and once the stream reports every store done, remove the requests
@@ -290,6 +327,7 @@ def _hand_over(
             job.job_id, {"eventlog": f"failed: {type(exc).__name__}"}
         )
         return
+    wipe_when_read(runtime.settings, *announced)  # the other workers' news, before the scan
     runtime.serving.update_erasure_stores(
         job.job_id, {"scan": prove(runtime, traces(runtime, person, anonymous))}
     )

@@ -4,7 +4,10 @@ A key reads `nb_<key_id>_<secret>`. The store keeps `key_id`, the scopes and
 `sha256$<salt>$<hex of sha256(salt + secret)>`: the secret is 256 random bits, so a
 salted fast hash is enough (slow KDFs exist for low-entropy passwords) and checking
 costs microseconds. Verified keys are cached for `ttl_s` seconds, which bounds how long
-a revoked key keeps working; the cache holds hashes only, never a secret.
+a revoked key keeps working; the cache holds hashes only, never a secret. A revocation
+also replaces `<home>/run/keys.epoch` (`announce_revocation`), and every API process of
+the home drops its cache when it sees that file change (one `stat` per request), so
+on this machine a revoked key is refused at once by whichever worker gets it.
 
 Scopes: `ingest` (POST /v1/events), `decide` (decide, feedback, feature reads),
 `admin` (erasure; implies every other scope).
@@ -18,9 +21,11 @@ scope (`KEY_ID_SCOPE`) for the rate limiter, which keys its buckets on it.
 import hashlib
 import hmac
 import math
+import os
 import secrets
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio.to_thread
@@ -34,13 +39,33 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from storage.online.store import OnlineStore
 
 if TYPE_CHECKING:  # serving.ratelimit imports this module
-    from serving.ratelimit import TokenBuckets
+    from serving.ratelimit import Buckets
 
 SCOPES = ("ingest", "decide", "admin")
 HEADER = "X-API-Key"
 _PREFIX = "nb"
 KEY_ID_SCOPE = "nextbest.key_id"
 """ASGI scope entry holding the verified key id (set by `KeyMiddleware`)."""
+EPOCH_FILE = "keys.epoch"
+"""Under `Settings.run_dir`: replaced on every revocation."""
+
+
+def announce_revocation(run_dir: Path) -> None:
+    """Make every running API process of this home forget the keys it verified."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{EPOCH_FILE}.{os.getpid()}"
+    tmp.write_text(secrets.token_hex(8))
+    os.replace(tmp, run_dir / EPOCH_FILE)  # a new inode: seen even within one mtime tick
+
+
+def _signature(path: Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _digest(salt: str, secret: str) -> str:
@@ -82,10 +107,23 @@ def create_key(store: OnlineStore, scopes: Sequence[str]) -> str:
 class KeyVerifier:
     """Turns an `X-API-Key` header into scopes, or raises 401."""
 
-    def __init__(self, store: OnlineStore, *, ttl_s: float = 30.0) -> None:
+    def __init__(
+        self, store: OnlineStore, *, ttl_s: float = 30.0, epoch: Path | None = None
+    ) -> None:
         self.store = store
         self.ttl_s = ttl_s
+        self.epoch = epoch
+        self._seen = _signature(epoch)
         self._cache: dict[str, tuple[float, str | None, tuple[str, ...]]] = {}
+
+    def _check_epoch(self) -> None:
+        """Drop the cache when a revocation was announced since the last look."""
+        if self.epoch is None:
+            return
+        now = _signature(self.epoch)
+        if now != self._seen:
+            self._cache.clear()
+            self._seen = now
 
     def scopes(self, key: str | None) -> tuple[str, ...]:
         """Sync (it may read the store): call from a worker thread on a cache miss."""
@@ -93,6 +131,7 @@ class KeyVerifier:
         if parsed is None:
             raise NotAuthorizedException(f"missing or malformed {HEADER} header")
         key_id, secret = parsed
+        self._check_epoch()
         hit = self._cache.get(key_id)
         now = time.monotonic()
         if hit is None or now - hit[0] > self.ttl_s:
@@ -111,6 +150,7 @@ class KeyVerifier:
         parsed = parse_key(key) if key else None
         if parsed is None:
             return True  # rejected without touching the store
+        self._check_epoch()
         hit = self._cache.get(parsed[0])
         return hit is not None and time.monotonic() - hit[0] <= self.ttl_s
 
@@ -132,7 +172,7 @@ class KeyMiddleware:
     which costs more than the check itself on the /v1/decide hot path.
     """
 
-    def __init__(self, app: ASGIApp, failures: "TokenBuckets | None" = None) -> None:
+    def __init__(self, app: ASGIApp, failures: "Buckets | None" = None) -> None:
         self.app = app
         self.failures = failures
 

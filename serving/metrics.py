@@ -7,6 +7,7 @@ read (`updated_at_ms - event_ts_ms`: how long the stream took to make the user's
 event visible), once per state version, so repeated decisions do not over-count it.
 """
 
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -15,10 +16,14 @@ from typing import Any, Generic, TypeVar
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 _LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Set by `serving.run` for its worker processes: prometheus_client then keeps values in
+files there, and /metrics reports the whole API, not the worker that answered."""
 OTHER = "other"
 MAX_LABEL_VALUES = 32
 """Distinct values a label may take before the rest collapse into `other`."""
@@ -184,7 +189,13 @@ class Metrics:
         self._lag_seen.pop(user_id, None)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        path = os.environ.get(MULTIPROC_ENV)
+        if not path:
+            return generate_latest(self.registry)
+        # Several API processes (serving.run): every worker's samples, counters summed.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=path)
+        return generate_latest(registry)
 
 
 class MetricsMiddleware:

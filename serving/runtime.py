@@ -25,7 +25,7 @@ from nextbest.learn.uplift import OfferUplift
 from nextbest.settings import Settings
 from nextbest.spec.models import Spec
 from serving.catalog import ItemOverlay
-from serving.keys import KeyVerifier
+from serving.keys import EPOCH_FILE, KeyVerifier
 from serving.metrics import Metrics
 from serving.reader import AnswerCache, SnapshotReader
 from serving.sinks import DecisionLog, EventSink, open_sink
@@ -92,7 +92,8 @@ class ServingRuntime:
         self.vectors = vectors
         self.vectors_error = vectors_error
         self.metrics = metrics if metrics is not None else Metrics()
-        self.keys = KeyVerifier(online) if require_keys else None
+        epoch = settings.run_dir / EPOCH_FILE  # revocations drop the cache at once
+        self.keys = KeyVerifier(online, epoch=epoch) if require_keys else None
         self.pseudonymization_key = settings.pseudonymization_key.get_secret_value().encode()
         # Consent (spec privacy.consent): ingest writes through; other writers within 1 s.
         self.consent = (

@@ -39,10 +39,12 @@ class EventSink(Protocol):
 
 
 class EventLogSink:
-    """The embedded log; this process must be its only writer."""
+    """The embedded log; this process is its only writer, or one of the API's worker
+    processes (`settings.api_workers` > 1), which write it as shared writers."""
 
     def __init__(self, settings: Settings) -> None:
-        self.log = EventLog.from_settings(settings, mode="writer")
+        shared = settings.api_workers > 1
+        self.log = EventLog.from_settings(settings, mode="writer", shared=shared)
 
     def append(self, records: Sequence[Record]) -> None:
         self.log.append(list(records))

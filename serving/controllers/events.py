@@ -9,14 +9,13 @@ durable record (the stream applies it again, newest wins, should the table write
 lost). So are the answers an identify event copies to its side that had none; its
 link is cached until the stream has stored it.
 
-Judging, appending and recording run under one lock per process, so a batch judged
-while another records a revoke cannot append that user's events after the revoke
-(the fresh read runs before the lock: a read older than a cached answer never replaces
-it). Across API processes that remains possible: another process sees the revoke at
-its next fresh read or within the consent cache's TTL.
+Judging, appending and recording run under one lock (`serving.consent.ConsentGate`;
+with several API processes a file lock for the home), so a batch judged while another
+records a revoke cannot append that user's events after the revoke (the fresh read
+runs before the lock: a read older than a cached answer never replaces it, and when
+another process recorded answers since, the batch is read again under the lock).
 """
 
-import threading
 from typing import Annotated
 
 from litestar import Controller, Response, post
@@ -29,14 +28,12 @@ from nextbest.ingest.events import ACTOR_PREFIXES, Event
 from nextbest.ingest.limits import Limits
 from nextbest.ingest.validation import validate_batch
 from serving import examples
+from serving.consent import consent_gate
 from serving.controllers.common import AUTH_AND_UNAVAILABLE, BODY_REFUSED, SECURITY
 from serving.runtime import ServingRuntime
 from serving.schemas import DroppedEvent, EventsIn, EventsOut, RejectedEvent
 
 _PREFIXES = ", ".join(f"`{p}`" for p in ACTOR_PREFIXES)
-_CONSENT_LOCK = threading.Lock()
-"""Serializes judge + append + record when the spec declares consent (one process
-appends to the embedded log anyway)."""
 
 
 class EventsController(Controller):
@@ -88,13 +85,21 @@ class EventsController(Controller):
             screened = Screened(kept=list(enumerate(accepted)))
             _append(runtime, [e for _, e in screened.kept])
         else:
+            gate = consent_gate(runtime.settings)
+            seen = gate.generation()
             _prefetch(runtime, accepted)
-            with _CONSENT_LOCK:
+            with gate.hold():
+                if gate.generation() != seen:  # another API process recorded meanwhile
+                    _prefetch(runtime, accepted)
                 screened = screen(
                     accepted, runtime.spec, runtime.consent, runtime.pseudonymization_key
                 )
                 _append(runtime, [e for _, e in screened.kept])
-                _record_consent(runtime, screened)
+                try:
+                    _record_consent(runtime, screened)
+                finally:
+                    if screened.changes:
+                        gate.recorded()
         kept = [e for _, e in screened.kept]
         runtime.metrics.events_accepted.inc(len(kept))
         runtime.metrics.events_rejected.inc(len(rejections))

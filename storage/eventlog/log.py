@@ -3,7 +3,9 @@
 Layout under the log directory (partition count fixed at creation)::
 
     eventlog.json                      {"format": 1, "partitions": N}
-    writer.lock                        flock'ed by the one writer process (holds its pid)
+    writer.lock                        flock'ed by the one writer process (holds its pid),
+                                       or shared by several (`shared=True`, see .shared)
+    maintenance.lock, p0000/append.lock  shared writers only
     p0000/00000000000000000000.log     segments named by base offset, rolled by size
 
 Durability: `append` returns only after write + fdatasync of every touched segment (and
@@ -42,8 +44,13 @@ from storage.eventlog.segments import (
     WriterLockedError,
     encode,
     partition_for,
-    take_writer_lock,
     write_all,
+)
+from storage.eventlog.shared import (
+    MIN_FREE_BYTES,
+    SharedWriters,
+    disk_problem,
+    take_writer_lock,
 )
 
 __all__ = [
@@ -59,10 +66,6 @@ __all__ = [
 Mode = Literal["writer", "reader"]
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _LOCK = "writer.lock"
-_PROBE = "writable.probe"
-MIN_FREE_BYTES = 16 << 20
-"""Below this much free disk the log reports itself not writable (a segment roll, a
-rewrite's temp copy and the fsyncs need room before an append fails outright)."""
 
 
 @dataclass(slots=True)
@@ -84,14 +87,22 @@ class _Request:
     done: bool = False
 
 
-class EventLog(Rewrites):
-    """Partitioned append-only log on local disk; one writer process, any number of readers.
+class EventLog(SharedWriters, Rewrites):
+    """Partitioned append-only log on local disk; one writer process (or several with
+    `shared=True`, `storage.eventlog.shared`), any number of readers.
 
     Readers may open (and create) the log before the writer exists.
     """
 
     def __init__(
-        self, path: Path, *, partitions: int, mode: Mode, segment_bytes: int, fsync: bool
+        self,
+        path: Path,
+        *,
+        partitions: int,
+        mode: Mode,
+        segment_bytes: int,
+        fsync: bool,
+        shared: bool = False,
     ) -> None:
         if partitions < 1 or segment_bytes < 1:
             raise ValueError("partitions and segment_bytes must be >= 1")
@@ -109,15 +120,19 @@ class EventLog(Rewrites):
         self._failed: BaseException | None = None
         self._active: dict[int, _Active] = {}
         self._lock_fd: int | None = None
+        self.shared = shared and mode == "writer"
+        self._plocks, self._mlock = {}, None
         self._init_rewrites()
         path.mkdir(parents=True, exist_ok=True)
         if mode == "writer":
-            self._lock_fd = take_writer_lock(path / _LOCK)
+            self._lock_fd = take_writer_lock(path / _LOCK, shared=self.shared)
         try:
             self._layout.ensure(writer=mode == "writer")
+            self._open_locks(partitions)
             if mode == "writer":
                 for p in range(partitions):
-                    self._active[p] = self._recover(p)
+                    with self._appending([p]):
+                        self._active[p] = self._recover(p)
         except BaseException:
             self._release_fds()
             raise
@@ -131,15 +146,24 @@ class EventLog(Rewrites):
         mode: Mode,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         fsync: bool = True,
+        shared: bool = False,
     ) -> Self:
-        """Open (creating if absent) the log at `path`; writer mode takes the writer lock."""
+        """Open (creating if absent) the log at `path`; writer mode takes the writer lock
+        (shared with the other writer processes with `shared=True`)."""
         return cls(
-            Path(path), partitions=partitions, mode=mode, segment_bytes=segment_bytes, fsync=fsync
+            Path(path),
+            partitions=partitions,
+            mode=mode,
+            segment_bytes=segment_bytes,
+            fsync=fsync,
+            shared=shared,
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, mode: Mode) -> Self:
-        return cls.open(settings.eventlog_dir, partitions=settings.partitions, mode=mode)
+    def from_settings(cls, settings: Settings, *, mode: Mode, shared: bool = False) -> Self:
+        return cls.open(
+            settings.eventlog_dir, partitions=settings.partitions, mode=mode, shared=shared
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -184,7 +208,7 @@ class EventLog(Rewrites):
         """
         self._require_writer()
         self._check_partition(partition)
-        with self._maintenance, self._exclusive():
+        with self._maintaining(), self._exclusive():
             deleted = 0
             for base, following in itertools.pairwise(self._layout.bases(partition)):
                 if following > below_offset:
@@ -210,20 +234,7 @@ class EventLog(Rewrites):
             return "closed"
         if self._failed is not None:
             return f"an earlier write failed ({self._failed}); restart to reopen the log"
-        try:
-            st = os.statvfs(self.path)
-            free = st.f_bavail * st.f_frsize
-            if free < min_free_bytes:
-                return f"disk full: {free} bytes free under {self.path}"
-            fd = os.open(self.path / _PROBE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                write_all(fd, b"1")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            return f"probe write failed: {exc}"
-        return None
+        return disk_problem(self.path, min_free_bytes)
 
     def writable(self) -> bool:
         return self.unwritable() is None
@@ -243,7 +254,8 @@ class EventLog(Rewrites):
             raise ValueError("max_records must be >= 1")
         if self._closed:
             raise EventLogError("event log is closed")
-        limit = self._active[partition].durable if self.mode == "writer" else None
+        own = self.mode == "writer" and not self.shared  # shared: others append too
+        limit = self._active[partition].durable if own else None
         with self._reader.lock:
             for _ in range(5):
                 try:
@@ -253,8 +265,8 @@ class EventLog(Rewrites):
         raise EventLogError(f"segments of partition {partition} keep disappearing")
 
     def end_offsets(self) -> dict[int, int]:
-        """Next offset per partition (the writer reports durable records only)."""
-        if self.mode == "writer":
+        """Next offset per partition (a lone writer reports durable records only)."""
+        if self.mode == "writer" and not self.shared:
             return {p: st.durable for p, st in self._active.items()}
         with self._reader.lock:
             for _ in range(5):
@@ -303,28 +315,29 @@ class EventLog(Rewrites):
 
     def _commit(self, batch: list[_Request]) -> None:
         """Assign offsets in queue order, write each partition once, fsync each once."""
-        pending: dict[int, list[bytes]] = {}
-        results: list[list[tuple[int, int]]] = []
-        for req in batch:
-            out = []
-            for p, key, payload in req.records:
-                st = self._active[p]
-                rec = encode(st.next, key, payload)
-                if st.size > 0 and st.size + len(rec) > self._segment_bytes:
-                    self._roll(p, pending.pop(p, []))
-                pending.setdefault(p, []).append(rec)
-                st.size += len(rec)
-                out.append((p, st.next))
-                st.next += 1
-            results.append(out)
-        for p, chunks in pending.items():
-            write_all(self._active[p].fd, b"".join(chunks))
-        for p in pending:
-            self._layout.sync(self._active[p].fd)
-        for p in pending:
-            self._active[p].durable = self._active[p].next
-        for req, out in zip(batch, results, strict=True):
-            req.result = out
+        with self._caught_up({p for req in batch for p, _, _ in req.records}):
+            pending: dict[int, list[bytes]] = {}
+            results: list[list[tuple[int, int]]] = []
+            for req in batch:
+                out = []
+                for p, key, payload in req.records:
+                    st = self._active[p]
+                    rec = encode(st.next, key, payload)
+                    if st.size > 0 and st.size + len(rec) > self._segment_bytes:
+                        self._roll(p, pending.pop(p, []))
+                    pending.setdefault(p, []).append(rec)
+                    st.size += len(rec)
+                    out.append((p, st.next))
+                    st.next += 1
+                results.append(out)
+            for p, chunks in pending.items():
+                write_all(self._active[p].fd, b"".join(chunks))
+            for p in pending:
+                self._layout.sync(self._active[p].fd)
+            for p in pending:
+                self._active[p].durable = self._active[p].next
+            for req, out in zip(batch, results, strict=True):
+                req.result = out
 
     def _roll(self, p: int, chunks: list[bytes]) -> None:
         """Seal the active segment (written + fsynced) and start one at the next offset."""
@@ -352,8 +365,10 @@ class EventLog(Rewrites):
 
     def _recover(self, p: int) -> _Active:
         """Open the last segment for appending, truncating a torn tail left by a crash."""
-        for leftover in self._layout.partition_dir(p).glob(f"*{TMP_SUFFIX}"):
-            leftover.unlink()  # an interrupted rewrite; the original segment is intact
+        with self._maintenance_flock(blocking=False) as idle:
+            if idle:  # else a shared writer's rewrite is running: its temp files are live
+                for leftover in self._layout.partition_dir(p).glob(f"*{TMP_SUFFIX}"):
+                    leftover.unlink()  # an interrupted rewrite; the segment is intact
         bases = self._layout.bases(p)
         if not bases:
             return _Active(0, self._layout.create_segment(p, 0), 0, 0, 0)
@@ -370,10 +385,18 @@ class EventLog(Rewrites):
         return _Active(base, fd, scan.pos, scan.last + 1, scan.last + 1)
 
     def _active_base(self, p: int) -> tuple[int, int]:
-        """(base, durable end) of the partition's active segment, read consistently."""
-        with self._cond:
-            st = self._active[p]
-            return st.base, st.durable
+        """(base, durable end) of the partition's active segment, read consistently
+        (shared: after catching up with the other writers)."""
+        with self._exclusive(), self._caught_up([p]):
+            return self._active[p].base, self._active[p].durable
+
+    def _seal(self, p: int, base: int) -> None:
+        """Roll the partition if `base` is still its active segment."""
+        with self._exclusive(), self._caught_up([p]):
+            if self._closed:
+                raise EventLogError("event log is closed")
+            if self._active[p].base == base:
+                self._roll(p, [])
 
     def _reset_reads(self) -> None:
         with self._reader.lock:
@@ -384,6 +407,7 @@ class EventLog(Rewrites):
         for st in self._active.values():
             os.close(st.fd)
         self._active.clear()
+        self._close_locks()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None

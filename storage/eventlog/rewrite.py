@@ -55,10 +55,13 @@ class Rewrites:
     def _exclusive(self) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
 
-    def _active_base(self, p: int) -> tuple[int, int]:
+    def _maintaining(self) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
 
-    def _roll(self, p: int, chunks: list[bytes]) -> None:
+    def _seal(self, p: int, base: int) -> None:
+        raise NotImplementedError
+
+    def _active_base(self, p: int) -> tuple[int, int]:
         raise NotImplementedError
 
     def _reset_reads(self) -> None:
@@ -116,7 +119,7 @@ class Rewrites:
             t.removed = removed
 
     def _rewrite_pass(self, predicate: Predicate) -> int:
-        with self._maintenance:
+        with self._maintaining():
             self.rewrite_passes += 1
             removed = sum(self._rewrite_partition(p, predicate) for p in range(self.partitions))
             for bad in self.quarantine.files():
@@ -129,13 +132,9 @@ class Rewrites:
     def _rewrite_partition(self, p: int, predicate: Predicate) -> int:
         base, durable = self._active_base(p)
         if self._matches(p, base, predicate, limit=durable):
-            with self._exclusive():
-                if self._closed:
-                    raise EventLogError("event log is closed")
-                # Seal it: a new segment at the next offset means erasing the newest
-                # records can never make their offsets reusable, even on a crash.
-                if self._active_base(p)[0] == base:
-                    self._roll(p, [])
+            # Seal it: a new segment at the next offset means erasing the newest
+            # records can never make their offsets reusable, even on a crash.
+            self._seal(p, base)
         active = self._active_base(p)[0]
         removed = 0
         for seg in self._layout.bases(p):

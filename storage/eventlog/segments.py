@@ -10,7 +10,6 @@ drop records without renumbering the rest: offsets may have gaps but are never r
 
 import bisect
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -378,22 +377,6 @@ class Quarantine:
 
     def files(self) -> list[Path]:
         return sorted(self.path.glob("*.bad")) if self.path.is_dir() else []
-
-
-def take_writer_lock(path: Path) -> int:
-    """Exclusive, non-blocking flock; released by the kernel when the holder dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise WriterLockedError(
-            f"{path.parent} already has a writer (pid {holder}); one writer process per log"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -1,6 +1,6 @@
 """Crash-test writer: appends from several threads and acks on stdout until killed.
 
-    python tests/support/eventlog_writer.py LOG_DIR PARTITIONS THREADS SEGMENT_BYTES TAG
+    python tests/support/eventlog_writer.py LOG_DIR PARTITIONS THREADS SEGMENT_BYTES TAG [shared]
 
 Each acknowledged record is printed as ``partition offset payload_id`` only after
 `append` returned (durable), one os.write per batch so a SIGKILL never splits a line
@@ -39,8 +39,13 @@ def _worker(log: EventLog, tag: str, thread: int, out_lock: threading.Lock) -> N
 
 def main() -> None:
     path, partitions, threads, segment_bytes, tag = sys.argv[1:6]
+    shared = sys.argv[6:7] == ["shared"]  # one of several writer processes
     log = EventLog.open(
-        path, partitions=int(partitions), mode="writer", segment_bytes=int(segment_bytes)
+        path,
+        partitions=int(partitions),
+        mode="writer",
+        segment_bytes=int(segment_bytes),
+        shared=shared,
     )
     out_lock = threading.Lock()
     workers = [
