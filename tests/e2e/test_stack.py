@@ -255,6 +255,8 @@ def test_readme_try_it_works_as_written(stack: Stack, tmp_path: Path) -> None:
             what="the README's features command to show what the stream wrote",
         )
     assert features["features"], "what the stream wrote for the visitor"
+    said = output_of("from nextbest import Client").split(maxsplit=2)
+    assert said[0] == "1" and said[1] in ("realtime", "cached", "fallback"), said
     status = output_of("nextbest status")
     assert "events" in status and "lag" in status, status
     materialized = output_of("nextbest materialize")

@@ -127,8 +127,8 @@ class FaultProxy:
                     fault.encode()
                 )
                 head = CANNED[fault] + b"content-type: application/json\r\nConnection: close\r\n"
+                self.log.canned.append(fault)  # before the answer: the client may read the log
                 client.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-                self.log.canned.append(fault)
             return
         try:
             upstream = socket.create_connection(self.upstream, timeout=30)
