@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
+from nextbest.learn.text import text_vectors
 from nextbest.spec.models import Model as ModelParams
 
 
@@ -108,10 +109,15 @@ def _normalise(m: np.ndarray) -> np.ndarray:
 
 
 def cold_start_vectors(
-    vectors: np.ndarray, known: np.ndarray, groups: Sequence[str | None]
+    vectors: np.ndarray,
+    known: np.ndarray,
+    groups: Sequence[str | None],
+    *,
+    filled: np.ndarray | None = None,
 ) -> np.ndarray:
     """Items with no interactions get the mean vector of known items sharing their
-    group (e.g. category), else the mean of all known items."""
+    group (e.g. category), else the mean of all known items. Rows in `filled` (already
+    given a vector, e.g. from their text) are kept."""
     out = vectors.copy()
     if not known.any():
         return out
@@ -120,7 +126,8 @@ def cold_start_vectors(
         if known[j]:
             by_group.setdefault(g, []).append(j)
     overall = vectors[known].mean(axis=0)
-    for j in np.flatnonzero(~known).tolist():
+    todo = ~known if filled is None else ~known & ~filled
+    for j in np.flatnonzero(todo).tolist():
         members = by_group.get(groups[j])
         out[int(j)] = vectors[np.asarray(members)].mean(axis=0) if members else overall
     return _normalise(out)
@@ -235,10 +242,13 @@ def fit(
     params: ModelParams,
     version: str,
     vectors: bool = True,
+    texts: Sequence[str | None] | None = None,
 ) -> ItemModel:
     """Train on a (user x item) matrix; EASE while the catalog fits `max_dense_items`,
     sparse item-kNN beyond so memory stays bounded. `vectors=False` skips the item
-    vectors (a truncated SVD) for models that only score, such as the evaluation's."""
+    vectors (a truncated SVD) for models that only score, such as the evaluation's.
+    Items nobody interacted with get vectors from their `texts` (the item's `text: true`
+    attributes, see `nextbest.learn.text`), else from their group's mean."""
     n_items = len(item_ids)
     if params.kind == "ease" and n_items <= params.max_dense_items:
         weights: np.ndarray | sp.csr_matrix = train_ease(x, l2=params.l2)
@@ -247,8 +257,15 @@ def fit(
         weights = train_item_knn(x, neighbours=params.neighbours)
         kind = "item_knn"
     popularity = np.diff(sp.csc_matrix(x).indptr).astype(np.float32)  # users per item
+    cold: dict[str, int] = {}
     if vectors:
-        item_vectors = cold_start_vectors(item_factors(x, dim=params.dim), popularity > 0, groups)
+        known = popularity > 0
+        item_vectors = item_factors(x, dim=params.dim)
+        filled = np.zeros(n_items, bool)
+        if texts is not None:
+            item_vectors, filled = text_vectors(item_vectors, known, texts)
+        item_vectors = cold_start_vectors(item_vectors, known, groups, filled=filled)
+        cold = {"from_text": int(filled.sum()), "from_group": int((~known & ~filled).sum())}
     else:
         item_vectors = np.zeros((n_items, params.dim), np.float32)
     return ItemModel(
@@ -257,5 +274,5 @@ def fit(
         weights=weights,
         vectors=item_vectors,
         popularity=popularity,
-        params={**params.model_dump(mode="json"), "trained_kind": kind},
+        params={**params.model_dump(mode="json"), "trained_kind": kind, "cold_start": cold},
     )
