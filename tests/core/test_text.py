@@ -119,13 +119,21 @@ def test_held_out_items_land_near_their_category(
 ) -> None:
     n_cold = int((text_model.popularity == 0).sum())  # the held-out ones and any nobody chose
     assert n_cold >= len(held)
-    assert text_model.params["cold_start"] == {"from_text": n_cold, "from_group": 0}
+    assert text_model.params["cold_start"] == {
+        "from_text": n_cold,
+        "text_and_group": 0,
+        "from_group": 0,
+    }
     cats = [i["category"] for i in items]
     chance = float(np.mean([(np.array(cats) == c).mean() for c in cats]))
     with_text = same_category_rate(text_model, items, held)
     # without text or group every new item gets the same overall-mean vector
     blind = _fit(spec, items, held, groups=[None] * len(items))
-    assert blind.params["cold_start"] == {"from_text": 0, "from_group": n_cold}
+    assert blind.params["cold_start"] == {
+        "from_text": 0,
+        "text_and_group": 0,
+        "from_group": n_cold,
+    }
     without = same_category_rate(blind, items, held)
     assert with_text > 0.5 and with_text > 4 * chance, (with_text, chance)
     assert with_text > without + 0.3, (with_text, without)
@@ -138,9 +146,33 @@ def test_text_fills_only_what_it_can_and_the_group_mean_the_rest(
     model = _fit(spec, items, held, groups=[i["category"] for i in items], texts=texts)
     cold = model.params["cold_start"]
     assert cold["from_text"] + cold["from_group"] == int((model.popularity == 0).sum())
-    assert cold["from_text"] > 0
+    assert cold["from_text"] > 0 and cold["text_and_group"] == cold["from_text"]
     assert cold["from_group"] > 0
     assert np.all(np.linalg.norm(model.vectors, axis=1) > 0.99)
+
+
+def same_noun_rate(model: ItemModel, items: Sequence[dict[str, Any]], held: set[str]) -> float:
+    """Like `same_category_rate` for the product noun ("Pro chef knife 12": chef knife),
+    a finer topic than the category that only the title knows."""
+    nouns = np.array([" ".join(i["title"].split()[1:-1]) for i in items])
+    known = np.array([i["item_id"] not in held for i in items]) & (model.popularity > 0)
+    rates = []
+    for j in np.flatnonzero(~known):
+        top = np.argsort(-(model.vectors[known] @ model.vectors[j]))[:10]
+        rates.append(float((nouns[known][top] == nouns[j]).mean()))
+    return float(np.mean(rates))
+
+
+def test_text_and_category_together_beat_the_category_mean_inside_the_category(
+    spec: Spec, items: list[dict[str, Any]], held: set[str]
+) -> None:
+    """The category mean puts every new item of a category at the same point; blended
+    with the text, new items keep their category and move towards their own product."""
+    groups = [i["category"] for i in items]
+    both = _fit(spec, items, held, groups=groups, texts=[i["title"] for i in items])
+    group_only = _fit(spec, items, held, groups=groups)
+    assert same_category_rate(both, items, held) > 0.85
+    assert same_noun_rate(both, items, held) > same_noun_rate(group_only, items, held) + 0.05
 
 
 def _viewer(spec: Spec, viewed: Sequence[str]) -> UserView:
