@@ -20,6 +20,7 @@ from definitions.batch.history import (
 )
 from definitions.resources import NextbestResource
 from nextbest.learn.model import fit, interaction_matrix
+from nextbest.learn.text import join_text
 from nextbest.learn.tune import Events, TuneResult, matrix, tune
 from nextbest.spec.models import Spec
 from storage.delta.store import DeltaStore
@@ -66,11 +67,12 @@ def item_model(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     """The default recommender, trained with `nextbest.learn.model.fit`: EASE (closed-form
     item-item regression) while the catalog fits `model.max_dense_items`, sparse top-k
     item-kNN beyond it so memory stays bounded; truncated-SVD item vectors for
-    retrieval, and vectors from the item's group attribute for items nobody touched
-    yet. Unless `model.tune: false`, `l2`, `half_life` and the kind are first chosen by
-    nDCG@10 on the newest part of the history (every candidate's score is in this
-    materialization's metadata). Saved as `<home>/models/<version>.npz`; the registry
-    decides if it is served."""
+    retrieval; items nobody touched yet get vectors from their `text: true` attributes
+    (TF-IDF + SVD mapped into the SVD space, `nextbest.learn.text`), else from their
+    group attribute's mean. Unless `model.tune: false`, `l2`, `half_life` and the kind
+    are first chosen by nDCG@10 on the newest part of the history (every candidate's
+    score is in this materialization's metadata). Saved as `<home>/models/<version>.npz`;
+    the registry decides if it is served."""
     spec, store = nextbest.load_spec(), nextbest.delta()
     pairs = store.read(INTERACTIONS_TABLE)
     catalog = item_catalog(store, spec)
@@ -78,6 +80,8 @@ def item_model(context: dg.AssetExecutionContext, nextbest: NextbestResource):
     item_ids = item_universe(catalog, pc.unique(items_col).to_pylist())
     attr = group_attribute(spec)
     groups = [catalog.get(i, {}).get(attr) if attr else None for i in item_ids]
+    text_attrs = [n for n, a in spec.entities.item.attributes.items() if a.text]
+    texts = [join_text(catalog.get(i), text_attrs) for i in item_ids] if text_attrs else None
     events_version = int(pairs.column("events_version")[0].as_py()) if pairs.num_rows else -1
     version = new_version(events_version)
     started = time.perf_counter()
@@ -95,7 +99,7 @@ def item_model(context: dg.AssetExecutionContext, nextbest: NextbestResource):
             item_ids=item_ids,
         )
         params = spec.model
-    model = fit(x, item_ids=item_ids, groups=groups, params=params, version=version)
+    model = fit(x, item_ids=item_ids, groups=groups, params=params, version=version, texts=texts)
     seconds = time.perf_counter() - started
     if result is not None:
         model.params["tuning"] = result.summary()
@@ -123,6 +127,8 @@ def item_model(context: dg.AssetExecutionContext, nextbest: NextbestResource):
             "artifact_path": dg.MetadataValue.path(str(path)),
             "hyperparameters": dg.MetadataValue.json(model.params),
             "kind": model.params["trained_kind"],
+            "cold_start_from_text": model.params["cold_start"].get("from_text", 0),
+            "cold_start_from_group": model.params["cold_start"].get("from_group", 0),
             **(tuning_metadata(result) if result else {}),
         },
         data_version=dg.DataVersion(version),

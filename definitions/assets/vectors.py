@@ -25,7 +25,9 @@ def item_vectors(nextbest: NextbestResource) -> dg.MaterializeResult:
     """The promoted model's item vectors with the catalog attributes, upserted into the
     LanceDB `items` table (Dagster is its only writer: concurrent LanceDB merges
     duplicate rows). Rewritten even when the candidate was not promoted, so attribute
-    changes in the catalog reach retrieval filters."""
+    changes in the catalog reach retrieval filters. Items without interactions are
+    included with their cold-start vectors (from their text, else their group), so a
+    vector search can retrieve them."""
     spec, store = nextbest.load_spec(), nextbest.delta()
     with nextbest.online() as online:
         promoted = online.promoted_model()
@@ -51,6 +53,7 @@ def item_vectors(nextbest: NextbestResource) -> dg.MaterializeResult:
             "upserted": written,
             "model_version": promoted.version,
             "dim": dim,
+            "cold_start_from_text": int(model.params.get("cold_start", {}).get("from_text", 0)),
             "indexed": ", ".join(indexed),
             "lance_version": lance.version("items"),
         }
