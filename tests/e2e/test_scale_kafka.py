@@ -7,12 +7,16 @@ Checks: every accepted event exactly once in bronze, online features equal to a 
 recomputation of bronze, freshness (202 -> visible in GET /v1/users/{id}/features, p50/p99
 printed), and a decide from each process served from real-time state."""
 
+import os
+import signal
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -55,6 +59,24 @@ class Stack:
     url: str
     key: str
     items: dict[str, dict[str, Any]]
+    env: dict[str, str]
+    logs: Path
+    streams: list[subprocess.Popen[bytes]]
+
+    def restart_cluster(self) -> None:
+        """What a supervisor does when a cluster process dies: restart the whole cluster
+        (it resumes from its recovery state; the sinks are idempotent)."""
+        for proc in self.streams:
+            stop(proc)
+        self.streams[:] = start_cluster(self.env, self.logs)
+
+    def cluster_alive(self) -> bool:
+        """Restart the cluster if a process died (Bytewax 0.21 clusters sometimes panic at
+        startup, "Send thread panic": tests/e2e/test_pipeline_process.py)."""
+        if any(p.poll() is not None for p in self.streams):
+            self.restart_cluster()
+            return False
+        return True
 
     def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One request on a new connection (so either API process may answer)."""
@@ -112,17 +134,18 @@ def stack(
 
         api = nextbest(env, "api", "--workers", "2", log=logs / "api.log")
         streams = start_cluster(env, logs)
-        s = Stack(settings, f"http://127.0.0.1:{port}", key, items)
+        s = Stack(settings, f"http://127.0.0.1:{port}", key, items, env, logs, streams)
         try:
             wait_until(lambda: api_up(s.url, api, logs / "api.log"), timeout=90, what="the API up")
             yield s
         finally:
-            for proc in (*streams, api):
+            for proc in (*s.streams, api):
                 stop(proc)
 
 
-def _bronze_ids(settings: Settings, want: int) -> list[str] | None:
-    delta = DeltaStore.from_settings(settings)
+def _bronze_ids(stack: Stack, want: int) -> list[str] | None:
+    stack.cluster_alive()
+    delta = DeltaStore.from_settings(stack.settings)
     if not delta.exists("events"):
         return None
     ids = delta.read("events").column("event_id").to_pylist()
@@ -171,7 +194,7 @@ def test_api_kafka_cluster_postgres_s3_end_to_end(stack: Stack, spec: Spec) -> N
     )
 
     ids = wait_until(
-        lambda: _bronze_ids(stack.settings, len(sent)), timeout=90, what="every event in bronze"
+        lambda: _bronze_ids(stack, len(sent)), timeout=90, what="every event in bronze"
     )
     assert sorted(ids) == sorted(sent)  # each accepted event exactly once, nothing else
     assert stack.settings.delta_root.startswith("s3://")
@@ -199,3 +222,68 @@ def test_init_again_keeps_the_topic(stack: Stack) -> None:
     assert s.kafka_bootstrap is not None
     state = ensure_topic(s.kafka_bootstrap, s.kafka_topic, PARTITIONS)
     assert (state.partitions, state.created) == (PARTITIONS, False)
+
+
+def _renamed(event: dict[str, Any]) -> dict[str, Any]:
+    """A demo event under fresh ids, so the replay's users have no earlier history."""
+    out = {**event, "event_id": f"crash-{TAG}-{event['event_id']}"}
+    for field in ("user_id", "anonymous_id"):
+        if out.get(field):
+            out[field] = f"c{TAG}-{out[field]}"
+    return out
+
+
+def _send(stack: Stack, batch: list[dict[str, Any]], pids: set[int]) -> int:
+    """POST until a 202, retrying what a client retries (a dropped connection, a 503);
+    a 500 fails the test. Returns how many attempts it took."""
+    for attempt in range(1, 200):
+        try:
+            r = stack.call("POST", "/v1/events", json={"events": batch})
+        except httpx.HTTPError:
+            continue  # the worker died under the request: the retry is deduplicated
+        assert r.status_code in (202, 503), r.text
+        if r.status_code == 202:
+            assert r.json()["accepted"] == len(batch), r.text
+            pids.add(_pid(r))
+            return attempt
+    raise AssertionError("the API never accepted the batch")
+
+
+def _two_pids(stack: Stack) -> set[int] | None:
+    seen = {_pid(stack.call("GET", "/health")) for _ in range(20)}
+    return seen if len(seen) == 2 else None
+
+
+@pytest.mark.slow
+def test_sigkill_an_api_worker_and_a_stream_process_during_a_replay(
+    stack: Stack, spec: Spec
+) -> None:
+    _, demo = demo_events(900, seed=43)
+    events = [_renamed(e) for e in demo]
+    batches = [events[i : i + 20] for i in range(0, len(events), 20)]
+    before = set(DeltaStore.from_settings(stack.settings).read("events")["event_id"].to_pylist())
+    original = wait_until(lambda: _two_pids(stack), timeout=30, what="both API workers")
+    pids: set[int] = set()
+    with ThreadPoolExecutor(4) as pool:  # requests in flight when the worker dies
+        sent = [pool.submit(_send, stack, batch, pids) for batch in batches]
+        wait_until(sent[len(sent) // 3].done, timeout=60, what="a third of the replay")
+        os.kill(min(original), signal.SIGKILL)  # one API worker; uvicorn starts another
+        stack.streams[1].send_signal(signal.SIGKILL)  # one cluster process
+        wait_until(sent[len(sent) // 2].done, timeout=60, what="half of the replay")
+        stack.restart_cluster()
+        retries = sum(f.result() - 1 for f in sent)
+    print(f"\ncrash replay: {len(events)} events, {retries} retried POSTs, workers {pids}")
+
+    def replacement() -> int | None:  # uvicorn starts a worker in place of the killed one
+        pid = _pid(stack.call("GET", "/health"))
+        return pid if pid not in original else None
+
+    wait_until(replacement, timeout=90, what="a new API worker answering", every=0.05)
+
+    want = len(before) + len(events)
+    ids = wait_until(lambda: _bronze_ids(stack, want), timeout=120, what="the replay in bronze")
+    mine = [i for i in ids if i not in before]
+    assert sorted(mine) == sorted(e["event_id"] for e in events)  # 0 lost, 0 duplicated
+    assert len(ids) == want
+    stored, _ = delta_events(stack.settings)
+    assert online_mismatches(stack.settings, spec, stored, stack.items) == []
