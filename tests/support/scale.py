@@ -106,3 +106,52 @@ def api_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+class DurableTansu:
+    """Tansu keeping its topics in an S3 bucket (SeaweedFS), so it can be SIGKILLed and
+    restarted on the same port with nothing lost -- the in-memory broker of
+    tests/support/broker.py forgets every topic when it stops."""
+
+    def __init__(self, binary: Path, s3_endpoint: str, bucket: str, credentials: dict[str, str],
+                 log: Path) -> None:  # fmt: skip
+        self.binary, self.log, self.port = binary, log, free_port()
+        self.env = child_env({}) | {
+            "AWS_ENDPOINT": s3_endpoint,
+            "AWS_ACCESS_KEY_ID": credentials["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": credentials["secret_access_key"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
+        self.storage = f"s3://{bucket}/tansu-{uuid.uuid4().hex[:8]}/"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        url = f"tcp://{self.bootstrap}"
+        argv = [str(self.binary), "broker", "--listener-url", url]
+        argv += ["--advertised-listener-url", url, "--storage-engine", self.storage]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=out)
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+
+        def answers() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+            with contextlib.suppress(Exception):
+                admin.list_topics(timeout=0.5)
+                return True
+            return False
+
+        from tests.support.waiting import wait_until
+
+        wait_until(answers, timeout=30, what="tansu answering")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
