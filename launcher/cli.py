@@ -71,11 +71,16 @@ def ensure_pseudonymization_key(settings: Settings) -> str | None:
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     """Create the data home and every store, idempotently."""
     from storage.bootstrap import init_stores
+    from storage.kafka_topic import TopicMismatchError
 
     spec = spec_or_exit(settings)
     written = ensure_pseudonymization_key(settings)
-    for line in init_stores(settings, spec):
-        print(line)
+    try:
+        for line in init_stores(settings, spec):
+            print(line, flush=True)
+    except TopicMismatchError as exc:
+        print(f"init: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     if written:
         print(written)
     return EXIT_OK

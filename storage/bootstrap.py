@@ -12,6 +12,7 @@ from nextbest.settings import Settings
 from nextbest.spec.models import Spec
 from storage.delta.store import DeltaStore
 from storage.eventlog.log import EventLog
+from storage.kafka_topic import ensure_topic
 from storage.online.store import OnlineStore
 from storage.vectors import VectorStore
 
@@ -48,7 +49,12 @@ def init_stores(settings: Settings, spec: Spec) -> Iterator[str]:
     yield f"models       {models}"
 
     if settings.kafka_bootstrap:
-        yield f"event log    kafka {settings.kafka_bootstrap} topic {settings.kafka_topic}"
+        state = ensure_topic(settings.kafka_bootstrap, settings.kafka_topic, settings.partitions)
+        verb = "created" if state.created else "exists"
+        yield (
+            f"event log    kafka {settings.kafka_bootstrap} topic {state.topic}"
+            f" ({state.partitions} partitions, {verb})"
+        )
     else:
         EventLog.from_settings(settings, mode="reader").close()
         yield f"event log    {settings.eventlog_dir} ({settings.partitions} partitions)"
