@@ -10,6 +10,7 @@ and Dagster (code server, webserver, daemon) on PostgreSQL.
 
 import importlib.util
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -80,6 +81,7 @@ def _run(settings: Settings, sup: Supervisor) -> int:
         settings = start_weed(sup, settings)
     # One-shot steps (`init`, `keys`, `status`) inherit this process's environment.
     os.environ.update(profile_env(settings))
+    write_env_file(settings)
     run_step(settings, "init")
     key = ensure_local_key(settings)
     settings = settings.model_copy(update={"api_key": SecretStr(key)})
@@ -132,6 +134,21 @@ def _run(settings: Settings, sup: Supervisor) -> int:
         print(status_line(previous, current, now - last), flush=True)
         previous, last = current, now
     return 0
+
+
+ENV_FILE = "scale.env"
+
+
+def write_env_file(settings: Settings) -> Path:
+    """<home>/scale.env: the profile's NEXTBEST_* settings (servers on picked ports), so
+    another shell can `set -a; . <home>/scale.env` and run `nextbest status`, a client,
+    or a test against the same stores. Mode 0600: it holds the S3 credentials."""
+    path = settings.home_dir / ENV_FILE
+    lines = [f"{k}={shlex.quote(v)}\n" for k, v in profile_env(settings).items()]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("# written by `nextbest up --profile scale`\n" + "".join(lines))
+    return path
 
 
 def component(service: Service, base: dict[str, str]) -> Component:
