@@ -52,6 +52,15 @@ class Topology:
     dagster_home: str = "/opt/dagster"
 
 
+COMPOSE = Topology(
+    bind="0.0.0.0",
+    stream_addresses=("stream-0:2101", "stream-1:2101"),
+    code_host="dagster-code-server",
+)
+"""deploy/compose.yaml's hosts and ports (one container per service, named as the
+service); tests/repo/test_deploy.py builds the profile with it and compares."""
+
+
 @dataclass(frozen=True)
 class Service:
     """One process: `command[0]` is the program (`nextbest`, `dagster`, ...)."""
@@ -89,6 +98,12 @@ def dagster_pg_url(online_url: str) -> str:
 
     dagster-postgres needs psycopg2 named explicitly (see definitions/dagster.yaml)."""
     return re.sub(r"^[a-z0-9+]+://", "postgresql+psycopg2://", online_url)
+
+
+def scale_setup(settings: Settings) -> list[Service]:
+    """One-shot steps before the services: `nextbest init` (stores, tables, the
+    pseudonymization key in the data home)."""
+    return [Service("init", ["nextbest", "init"], profile_env(settings))]
 
 
 def scale_services(settings: Settings, topology: Topology) -> list[Service]:

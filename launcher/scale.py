@@ -21,7 +21,14 @@ from pathlib import Path
 import httpx
 from pydantic import SecretStr
 
-from launcher.profiles import Service, Topology, profile_env, scale_services, write_dagster_yaml
+from launcher.profiles import (
+    Service,
+    Topology,
+    profile_env,
+    scale_services,
+    scale_setup,
+    write_dagster_yaml,
+)
 from launcher.stack import (
     RECOVERY_BROKEN,
     ensure_local_key,
@@ -82,7 +89,8 @@ def _run(settings: Settings, sup: Supervisor) -> int:
     # One-shot steps (`init`, `keys`, `status`) inherit this process's environment.
     os.environ.update(profile_env(settings))
     write_env_file(settings)
-    run_step(settings, "init")
+    for step in scale_setup(settings):  # the same steps deploy/compose.yaml runs
+        run_step(settings, *step.command[1:])
     key = ensure_local_key(settings)
     settings = settings.model_copy(update={"api_key": SecretStr(key)})
     write_dagster_yaml(settings, settings.dagster_home)
