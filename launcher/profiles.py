@@ -106,17 +106,20 @@ def scale_setup(settings: Settings) -> list[Service]:
     return [Service("init", ["nextbest", "init"], profile_env(settings))]
 
 
-def scale_services(settings: Settings, topology: Topology) -> list[Service]:
+def scale_services(
+    settings: Settings, topology: Topology, *, dagster_url: str | None = None
+) -> list[Service]:
     """Every process of the scale-out topology, in start order.
 
     Two Bytewax processes (one cluster), the API with `api_workers` server processes,
     a Dagster code server and the webserver and daemon reading from it, all on the
-    same Kafka topic, PostgreSQL online store and object-storage roots."""
+    same Kafka topic, PostgreSQL online store and object-storage roots. Dagster's
+    database is `dagster_url`, else the online store's."""
     common = profile_env(settings)
     dagster_env = {
         **common,
         "DAGSTER_HOME": topology.dagster_home,
-        "NEXTBEST_DAGSTER_PG_URL": dagster_pg_url(common["NEXTBEST_ONLINE_URL"]),
+        "NEXTBEST_DAGSTER_PG_URL": dagster_url or dagster_pg_url(common["NEXTBEST_ONLINE_URL"]),
     }
     cluster = [arg for address in topology.stream_addresses for arg in ("-a", address)]
     streams = [
@@ -135,7 +138,9 @@ def scale_services(settings: Settings, topology: Topology) -> list[Service]:
         ready_path="/health",
         port=topology.api_port,
     )
-    grpc = ["--grpc-host", topology.code_host, "--grpc-port", str(topology.code_port)]
+    # A workspace file, not --grpc-host/--grpc-port: it names the location (CODE_LOCATION)
+    # so schedules, sensors and runs keep it whatever port the code server has.
+    grpc = ["-w", f"{topology.dagster_home}/{WORKSPACE}"]
     code = Service(
         "dagster-code-server",
         ["dagster", "code-server", "start", "-h", topology.bind, "-p", str(topology.code_port),
@@ -152,6 +157,24 @@ def scale_services(settings: Settings, topology: Topology) -> list[Service]:
     )
     daemon = Service("dagster-daemon", ["dagster-daemon", "run", *grpc], dict(dagster_env))
     return [*streams, api, code, web, daemon]
+
+
+WORKSPACE = "workspace.yaml"
+
+
+def write_dagster_files(settings: Settings, topology: Topology) -> None:
+    """DAGSTER_HOME's dagster.yaml (PostgreSQL) and workspace.yaml (the code server);
+    `up --profile scale` writes them at start, deploy/Dockerfile into the image."""
+    home = Path(topology.dagster_home)
+    write_dagster_yaml(settings, home)
+    (home / WORKSPACE).write_text(
+        "# written by launcher/profiles.py: the code server of the scale profile\n"
+        "load_from:\n"
+        "  - grpc_server:\n"
+        f"      host: {topology.code_host}\n"
+        f"      port: {topology.code_port}\n"
+        f"      location_name: {CODE_LOCATION}\n"
+    )
 
 
 def write_dagster_yaml(settings: Settings, dagster_home: Path) -> Path:

@@ -27,7 +27,7 @@ from launcher.profiles import (
     profile_env,
     scale_services,
     scale_setup,
-    write_dagster_yaml,
+    write_dagster_files,
 )
 from launcher.stack import (
     RECOVERY_BROKEN,
@@ -93,7 +93,6 @@ def _run(settings: Settings, sup: Supervisor) -> int:
         run_step(settings, *step.command[1:])
     key = ensure_local_key(settings)
     settings = settings.model_copy(update={"api_key": SecretStr(key)})
-    write_dagster_yaml(settings, settings.dagster_home)
     topology = Topology(
         api_port=settings.api_port,
         api_workers=settings.api_workers,
@@ -102,8 +101,14 @@ def _run(settings: Settings, sup: Supervisor) -> int:
         dagster_port=settings.dagster_port,
         dagster_home=str(settings.dagster_home),
     )
+    write_dagster_files(settings, topology)
     base = child_env(settings)
-    components = {s.name: component(s, base) for s in scale_services(settings, topology)}
+    components = {
+        s.name: component(s, base)
+        for s in scale_services(
+            settings, topology, dagster_url=os.environ.get("NEXTBEST_DAGSTER_PG_URL")
+        )
+    }
     # The webserver and daemon load the code location once at start: they start after
     # the code server serves (it loads the definitions first, tens of seconds).
     later = [components.pop("dagster-webserver"), components.pop("dagster-daemon")]
