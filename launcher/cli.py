@@ -143,6 +143,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.api_workers is not None:
         settings = settings.model_copy(update={"api_workers": args.api_workers})
+    if args.profile == "scale":  # Kafka, S3, PostgreSQL: launcher/scale.py
+        from launcher.scale import bring_up_scale
+
+        spec_or_exit(settings)
+        return bring_up_scale(settings)
     return bring_up(settings, spec_or_exit(settings), simulate=args.simulate, rate=args.rate)
 
 
@@ -289,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--api-workers", type=_positive, default=None,
         help="API server processes (default: NEXTBEST_API_WORKERS or 1)",
+    )  # fmt: skip
+    up.add_argument(
+        "--profile", choices=["embedded", "scale"], default="embedded",
+        help="scale: Kafka (Tansu), S3 (SeaweedFS), PostgreSQL at NEXTBEST_ONLINE_URL",
     )  # fmt: skip
     api = add("api", cmd_api, "run the HTTP API (one per data home)")
     api.add_argument(

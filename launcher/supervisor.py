@@ -47,6 +47,8 @@ class Component:
     fatal_exits: frozenset[int] = frozenset({EXIT_LOCKED})
     """Exit codes a restart cannot fix (another instance holds the home, broken
     recovery state): the supervisor reports them and gives up at once."""
+    env: dict[str, str] | None = None
+    """This component's environment; None: the supervisor's (`child_env`)."""
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -123,7 +125,7 @@ class Supervisor:
         log = open(self.logs / f"{component.name}.log", "ab")  # noqa: SIM115 - child owns it
         component.process = subprocess.Popen(
             component.argv,
-            env=self.env,
+            env=self.env if component.env is None else component.env,
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
