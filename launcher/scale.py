@@ -32,6 +32,7 @@ from launcher.profiles import (
 from launcher.stack import (
     RECOVERY_BROKEN,
     ensure_local_key,
+    free_port,
     grpc_serving,
     scrape,
     status_line,
@@ -197,12 +198,6 @@ def check_postgres(url: str | None) -> None:
         engine.dispose()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _binary(name: str, candidates: list[Path]) -> Path:
     on_path = shutil.which(name)
     for path in [*candidates, *([Path(on_path)] if on_path else [])]:
@@ -262,18 +257,9 @@ def start_weed(sup: Supervisor, settings: Settings) -> Settings:
     """A SeaweedFS server (data under <home>/weed) and its bucket; Delta, LanceDB and
     models then live in s3://nextbest/."""
     binary = _binary("weed", [Path(sys.executable).parent / "weed"])
-    master, volume, filer, s3 = _port_pairs(4)
     data = settings.home_dir / "weed"
     data.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(binary), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master + 10000}",
-        "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}",
-        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
+    argv, s3 = weed_argv(binary, data)
     weed = Component("s3", argv, env=dict(os.environ))
     sup.start(weed)
     endpoint = f"http://127.0.0.1:{s3}"
@@ -319,6 +305,22 @@ def _await(sup: Supervisor, c: Component, ready: Callable[[], bool], what: str) 
             error = exc
         sup.stopping.wait(0.2)
     raise ScaleError(f"{what} not ready in {SERVER_TIMEOUT_S:.0f}s ({error!r})")
+
+
+def weed_argv(binary: Path, data: Path) -> tuple[list[str], int]:
+    """(`weed server` command line, its S3 port): master, volume, filer and S3 gateway on
+    free loopback ports, data under `data`. The tests' SeaweedFS fixture runs it too."""
+    master, volume, filer, s3 = _port_pairs(4)
+    argv = [
+        str(binary), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-master.port.grpc={master + 10000}",
+        "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}",
+        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
+        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]  # fmt: skip
+    return argv, s3
 
 
 def _port_pairs(n: int) -> list[int]:

@@ -69,7 +69,7 @@ def dagster_components(settings: Settings) -> tuple[list[Component], int]:
     DAGSTER_HOME (the code server keeps it across restarts by the supervisor).
     Returns [code server, webserver, daemon] and the code server's port.
     """
-    port = _free_port()
+    port = free_port()
     workspace = write_workspace(settings, port)
     bin_dir = Path(sys.executable).parent
     code = Component(
@@ -137,7 +137,7 @@ def grpc_serving(port: int, *, timeout_s: float = 2.0) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

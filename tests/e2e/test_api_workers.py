@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from storage.eventlog.log import EventLog, partition_for
 from storage.online.store import OnlineStore
 from tests.core.test_consent import consent_spec_text
 from tests.serving.test_serving_world import train_and_promote
-from tests.support.common import ROOT
+from tests.support.common import ROOT, free_port
 from tests.support.stream_helpers import start_stream, write_catalog
 from tests.support.waiting import wait_until
 
@@ -43,12 +42,6 @@ TAG = uuid.uuid4().hex[:8]
 BURST = 100  # per key; each test takes a fresh admin key (`fresh_key`)
 RATE = 5.0
 MAX_TRIES = 300  # fresh connections before giving up on reaching a given worker
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -105,7 +98,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     tmp = tmp_path_factory.mktemp("api_workers")
     spec_path = tmp / "consent.yaml"
     spec_path.write_text(consent_spec_text(default="granted", mode="drop"))
-    port = _free_port()
+    port = free_port()
     settings = Settings(home=tmp / "home", spec=spec_path, api_port=port, _env_file=None)  # type: ignore[call-arg]
     spec = load_spec(spec_path)
     cfg = DemoConfig.small()

@@ -32,14 +32,12 @@ from storage.kafka_topic import ensure_topic
 from storage.online.store import OnlineStore
 from tests.serving.test_serving_world import train_and_promote
 from tests.support.broker import find_tansu
-from tests.support.common import require_server
+from tests.support.common import free_port, fresh_database, require_server
 from tests.support.s3 import BUCKET, CREDENTIALS, S3Server, s3_server
 from tests.support.scale import (
     DurableTansu,
     api_up,
     child_env,
-    free_port,
-    fresh_database,
     nextbest,
     start_cluster,
     stop,

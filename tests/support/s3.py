@@ -11,9 +11,7 @@ given, so every port is chosen explicitly, in pairs whose +10000 is free too.
 
 import contextlib
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from typing import Any, Self
 import obstore
 import pytest
 
+from launcher.scale import weed_argv
 from nextbest.settings import Settings
 from storage.objectstore import open_store
 from tests.support.common import ROOT, require_server
@@ -48,25 +47,6 @@ def find_weed() -> Path | None:
     if on_path:
         candidates.append(Path(on_path))
     return next((p for p in candidates if p.is_file() and os.access(p, os.X_OK)), None)
-
-
-def _free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _port_pairs(n: int) -> list[int]:
-    """`n` ports p with p and p+10000 free (weed's gRPC convention)."""
-    ports: list[int] = []
-    while len(ports) < n:
-        p = random.randint(20000, 45000)
-        if p not in ports and p + 10000 not in ports and _free(p) and _free(p + 10000):
-            ports.append(p)
-    return ports
 
 
 class S3Server:
@@ -140,19 +120,9 @@ class S3Server:
         raise last
 
     def _launch(self, binary: Path) -> None:
-        master, volume, filer, s3 = _port_pairs(4)
+        data = Path(tempfile.mkdtemp(prefix="data-", dir=self.dir))  # one per launch
+        args, s3 = weed_argv(binary, data)
         self.port = s3
-        data = self.dir / f"data-{s3}"
-        data.mkdir()
-        args = [
-            str(binary), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-master.port.grpc={master + 10000}",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}",
-            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
-            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-        ]  # fmt: skip
         started = time.monotonic()
         with (self.dir / "weed.log").open("ab") as log:
             self._proc = subprocess.Popen(

@@ -6,53 +6,15 @@ database of their own (the session's `pg_url` is shared with other tests' rows).
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
 
-from tests.support.common import PG_ADMIN_URL, ROOT, require_server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def fresh_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database (dropped afterwards) -- its URL."""
-    import sqlalchemy as sa
-
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text("select 1"))
-    except Exception as exc:  # any connection failure means "no server here"
-        admin.dispose()
-        require_server(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {type(exc).__name__}")
-        raise AssertionError("unreachable") from exc
-    name = f"nextbest_scale_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'create database "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text(
-                    "select pg_terminate_backend(pid) from pg_stat_activity "
-                    "where datname = :n and pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-            conn.execute(sa.text(f'drop database if exists "{name}"'))
-        admin.dispose()
+from tests.support.common import ROOT, free_port
 
 
 def child_env(settings_env: Mapping[str, str]) -> dict[str, str]:
